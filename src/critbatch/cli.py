@@ -1,0 +1,226 @@
+"""The command line: a thin layer of argparse over library functions (design.md §1.6).
+
+Expected mistakes (:class:`critbatch.errors.CritbatchError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import CritbatchError
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="size preset (see `critbatch presets`)")
+    p.add_argument("--config", help="JSON or TOML file with (part of) a TrainConfig; applied over the preset")
+    p.add_argument("--data", help="prepared data directory (default: the embedded corpus, prepared and cached)")
+    p.add_argument("--corpus", help="embedded corpus when --data is not given: sotu or shakespeare")
+    p.add_argument("--tokenizer", choices=["bytes", "bpe"], help="tokenizer for the embedded corpus")
+    p.add_argument("--total-tokens", help="tokens to train for, e.g. 2M")
+    p.add_argument("--checkpoint-tokens", help="comma-separated token counts at which to keep checkpoints")
+    p.add_argument("--batch-seqs", help="global batch in sequences")
+    p.add_argument("--micro-batch-seqs", help="sequences per forward/backward per rank (accumulation is derived)")
+    p.add_argument("--batch-schedule", help="FILE.json or inline START:BATCH,... (e.g. 0:32,50M:64)")
+    p.add_argument("--lr", type=float, help="peak learning rate at the reference batch")
+    p.add_argument("--lr-rule", choices=["sqrt", "linear", "none"], help="LR-batch coupling rule")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine", "wsd"], help="LR schedule over tokens")
+    p.add_argument("--warmup-tokens", help="linear LR warmup length in tokens")
+    p.add_argument("--decay-tokens", help="wsd: length of the final linear anneal")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"])
+    p.add_argument("--eval-interval-tokens")
+    p.add_argument("--save-interval-tokens")
+    p.add_argument("--eval-seqs")
+    p.add_argument("--seed")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--allow-repeat", action="store_true", default=None, help="allow more than one epoch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_overrides(a: argparse.Namespace) -> dict:
+    o: dict = {}
+
+    def put(path: str, value) -> None:
+        if value is None:
+            return
+        d = o
+        *head, last = path.split(".")
+        for h in head:
+            d = d.setdefault(h, {})
+        d[last] = value
+
+    put("data.path", a.data)
+    put("data.corpus", a.corpus)
+    put("data.tokenizer", a.tokenizer)
+    put("data.allow_repeat", a.allow_repeat)
+    put("total_tokens", a.total_tokens)
+    if a.checkpoint_tokens is not None:
+        from .units import parse_count_list
+
+        put("checkpoint_tokens", parse_count_list(a.checkpoint_tokens, "checkpoint tokens"))
+    put("batch_seqs", a.batch_seqs)
+    put("micro_batch_seqs", a.micro_batch_seqs)
+    put("optim.lr", a.lr)
+    put("optim.lr_rule", a.lr_rule)
+    put("optim.name", a.optimizer)
+    put("lr_schedule.kind", a.lr_schedule)
+    put("lr_schedule.warmup_tokens", a.warmup_tokens)
+    put("lr_schedule.decay_tokens", a.decay_tokens)
+    put("eval_interval_tokens", a.eval_interval_tokens)
+    put("save_interval_tokens", a.save_interval_tokens)
+    put("eval_seqs", a.eval_seqs)
+    put("seed", a.seed)
+    put("device", a.device)
+    put("compile", a.compile)
+    return o
+
+
+def build_train_config(a: argparse.Namespace):
+    """Preset, then config file, then flags. With none of preset/config, an existing run directory's
+    saved config is used (so `critbatch train --out RUN` resumes)."""
+    from . import presets
+    from .config import TrainConfig, from_dict, load_config_file, merge
+    from .errors import ConfigError
+
+    saved = Path(a.out) / "config.json" if getattr(a, "out", None) else None
+    if a.preset is None and a.config is None:
+        if saved is not None and saved.is_file():
+            cfg = from_dict(TrainConfig, json.loads(saved.read_text()))
+        else:
+            raise ConfigError("give --preset NAME or --config FILE (or --out of an existing run to resume it)")
+    else:
+        cfg = presets.get(a.preset) if a.preset else TrainConfig()
+        if a.config:
+            cfg = merge(cfg, load_config_file(a.config))
+    over = _train_overrides(a)
+    if a.batch_schedule is not None:
+        from .schedules import BatchSchedule
+
+        seq_len = over.get("model", {}).get("seq_len", cfg.model.seq_len)
+        rule = over.get("optim", {}).get("lr_rule", cfg.optim.lr_rule)
+        sched = BatchSchedule.parse(a.batch_schedule, seq_len, rule)
+        over["batch_schedule"] = sched.as_pairs()
+        over.setdefault("optim", {})["lr_rule"] = sched.rule
+        if sched.ref_batch_seqs is not None:
+            over["lr_ref_batch_seqs"] = sched.ref_batch_seqs
+    if over:
+        cfg = merge(cfg, over)
+    return cfg
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from .data import prepare
+
+    out = prepare(a.out, a.inputs or None, corpus=a.corpus if not a.inputs else None, tokenizer=a.tokenizer,
+                  vocab_size=a.vocab_size, holdout_fraction=a.holdout_fraction, seed=a.seed,
+                  text_field=a.text_field, quiet=False)
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    print(f"{out}\ttrain_tokens={meta['splits']['train']['tokens']}\tval_tokens={meta['splits']['val']['tokens']}"
+          f"\tvocab_size={meta['vocab_size']}")
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train import Trainer
+    from .units import parse_count
+
+    cfg = build_train_config(a)
+    stop = parse_count(a.stop_after_tokens, "--stop-after-tokens") if a.stop_after_tokens else None
+    trainer = Trainer(cfg, a.out, init_from=a.init_from, progress=False if a.no_progress else None,
+                      stop_after_tokens=stop)
+    result = trainer.run()
+    if result is None:
+        print(f"paused at {trainer.tokens:,} tokens; run the same command again to resume", file=sys.stderr)
+        return 0
+    _print_result(a.out, result)
+    return 0
+
+
+def _print_result(out: str, result: dict) -> None:
+    if result.get("diverged"):
+        print(f"{out}: diverged at {result['diverged_at_tokens']:,} tokens (recorded in result.json)")
+        return
+    print(f"{out}: tokens={result['tokens']:,} steps={result['steps']:,} "
+          f"final_train_loss={result['final_train_loss']:.4f} final_eval_loss={result['final_eval_loss']:.4f} "
+          f"({result['tokens_per_s'] or 0:,.0f} tokens/s)")
+
+
+def cmd_presets(a: argparse.Namespace) -> int:
+    from . import presets
+    from .model import count_params
+
+    for name, fn in presets.PRESETS.items():
+        c = fn()
+        m = c.model
+        n = count_params(type(m)(**{**m.__dict__, "vocab_size": m.vocab_size or 257}))
+        print(f"{name:12s} d_model={m.d_model:<5d} n_layer={m.n_layer:<3d} seq_len={m.seq_len:<5d} "
+              f"batch_seqs={c.batch_seqs:<5d} lr={c.optim.lr:<8g} ~{n / 1e6:.2f}M params (bytes vocab)  "
+              f"{(fn.__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from . import presets
+    from .config import merge
+    from .train import train
+
+    cfg = presets.get("tiny")
+    if a.quick:
+        cfg = merge(cfg, {"total_tokens": 100_000, "eval_seqs": 64})
+    out = Path(a.out) / "base"
+    result = train(cfg, out, progress=None)
+    _print_result(str(out), result)
+    print(f"final eval loss: {result['final_eval_loss']:.4f}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="critbatch", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"critbatch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = sub.add_parser("prepare", help="text or token files -> token shards + meta.json")
+    sp.add_argument("inputs", nargs="*", help="text (.txt/.md), JSON lines (.jsonl[.xz|.gz]) or token files (.bin uint16, .npy)")
+    sp.add_argument("--out", required=True, help="data directory to create")
+    sp.add_argument("--corpus", default="sotu", help="embedded corpus when no inputs are given: sotu or shakespeare")
+    sp.add_argument("--tokenizer", default="bytes", choices=["bytes", "bpe"])
+    sp.add_argument("--vocab-size", type=int, help="BPE vocabulary (default 8192), or the vocabulary of token files")
+    sp.add_argument("--holdout-fraction", type=float, default=0.05, help="share held out for evaluation (default 0.05)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the held-out document choice")
+    sp.add_argument("--text-field", default="text", help="field holding the text in JSON lines")
+    sp.set_defaults(func=cmd_prepare)
+
+    sp = sub.add_parser("train", help="one training run (resumes when --out holds an unfinished run)")
+    sp.add_argument("--out", required=True, help="run directory")
+    sp.add_argument("--init-from", help="start from this checkpoint directory (model + optimizer + data position)")
+    sp.add_argument("--stop-after-tokens", help="pause after this many tokens; run again to resume")
+    _add_train_args(sp)
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("presets", help="list size presets")
+    sp.set_defaults(func=cmd_presets)
+
+    sp = sub.add_parser("demo", help="the main job on the embedded corpus")
+    sp.add_argument("--out", default="runs/demo")
+    sp.add_argument("--quick", action="store_true", help="a short version for tests")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CritbatchError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"critbatch: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("critbatch: interrupted", file=sys.stderr)
+        return 130

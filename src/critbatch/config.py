@@ -1,0 +1,299 @@
+"""Typed configs. One dataclass per concern, a docstring under every field, units in every name.
+
+A config is resolved (every ``None`` that means "derive it" filled in) before a run starts and the
+resolved form is saved as ``config.json`` in the run directory, so a run can be understood and
+resumed without the code or the command line that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .units import parse_count
+
+LR_RULES = ("sqrt", "linear", "none")
+LR_SCHEDULES = ("constant", "cosine", "wsd")
+OPTIMIZERS = ("adamw", "sgd")
+TOKENIZERS = ("bytes", "bpe")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the GPT (pre-norm, causal attention, tied embeddings)."""
+
+    n_layer: int = 3
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide ``d_model``."""
+    d_model: int = 96
+    """Residual stream width."""
+    seq_len: int = 64
+    """Context length in tokens; also the length of every training sequence."""
+    vocab_size: int | None = None
+    """Vocabulary size; ``None`` takes it from the data directory's ``meta.json``."""
+    mlp_ratio: int = 4
+    """Hidden width of the MLP as a multiple of ``d_model``."""
+    bias: bool = False
+    """Biases in linear layers and layer norms."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections get ``init_std / sqrt(2 * n_layer)``."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and the LR–batch coupling rule."""
+
+    name: str = "adamw"
+    """``adamw`` (decay and no-decay groups; fused on CUDA) or ``sgd`` (with momentum)."""
+    lr: float = 3e-3
+    """Peak learning rate at the reference batch ``TrainConfig.lr_ref_batch_seqs``."""
+    lr_rule: str = "sqrt"
+    """How the base LR follows the batch: ``sqrt`` (Adam family), ``linear`` (SGD) or ``none``."""
+    beta1: float = 0.9
+    """Adam first-moment decay."""
+    beta2: float = 0.95
+    """Adam second-moment decay."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (not on embeddings, norms or biases)."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by AdamW)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; ``None`` disables clipping (the norm is still logged)."""
+
+
+@dataclass
+class LRScheduleConfig:
+    """Learning-rate schedule as a function of tokens, multiplying the (rule-scaled) base LR."""
+
+    kind: str = "cosine"
+    """``constant`` (after warmup), ``cosine`` (warmup then cosine to ``min_lr_ratio``) or ``wsd``
+    (warmup, stable, then a linear anneal to 0 over the last ``decay_tokens``)."""
+    warmup_tokens: int = 0
+    """Linear warmup from 0 over this many tokens."""
+    horizon_tokens: int | None = None
+    """Tokens at which the schedule ends; ``None`` means the run's ``total_tokens``. Branches keep
+    their parent's horizon so the schedule continues unchanged."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of the peak."""
+    decay_tokens: int = 0
+    """WSD: length of the final linear anneal to 0."""
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from and in which order."""
+
+    path: str | None = None
+    """A prepared data directory (``critbatch prepare``); ``None`` prepares and caches the embedded
+    corpus ``corpus`` with ``tokenizer``."""
+    corpus: str = "sotu"
+    """Embedded corpus used when ``path`` is ``None``: ``sotu`` or ``shakespeare``."""
+    tokenizer: str = "bytes"
+    """Tokenizer for the auto-prepared corpus: ``bytes`` or ``bpe``."""
+    bpe_vocab_size: int = 8192
+    """Vocabulary of the locally trained BPE when ``tokenizer`` is ``bpe``."""
+    order_seed: int = 0
+    """Seed of the one global order of training sequences."""
+    allow_repeat: bool = False
+    """Allow a run to consume more sequences than the training split holds (more than one epoch)."""
+    verify: bool = True
+    """Check the sha256 of every shard against ``meta.json`` before training."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    total_tokens: int = 1_000_000
+    """Tokens to train for; the run stops at the first step boundary at or after it."""
+    batch_seqs: int = 4
+    """Global batch in sequences (used when ``batch_schedule`` is ``None``)."""
+    batch_schedule: list[list[int]] | None = None
+    """Piecewise-constant global batch: ``[[start_tokens, batch_seqs], ...]`` with the first start 0
+    and starts increasing. A phase applies from the first step that begins at or after its start."""
+    micro_batch_seqs: int | None = None
+    """Sequences per forward/backward on one rank; ``None`` means the whole per-rank batch.
+    Accumulation steps are derived: batch / (micro_batch * world_size), checked at every phase."""
+    lr_ref_batch_seqs: int | None = None
+    """Batch at which ``optim.lr`` applies unscaled; ``None`` means the first phase's batch."""
+    checkpoint_tokens: list[int] = field(default_factory=list)
+    """Token counts at which to keep a checkpoint (branch points). Each is taken at the first step
+    boundary at or after the count."""
+    save_interval_tokens: int | None = None
+    """Interval of resume checkpoints (only the newest is kept); ``None``: about 10 per run."""
+    eval_interval_tokens: int | None = None
+    """Interval of held-out evaluation; ``None``: about 20 per run. Also evaluated at kept
+    checkpoints and at the end."""
+    eval_seqs: int = 256
+    """Held-out sequences in the fixed evaluation set."""
+    seed: int = 0
+    """Seed of the model initialisation."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    precision: str = "auto"
+    """``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile`` (CUDA only)."""
+    log_interval_steps: int = 50
+    """Steps between performance records (``perf/*``); losses are logged every step."""
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass, strictly: unknown keys are errors naming the key and the accepted ones.
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(non_none[0], value, path)
+    if tp is int:
+        # Every integer here is a count (tokens, sequences, layers, seeds): "50M" is accepted.
+        return parse_count(value, path)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}={value!r} is not a number") from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{path}={value!r} is not a boolean (true/false)")
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}={value!r} is not a string")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}={value!r} is not a list")
+        (inner,) = args
+        return [_convert(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def from_dict(cls: type, data: dict | None, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a (possibly partial) dict; unknown keys raise ConfigError."""
+    if data is None:
+        return cls()
+    if dataclasses.is_dataclass(data):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or cls.__name__}={data!r} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            where = f"{path}.{key}" if path else key
+            raise ConfigError(f"unknown config key {where!r}; accepted: {', '.join(names)}")
+        kwargs[key] = _convert(hints[key], value, f"{path}.{key}" if path else key)
+    return cls(**kwargs)
+
+
+def merge(base: Any, overrides: dict) -> Any:
+    """Return a copy of dataclass ``base`` with a nested dict of overrides applied."""
+    d = to_dict(base)
+    _deep_update(d, overrides)
+    return from_dict(type(base), d)
+
+
+def _deep_update(d: dict, u: dict) -> None:
+    for k, v in u.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            _deep_update(d[k], v)
+        else:
+            d[k] = v
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(obj: Any, n: int = 12) -> str:
+    """Stable short hash of a dataclass or JSON-able object (sorted keys)."""
+    if dataclasses.is_dataclass(obj):
+        obj = to_dict(obj)
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+def load_config_file(path: str) -> dict:
+    """Read a JSON or TOML config file into a dict."""
+    import pathlib
+
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise ConfigError(f"config file {path!r} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from None
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every value that can be checked without data or devices. Raises ConfigError."""
+    m, o, s = cfg.model, cfg.optim, cfg.lr_schedule
+    for name in ("n_layer", "n_head", "d_model", "seq_len", "mlp_ratio"):
+        v = getattr(m, name)
+        _require(isinstance(v, int) and v > 0, f"model.{name}={v!r} must be a positive integer")
+    _require(m.d_model % m.n_head == 0, f"model.n_head={m.n_head} must divide model.d_model={m.d_model}")
+    _require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive")
+    _require(o.name in OPTIMIZERS, f"optim.name={o.name!r} is not one of {', '.join(OPTIMIZERS)}")
+    _require(o.lr_rule in LR_RULES, f"optim.lr_rule={o.lr_rule!r} is not one of {', '.join(LR_RULES)}")
+    _require(math.isfinite(o.lr) and o.lr > 0, f"learning rate {o.lr!r} must be a positive number")
+    _require(o.max_grad_norm is None or o.max_grad_norm > 0, f"optim.max_grad_norm={o.max_grad_norm} must be positive or null")
+    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _require(s.kind in LR_SCHEDULES, f"lr_schedule.kind={s.kind!r} is not one of {', '.join(LR_SCHEDULES)}")
+    _require(0 <= s.min_lr_ratio <= 1, f"lr_schedule.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
+    _require(cfg.total_tokens > 0, f"total_tokens={cfg.total_tokens} must be positive")
+    _require(cfg.batch_seqs > 0, f"batch_seqs={cfg.batch_seqs} must be positive")
+    _require(cfg.micro_batch_seqs is None or cfg.micro_batch_seqs > 0,
+             f"micro_batch_seqs={cfg.micro_batch_seqs} must be positive")
+    _require(cfg.eval_seqs > 0, f"eval_seqs={cfg.eval_seqs} must be positive")
+    for name in ("save_interval_tokens", "eval_interval_tokens"):
+        v = getattr(cfg, name)
+        _require(v is None or v > 0, f"{name}={v} must be positive")
+    _require(cfg.lr_ref_batch_seqs is None or cfg.lr_ref_batch_seqs > 0,
+             f"lr_ref_batch_seqs={cfg.lr_ref_batch_seqs} must be positive")
+    _require(cfg.data.tokenizer in TOKENIZERS, f"data.tokenizer={cfg.data.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+    _require(cfg.precision in PRECISIONS, f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if s.horizon_tokens is not None:
+        _require(s.horizon_tokens > 0, f"lr_schedule.horizon_tokens={s.horizon_tokens} must be positive")
+    if s.kind == "wsd":
+        horizon = s.horizon_tokens or cfg.total_tokens
+        _require(s.decay_tokens > 0, "lr_schedule.decay_tokens must be positive for the wsd schedule")
+        _require(s.warmup_tokens + s.decay_tokens <= horizon,
+                 f"lr_schedule warmup_tokens + decay_tokens = {s.warmup_tokens + s.decay_tokens} exceeds the horizon {horizon}")

@@ -1,0 +1,163 @@
+"""Memmap reader and the fixed-order sequence stream (design.md §1.2).
+
+A split is cut into sequences of ``seq_len + 1`` tokens with stride ``seq_len`` (inputs and
+next-token targets); sequences never cross a shard boundary. The training stream visits them in one
+seeded global order, epoch after epoch (each epoch its own seeded permutation). The loader's whole
+state is ``offset``, the number of sequences consumed: a step of batch B reads stream positions
+``[offset, offset + B)``, however those B are split into micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .prepare import FORMAT
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class TokenData:
+    """A prepared data directory, opened read-only."""
+
+    def __init__(self, path: str | Path, verify: bool = True):
+        self.path = Path(path)
+        meta_p = self.path / "meta.json"
+        if not self.path.is_dir():
+            raise DataError(f"data directory {str(self.path)!r} does not exist; create it with `critbatch prepare --out {self.path}`")
+        if not meta_p.is_file():
+            raise DataError(f"{self.path} is not a prepared data directory (no meta.json); create it with `critbatch prepare`")
+        try:
+            self.meta = json.loads(meta_p.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{meta_p} is corrupt ({e}); prepare the data again") from None
+        if self.meta.get("format") != FORMAT:
+            raise DataError(f"{meta_p} has format {self.meta.get('format')!r}; expected {FORMAT!r}")
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.dtype = np.dtype(self.meta["dtype"])
+        self._shards: dict[str, list[np.ndarray]] = {}
+        for split, info in self.meta["splits"].items():
+            arrays = []
+            for sh in info["shards"]:
+                f = self.path / sh["file"]
+                if not f.is_file():
+                    raise DataError(f"data directory {self.path} is corrupt: shard {sh['file']} is missing")
+                expect = sh["tokens"] * self.dtype.itemsize
+                if f.stat().st_size != expect:
+                    raise DataError(f"data directory {self.path} is corrupt: {sh['file']} has {f.stat().st_size} bytes, "
+                                    f"meta.json says {expect}")
+                if verify:
+                    got = _sha256(f)
+                    if got != sh["sha256"]:
+                        raise DataError(f"data directory {self.path} is corrupt: {sh['file']} sha256 {got[:12]}… does not "
+                                        f"match meta.json {sh['sha256'][:12]}…; prepare it again")
+                arrays.append(np.memmap(f, dtype=self.dtype, mode="r"))
+            self._shards[split] = arrays
+
+    def tokens(self, split: str = "train") -> int:
+        return int(self.meta["splits"][split]["tokens"])
+
+    def shards(self, split: str) -> list[np.ndarray]:
+        if split not in self._shards:
+            raise DataError(f"data directory {self.path} has no {split!r} split")
+        return self._shards[split]
+
+    def n_seqs(self, split: str, seq_len: int) -> int:
+        return sum(max(0, (a.size - 1) // seq_len) for a in self.shards(split))
+
+
+def open_data(path: str | Path, verify: bool = True) -> TokenData:
+    return TokenData(path, verify=verify)
+
+
+class _SplitIndex:
+    """Maps a split-wide sequence id to (shard, start token)."""
+
+    def __init__(self, shards: list[np.ndarray], seq_len: int):
+        self.shards = shards
+        self.seq_len = seq_len
+        counts = np.array([max(0, (a.size - 1) // seq_len) for a in shards], dtype=np.int64)
+        self.bounds = np.concatenate([[0], np.cumsum(counts)])
+        self.n = int(self.bounds[-1])
+
+    def gather(self, seq_ids: np.ndarray) -> np.ndarray:
+        """Tokens of the given sequences, shape (n, seq_len + 1), int64."""
+        T = self.seq_len
+        out = np.empty((len(seq_ids), T + 1), dtype=np.int64)
+        shard_of = np.searchsorted(self.bounds, seq_ids, side="right") - 1
+        cols = np.arange(T + 1)
+        for s in np.unique(shard_of):
+            rows = np.nonzero(shard_of == s)[0]
+            starts = (seq_ids[rows] - self.bounds[s]) * T
+            out[rows] = self.shards[s][starts[:, None] + cols]
+        return out
+
+
+class SequenceStream:
+    """The one global order of training sequences; position ``p`` is the p-th sequence consumed."""
+
+    def __init__(self, data: TokenData, seq_len: int, seed: int = 0, split: str = "train"):
+        if seq_len <= 0:
+            raise DataError(f"seq_len={seq_len} must be positive")
+        self.data = data
+        self.seq_len = seq_len
+        self.seed = seed
+        self.index = _SplitIndex(data.shards(split), seq_len)
+        self.n_seqs = self.index.n
+        if self.n_seqs == 0:
+            raise DataError(f"the {split!r} split of {data.path} holds no sequence of {seq_len + 1} tokens")
+
+    @lru_cache(maxsize=2)
+    def _perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_seqs)
+
+    def seq_ids(self, start: int, n: int) -> np.ndarray:
+        """Split-wide ids of stream positions ``[start, start + n)``."""
+        pos = np.arange(start, start + n, dtype=np.int64)
+        epochs = pos // self.n_seqs
+        out = np.empty(n, dtype=np.int64)
+        for e in np.unique(epochs):
+            m = epochs == e
+            out[m] = self._perm(int(e))[pos[m] - e * self.n_seqs]
+        return out
+
+    def batch(self, start: int, n: int) -> torch.Tensor:
+        """Sequences at stream positions ``[start, start + n)`` as a (n, seq_len + 1) int64 tensor."""
+        return torch.from_numpy(self.index.gather(self.seq_ids(start, n)))
+
+    def epochs(self, n_consumed: int) -> float:
+        return n_consumed / self.n_seqs
+
+
+def step_slices(offset: int, batch_seqs: int, micro_batch_seqs: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, int]]:
+    """Stream slices ``(start, n)`` one rank reads in one step, in micro-batch order.
+
+    The step reads positions ``[offset, offset + batch_seqs)``; rank r takes the r-th contiguous
+    share, cut into micro-batches. Concatenated over ranks these are exactly the step's positions,
+    whatever the micro-batch and world size."""
+    per_rank, rem = divmod(batch_seqs, world_size)
+    if rem or per_rank % micro_batch_seqs:
+        raise DataError(f"batch {batch_seqs} is not divisible by micro-batch {micro_batch_seqs} x world size {world_size}")
+    start = offset + rank * per_rank
+    return [(start + i * micro_batch_seqs, micro_batch_seqs) for i in range(per_rank // micro_batch_seqs)]
+
+
+def eval_sequences(data: TokenData, seq_len: int, n_seqs: int) -> torch.Tensor:
+    """The fixed held-out set: the first ``n_seqs`` sequences of the val split, in file order."""
+    idx = _SplitIndex(data.shards("val"), seq_len)
+    if idx.n < n_seqs:
+        raise DataError(f"eval_seqs={n_seqs} but the held-out split of {data.path} holds only {idx.n} sequences "
+                        f"of {seq_len + 1} tokens; lower --eval-seqs or prepare with a larger holdout")
+    return torch.from_numpy(idx.gather(np.arange(n_seqs, dtype=np.int64)))

@@ -1,0 +1,92 @@
+"""Atomic file writes and JSON lines: a result either exists whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _clean(obj: Any) -> Any:
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = 2) -> str:
+    return json.dumps(_clean(obj), indent=indent, allow_nan=False)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, dumps(obj) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSON-lines file; a torn last line (a killed writer) is ignored."""
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    with open(p) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+class JsonlWriter:
+    """Appends one JSON record a line, flushed each time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.f = open(self.path, "a", buffering=1)
+
+    def write(self, rec: dict) -> None:
+        self.f.write(dumps(rec, indent=None) + "\n")
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def truncate_jsonl(path: str | Path, max_tokens: int) -> None:
+    """Keep only records with ``tokens <= max_tokens`` (resume: drop what came after the checkpoint)."""
+    p = Path(path)
+    if not p.is_file():
+        return
+    keep = [r for r in read_jsonl(p) if r.get("tokens", 0) <= max_tokens]
+    write_text_atomic(p, "".join(dumps(r, indent=None) + "\n" for r in keep))

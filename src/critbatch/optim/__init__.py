@@ -1,0 +1,69 @@
+"""Optimizers with decay/no-decay groups, LR schedules as functions of tokens, and the one LR–batch
+coupling rule (design.md §1.3)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import LR_RULES, LRScheduleConfig, OptimConfig
+from ..errors import ConfigError
+
+
+def lr_rule_multiplier(rule: str, batch_seqs: float, ref_batch_seqs: float) -> float:
+    """f(k) for k = batch / reference batch: sqrt(k) (Adam family), k (SGD) or 1.
+
+    Merrill et al. 2025 §2 (and Malladi et al. 2022 for the square-root rule for Adam)."""
+    if rule not in LR_RULES:
+        raise ConfigError(f"LR rule {rule!r} is not one of {', '.join(LR_RULES)}")
+    k = batch_seqs / ref_batch_seqs
+    if rule == "sqrt":
+        return math.sqrt(k)
+    if rule == "linear":
+        return k
+    return 1.0
+
+
+def lr_schedule_factor(cfg: LRScheduleConfig, tokens: int | float) -> float:
+    """Multiplier in [0, 1] of the peak LR after ``tokens`` tokens (counted in tokens, never steps,
+    so a batch change does not alter the schedule's shape). ``cfg.horizon_tokens`` must be resolved."""
+    t = float(tokens)
+    H = float(cfg.horizon_tokens)
+    if cfg.warmup_tokens > 0 and t < cfg.warmup_tokens:
+        return t / cfg.warmup_tokens
+    if cfg.kind == "constant":
+        return 1.0
+    if cfg.kind == "cosine":
+        span = max(H - cfg.warmup_tokens, 1.0)
+        frac = min(max((t - cfg.warmup_tokens) / span, 0.0), 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    if cfg.kind == "wsd":
+        decay_start = H - cfg.decay_tokens
+        if t < decay_start:
+            return 1.0
+        return max(0.0, (H - t) / cfg.decay_tokens)
+    raise ConfigError(f"lr_schedule.kind={cfg.kind!r} is not one of constant, cosine, wsd")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices of linear layers; none on embeddings, norms and biases."""
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and id(p) not in emb else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "adamw":
+        kw = {"fused": True} if device.type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    raise ConfigError(f"optim.name={cfg.name!r} is not one of adamw, sgd")

@@ -1,0 +1,3 @@
+from .batch import BatchSchedule
+
+__all__ = ["BatchSchedule"]

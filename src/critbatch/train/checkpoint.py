@@ -1,0 +1,134 @@
+"""Checkpoints: the full state (model, optimizer, loader offset, schedule position, RNG, callback
+state) in one directory, written to a temporary sibling and renamed into place, loaded with
+``weights_only=True``.
+
+Layout: ``RUN/ckpt/tok_000000102400/{model.pt, optim.pt, state.pt, meta.json}`` for kept
+checkpoints (branch points) and ``RUN/ckpt/resume_tok_…`` for the newest periodic one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..io import dumps
+
+FORMAT = "critbatch-ckpt-v1"
+KEPT_PREFIX = "tok_"
+RESUME_PREFIX = "resume_tok_"
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    tokens: int
+    kept: bool
+    meta: dict
+
+    @property
+    def requested_tokens(self) -> int:
+        return int(self.meta.get("requested_tokens", self.tokens))
+
+
+def ckpt_dirname(tokens: int, kept: bool) -> str:
+    return f"{KEPT_PREFIX if kept else RESUME_PREFIX}{tokens:012d}"
+
+
+def save_checkpoint(ckpt_root: Path, *, tokens: int, kept: bool, model_state: dict, optim_state: dict,
+                    state: dict, meta: dict) -> Path:
+    """Write a checkpoint atomically; returns its directory. An existing one is left as it is."""
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / ckpt_dirname(tokens, kept)
+    if (final / "meta.json").is_file():
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_root))
+    try:
+        torch.save(model_state, tmp / "model.pt")
+        torch.save(optim_state, tmp / "optim.pt")
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(dumps({"format": FORMAT, "tokens": tokens, "kept": kept, **meta}) + "\n")
+        if final.exists():  # a torn directory without meta.json (cannot happen with rename, but be safe)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
+    """Complete checkpoints of a run, sorted by tokens (kept before resume at equal tokens)."""
+    root = Path(run_dir) / "ckpt"
+    out = []
+    if not root.is_dir():
+        return out
+    for d in root.iterdir():
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        meta_p = d / "meta.json"
+        if not meta_p.is_file():
+            continue
+        try:
+            meta = json.loads(meta_p.read_text())
+        except json.JSONDecodeError:
+            continue
+        out.append(CheckpointInfo(d, int(meta["tokens"]), bool(meta.get("kept")), meta))
+    out.sort(key=lambda c: (c.tokens, not c.kept))
+    return out
+
+
+def kept_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
+    return [c for c in list_checkpoints(run_dir) if c.kept]
+
+
+def prune_resume_checkpoints(run_dir: str | Path, keep: Path) -> None:
+    for c in list_checkpoints(run_dir):
+        if not c.kept and c.path != keep:
+            shutil.rmtree(c.path, ignore_errors=True)
+    root = Path(run_dir) / "ckpt"
+    for d in root.glob(".tmp-*"):  # leftovers of a killed writer
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint directory into fresh tensors: {'model', 'optim', 'state', 'meta'}."""
+    path = Path(path)
+    meta_p = path / "meta.json"
+    if not meta_p.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
+    try:
+        meta = json.loads(meta_p.read_text())
+        out = {"meta": meta}
+        for key in ("model", "optim", "state"):
+            out[key] = torch.load(path / f"{key}.pt", map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt checkpoint
+        raise CheckpointError(f"checkpoint {path} is corrupt: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return out
+
+
+def copy_checkpoint_state(ckpt: dict) -> dict:
+    """An untouched deep copy: ``Optimizer.load_state_dict`` keeps references to same-device
+    tensors it is given, so two runs from one in-memory checkpoint must not share them."""
+    return copy.deepcopy(ckpt)
+
+
+def check_model_matches(ckpt_meta: dict, model_cfg: dict, where: str) -> None:
+    saved = ckpt_meta.get("model")
+    if saved is None:
+        raise CheckpointError(f"checkpoint {where} records no model config")
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs {model_cfg.get(k)!r}" for k in sorted(set(saved) | set(model_cfg))
+             if saved.get(k) != model_cfg.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint {where} is from a different model config ({'; '.join(diffs)})")

@@ -1,0 +1,167 @@
+"""The CLI in-process: every bad input is one line on stderr, exit status 2, and nothing written."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from critbatch.cli import main
+
+FAST = ["--eval-seqs", "16", "--no-progress"]
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_args(data_dir, out, *extra):
+    return ["train", "--preset", "tiny", "--data", data_dir, "--out", out, "--total-tokens", "8k", *FAST, *extra]
+
+
+def test_train_prints_result_and_resumes(data_dir, tmp_path, capsys):
+    code, out, err = run_cli(tiny_args(data_dir, tmp_path / "r", "--checkpoint-tokens", "2k,4k"), capsys)
+    assert code == 0, err
+    assert "final_eval_loss=" in out
+    res = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert res["tokens"] >= 8000
+    # `train --out RUN` alone uses the saved config (finished: prints the same result)
+    code, out2, err = run_cli(["train", "--out", tmp_path / "r", "--no-progress"], capsys)
+    assert code == 0 and out2 == out
+
+
+def test_stop_and_resume_via_cli(data_dir, tmp_path, capsys):
+    code, out, err = run_cli(tiny_args(data_dir, tmp_path / "r", "--stop-after-tokens", "4k"), capsys)
+    assert code == 0 and "paused at" in err
+    assert not (tmp_path / "r" / "result.json").exists()
+    code, out, err = run_cli(tiny_args(data_dir, tmp_path / "r"), capsys)
+    assert code == 0 and (tmp_path / "r" / "result.json").exists()
+
+
+def test_config_file_form(data_dir, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'total_tokens = "4k"\neval_seqs = 16\nbatch_seqs = 4\n[data]\npath = "{data_dir}"\n'
+                   '[model]\nd_model = 32\nn_head = 2\nn_layer = 1\nseq_len = 32\n')
+    code, out, err = run_cli(["train", "--config", cfg, "--out", tmp_path / "r", "--no-progress", "--lr", "0.002"], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["model"]["d_model"] == 32 and saved["optim"]["lr"] == 0.002 and saved["batch_seqs"] == 4
+
+
+def test_batch_schedule_flag(data_dir, tmp_path, capsys):
+    sched = tmp_path / "s.json"
+    sched.write_text(json.dumps({"0": 4, "4k": 8}))
+    code, out, err = run_cli(tiny_args(data_dir, tmp_path / "r", "--batch-schedule", sched), capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["batch_schedule"] == [[0, 4], [4000, 8]]
+
+
+@pytest.fixture
+def ckpt_of_other_model(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("other") / "r"
+    assert main(["train", "--preset", "mini", "--data", str(data_dir), "--out", str(out), "--total-tokens", "2048",
+                 "--checkpoint-tokens", "1024", "--eval-seqs", "8", "--no-progress"]) == 0
+    return next(p for p in (out / "ckpt").iterdir() if p.name.startswith("tok_"))
+
+
+def _corrupt_copy(data_dir, tmp):
+    bad = tmp / "corrupt-data"
+    shutil.copytree(data_dir, bad)
+    raw = bytearray((bad / "train_000.bin").read_bytes())
+    raw[12345] ^= 0xFF
+    (bad / "train_000.bin").write_bytes(bytes(raw))
+    return bad
+
+
+def _small_data(tmp):
+    from critbatch.data import prepare
+
+    (tmp / "small.txt").write_text("tiny corpus line\n" * 2000)
+    return prepare(tmp / "small-data", [tmp / "small.txt"], quiet=True)
+
+
+BAD = {
+    "batch not divisible": (lambda d, t: ["--batch-seqs", "6", "--micro-batch-seqs", "4"], "not divisible by micro-batch 4"),
+    "schedule not increasing": (lambda d, t: ["--batch-schedule", "0:4,2000:8,1000:16"], "not increasing in tokens"),
+    "schedule phase not divisible": (lambda d, t: ["--batch-schedule", "0:4,2000:6", "--micro-batch-seqs", "4"], "phase 1 (from 2000 tokens)"),
+    "zero lr": (lambda d, t: ["--lr", "0"], "learning rate 0.0 must be a positive"),
+    "negative lr": (lambda d, t: ["--lr", "-0.1"], "learning rate -0.1 must be a positive"),
+    "zero tokens": (lambda d, t: ["--total-tokens", "0"], "total_tokens=0 must be positive"),
+    "negative tokens": (lambda d, t: ["--total-tokens", "-5"], "is negative"),
+    "bad count": (lambda d, t: ["--total-tokens", "lots"], "'lots' is not a count"),
+    "too many tokens": (lambda d, t: ["--data", _small_data(t), "--total-tokens", "1M"], "pass --allow-repeat"),
+    "missing data": (lambda d, t: ["--data", t / "nowhere"], "does not exist"),
+    "corrupt data": (lambda d, t: ["--data", _corrupt_copy(d, t)], "sha256"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_exit_2_nothing_written(case, data_dir, tmp_path, capsys):
+    make, needle = BAD[case]
+    out = tmp_path / "run"
+    extra = make(data_dir, tmp_path)
+    args = tiny_args(data_dir, out) + [str(x) for x in extra]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("critbatch: error: "), err
+    assert needle in lines[0], lines[0]
+    assert not out.exists()
+
+
+def test_unknown_preset(tmp_path, capsys):
+    code, _, err = run_cli(["train", "--preset", "gigantic", "--out", tmp_path / "r"], capsys)
+    assert code == 2 and err.strip() == "critbatch: error: unknown preset 'gigantic'; accepted: tiny, mini, small, gpt2-small, olmo-1b"
+    assert not (tmp_path / "r").exists()
+
+
+def test_checkpoint_from_a_different_model(ckpt_of_other_model, data_dir, tmp_path, capsys):
+    code, _, err = run_cli(tiny_args(data_dir, tmp_path / "r", "--init-from", ckpt_of_other_model), capsys)
+    assert code == 2 and "from a different model config" in err and "d_model" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_resume_with_a_different_config_is_refused(data_dir, tmp_path, capsys):
+    assert run_cli(tiny_args(data_dir, tmp_path / "r", "--stop-after-tokens", "2k"), capsys)[0] == 0
+    before = sorted(p.name for p in (tmp_path / "r").rglob("*"))
+    code, _, err = run_cli(tiny_args(data_dir, tmp_path / "r", "--lr", "0.01"), capsys)
+    assert code == 2 and "different config" in err and "optim.lr" in err
+    assert sorted(p.name for p in (tmp_path / "r").rglob("*")) == before
+
+
+def test_repeat_allowed_warns(tmp_path, capsys):
+    from critbatch.cli import main as m
+
+    small = _small_data(tmp_path)
+    with pytest.warns(UserWarning, match="repeats data"):
+        code = m(["train", "--preset", "tiny", "--data", str(small), "--out", str(tmp_path / "r"), "--total-tokens", "40k",
+                  "--allow-repeat", "--eval-seqs", "4", "--no-progress"])
+    assert code == 0
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["epochs"] > 1
+
+
+def test_prepare_cli(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("hello world\n" * 500)
+    code, out, err = run_cli(["prepare", "--out", tmp_path / "d", tmp_path / "a.txt"], capsys)
+    assert code == 0 and "train_tokens=" in out
+    code, out, err = run_cli(["prepare", "--out", tmp_path / "e", tmp_path / "missing.txt"], capsys)
+    assert code == 2 and "does not exist" in err and not (tmp_path / "e").exists()
+    code, out, err = run_cli(["prepare", "--out", tmp_path / "f", "--corpus", "nope"], capsys)
+    assert code == 2 and "unknown corpus 'nope'" in err
+
+
+def test_presets_listing(capsys):
+    code, out, _ = run_cli(["presets"], capsys)
+    assert code == 0 and "tiny" in out and "olmo-1b" in out
+
+
+def test_module_and_console_script(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "critbatch", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("critbatch ")
+    exe = Path(sys.executable).parent / "critbatch"
+    r = subprocess.run([str(exe), "train", "--preset", "nope", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
