@@ -177,6 +177,48 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str, what: str) -> list[float]:
+    from .errors import ConfigError
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not a comma-separated list of numbers") from None
+
+
+def cmd_branch(a: argparse.Namespace) -> int:
+    from .branch import SweepConfig, run_sweep
+    from .branch.sweep import describe_point
+    from .units import parse_count, parse_count_list
+
+    cfg = SweepConfig(
+        run=a.run, at=parse_count_list(a.at, "--at"), k=_floats(a.k, "--k"),
+        window_tokens=parse_count(a.window_tokens, "--window-tokens"), lr_rule=a.lr_rule,
+        replicates=a.replicates, search=a.search,
+        k_min=a.k_min, k_max=a.k_max, resolution=a.resolution, decide_by=a.decide_by, rule=a.rule, eps=a.eps,
+        confidence=a.confidence, margin=a.margin,
+        micro_batch_seqs=parse_count(a.micro_batch_seqs, "--micro-batch-seqs") if a.micro_batch_seqs else None,
+        eval_seqs=parse_count(a.eval_seqs, "--eval-seqs") if a.eval_seqs else None, device=a.device,
+        threads_per_branch=a.threads_per_branch, jobs=a.jobs, launcher=a.launcher,
+    )
+    res = run_sweep(cfg, progress=False if a.no_progress else None)
+    c = res.curve
+    print(f"sweep {res.sweep_dir}  (decided by {c['decide_by']}, rule {c['rule']}"
+          + (f", eps {c['eps']}" if c["rule"] == "eps" else f", confidence {c['confidence']}") + ")")
+    for p in c["points"]:
+        print(f"  at {p['tokens']:>12,} tokens (base batch {p['base_batch_seqs']}): {describe_point(p)}")
+    cost = c["cost"]
+    line = f"  branches {cost['branches']}, branch tokens {cost['branch_tokens']:,}, {cost['wall_time_s']:.1f}s"
+    if "full_grid_branch_tokens" in cost:
+        line += f" (full grid would spend {cost['full_grid_branch_tokens']:,})"
+    print(line)
+    if c.get("fit"):
+        f = c["fit"]
+        print(f"  fit: B(t) = {f['b_max']:.4g} * u/(1+u), u = (t/{f['t_s']:.4g})^{f['c']:.3f}"
+              f"{'' if f['plateau_in_range'] else '  (plateau extrapolated beyond the measured range)'}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -201,6 +243,32 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stop-after-tokens", help="pause after this many tokens; run again to resume")
     _add_train_args(sp)
     sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("branch", help="branch sweep at kept checkpoints: the local critical batch size")
+    sp.add_argument("--run", required=True, help="finished parent run directory")
+    sp.add_argument("--at", required=True, help="branch points: comma-separated token counts of kept checkpoints")
+    sp.add_argument("--k", default="0.25,0.5,1,2,4,8", help="batch multipliers (grid), e.g. 0.25,0.5,1,2,4,8")
+    sp.add_argument("--window-tokens", required=True, help="tokens every branch trains")
+    sp.add_argument("--lr-rule", choices=["sqrt", "linear", "none"], help="f(k) (default: the parent's rule)")
+    sp.add_argument("--decide-by", choices=["eval", "train-ema"], default="eval",
+                    help="held-out eval loss (default, less noisy here) or the paper's EMA training loss")
+    sp.add_argument("--rule", choices=["eps", "ttest"], help="eps (paper) or ttest (needs --replicates >= 2)")
+    sp.add_argument("--eps", type=float, default=0.01, help="tolerance in nats (eps rule)")
+    sp.add_argument("--replicates", type=int, default=1, help="branches per k on different data windows")
+    sp.add_argument("--confidence", type=float, default=0.95, help="confidence of the ttest rule")
+    sp.add_argument("--margin", type=float, default=0.0, help="ttest: tolerated loss increase in nats")
+    sp.add_argument("--search", choices=["grid", "adaptive"], default="grid")
+    sp.add_argument("--k-min", type=float, help="adaptive: first probe")
+    sp.add_argument("--k-max", type=float, help="adaptive: largest probe")
+    sp.add_argument("--resolution", type=float, help="adaptive: bisect until pass and fail differ by this in k")
+    sp.add_argument("--micro-batch-seqs")
+    sp.add_argument("--eval-seqs", help="held-out sequences per branch evaluation (default: the parent's)")
+    sp.add_argument("--jobs", type=int, help="branches at once, each its own process (default: one per GPU or per core)")
+    sp.add_argument("--threads-per-branch", type=int, default=1)
+    sp.add_argument("--launcher", choices=["local", "inprocess"], default="local")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_branch)
 
     sp = sub.add_parser("presets", help="list size presets")
     sp.set_defaults(func=cmd_presets)

@@ -109,6 +109,9 @@ class DataConfig:
     """Allow a run to consume more sequences than the training split holds (more than one epoch)."""
     verify: bool = True
     """Check the sha256 of every shard against ``meta.json`` before training."""
+    stream_shift_seqs: int = 0
+    """Read the stream this many sequences ahead of the token count: branch replicates use it to
+    train on different data windows from the same checkpoint. The LR schedule still follows tokens."""
 
 
 @dataclass
@@ -151,6 +154,9 @@ class TrainConfig:
     """Wrap the model in ``torch.compile`` (CUDA only)."""
     log_interval_steps: int = 50
     """Steps between performance records (``perf/*``); losses are logged every step."""
+    exact_total_tokens: bool = False
+    """Stop exactly at ``total_tokens``: a final partial step takes only the remaining sequences
+    (at the phase's LR). Branches use it so every batch size consumes the same tokens."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,6 +289,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(cfg.micro_batch_seqs is None or cfg.micro_batch_seqs > 0,
              f"micro_batch_seqs={cfg.micro_batch_seqs} must be positive")
     _require(cfg.eval_seqs > 0, f"eval_seqs={cfg.eval_seqs} must be positive")
+    _require(not cfg.exact_total_tokens or cfg.total_tokens % m.seq_len == 0,
+             f"total_tokens={cfg.total_tokens} must be a whole number of {m.seq_len}-token sequences when exact_total_tokens is set")
     for name in ("save_interval_tokens", "eval_interval_tokens"):
         v = getattr(cfg, name)
         _require(v is None or v > 0, f"{name}={v} must be positive")

@@ -145,13 +145,14 @@ def step_slices(offset: int, batch_seqs: int, micro_batch_seqs: int, rank: int =
     """Stream slices ``(start, n)`` one rank reads in one step, in micro-batch order.
 
     The step reads positions ``[offset, offset + batch_seqs)``; rank r takes the r-th contiguous
-    share, cut into micro-batches. Concatenated over ranks these are exactly the step's positions,
-    whatever the micro-batch and world size."""
+    share, cut into micro-batches of ``micro_batch_seqs`` (the last one smaller when the share is
+    not a multiple, which only a final partial step can cause). Concatenated over ranks these are
+    exactly the step's positions, whatever the micro-batch and world size."""
     per_rank, rem = divmod(batch_seqs, world_size)
-    if rem or per_rank % micro_batch_seqs:
-        raise DataError(f"batch {batch_seqs} is not divisible by micro-batch {micro_batch_seqs} x world size {world_size}")
+    if rem:
+        raise DataError(f"batch {batch_seqs} is not divisible by world size {world_size}")
     start = offset + rank * per_rank
-    return [(start + i * micro_batch_seqs, micro_batch_seqs) for i in range(per_rank // micro_batch_seqs)]
+    return [(start + i, min(micro_batch_seqs, per_rank - i)) for i in range(0, per_rank, micro_batch_seqs)]
 
 
 def eval_sequences(data: TokenData, seq_len: int, n_seqs: int) -> torch.Tensor:

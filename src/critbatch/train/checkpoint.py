@@ -91,13 +91,17 @@ def kept_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     return [c for c in list_checkpoints(run_dir) if c.kept]
 
 
-def prune_resume_checkpoints(run_dir: str | Path, keep: Path) -> None:
+def prune_resume_checkpoints(run_dir: str | Path, keep: Path | None) -> None:
+    """Delete resume checkpoints other than ``keep`` (all of them for ``None``) and the leftovers
+    of killed writers; an emptied ``ckpt`` directory goes too."""
     for c in list_checkpoints(run_dir):
         if not c.kept and c.path != keep:
             shutil.rmtree(c.path, ignore_errors=True)
     root = Path(run_dir) / "ckpt"
-    for d in root.glob(".tmp-*"):  # leftovers of a killed writer
+    for d in root.glob(".tmp-*"):
         shutil.rmtree(d, ignore_errors=True)
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -152,7 +152,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path | None, *, callbacks: Iterable[Callback] = (),
                  init_from: str | Path | dict | None = None, progress: bool | None = None,
-                 stop_after_tokens: int | None = None, quiet: bool = False, desc: str | None = None):
+                 stop_after_tokens: int | None = None, quiet: bool = False, desc: str | None = None,
+                 eval_at_start: bool = True, keep_final_checkpoint: bool = True):
         validate(cfg)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callbacks = list(callbacks)
@@ -160,6 +161,8 @@ class Trainer:
         self.quiet = quiet
         self.desc = desc
         self.stop_after_tokens = stop_after_tokens
+        self.eval_at_start = eval_at_start
+        self.keep_final_checkpoint = keep_final_checkpoint
         self.device = resolve_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
@@ -210,7 +213,13 @@ class Trainer:
         c = self.cfg
         T = c.model.seq_len
         self.planned_steps, end_tokens = self.schedule.walk(self.start_offset * T, c.total_tokens)
-        need, have = end_tokens // T, self.stream.n_seqs
+        if c.exact_total_tokens:
+            end_tokens = max(c.total_tokens, self.start_offset * T)
+            last = (end_tokens - self.start_offset * T) % self.schedule.batch_tokens_at(max(end_tokens - 1, 0))
+            if last and (last // T) % self.dist.world_size:
+                raise ConfigError(f"the final partial step of {last // T} sequences cannot be split over "
+                                  f"{self.dist.world_size} ranks; choose total_tokens so it divides")
+        need, have = end_tokens // T + c.data.stream_shift_seqs, self.stream.n_seqs
         if need > have:
             epochs = need / have
             if not c.data.allow_repeat:
@@ -305,7 +314,9 @@ class Trainer:
                 "requested_tokens": requested if requested is not None else self.tokens,
                 "model": to_dict(self.cfg.model), "config_hash": config_hash(_defining(to_dict(self.cfg))),
                 "train_loss_ema": self.state["loss_ema"], "eval_loss": eval_loss,
-                "batch_seqs": self.schedule.batch_seqs_at(max(self.tokens - 1, 0)),
+                # the batch and LR multiplier the run continues with from here (a branch's base B)
+                "batch_seqs": self.schedule.batch_seqs_at(self.tokens),
+                "lr_multiplier": self.schedule.lr_multiplier_at(self.tokens),
                 "lr_ref_batch_seqs": self.schedule.reference, "seq_len": self.cfg.model.seq_len}
         path = save_checkpoint(self.out_dir / "ckpt", tokens=self.tokens, kept=kept,
                                model_state=self.raw_model.state_dict(), optim_state=self.optimizer.state_dict(),
@@ -347,11 +358,12 @@ class Trainer:
 
         fresh = self.resume_from is None
         kept_todo = sorted(t for t in c.checkpoint_tokens if t > self.tokens or (fresh and t == self.tokens))
-        if fresh:
+        if fresh and self.eval_at_start:
             ev = self.evaluate()
             log({"step": self.state["step"], "tokens": self.tokens, "eval/loss": ev})
+        if fresh:
             while kept_todo and kept_todo[0] <= self.tokens:
-                self._save(kept=True, requested=kept_todo.pop(0), eval_loss=ev)
+                self._save(kept=True, requested=kept_todo.pop(0), eval_loss=ev if self.eval_at_start else None)
 
         from tqdm.auto import tqdm
 
@@ -376,11 +388,14 @@ class Trainer:
                 B = self.schedule.batch_seqs_at(tokens0)
                 micro = self.schedule.micro_batch_at(tokens0, c.micro_batch_seqs, W)
                 accum = self.schedule.accum_steps_at(tokens0, micro, W)
+                if c.exact_total_tokens and tokens0 + B * T > c.total_tokens:
+                    B = (c.total_tokens - tokens0) // T  # final partial step: only what remains
+                    accum = -(-(B // W) // micro)
                 lr = c.optim.lr * self.schedule.lr_multiplier_at(tokens0) * lr_schedule_factor(c.lr_schedule, tokens0)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 scale = W / (B * T)  # per-token mean over the global batch; DDP divides by W again
-                slices = step_slices(self.state["offset_seqs"], B, micro, self.dist.rank, W)
+                slices = step_slices(self.state["offset_seqs"] + c.data.stream_shift_seqs, B, micro, self.dist.rank, W)
                 assert len(slices) == accum, (len(slices), accum)
                 loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
                 self.step_info = {"batch_seqs": B, "micro_batch_seqs": micro, "accum": accum, "tokens": tokens0}
@@ -470,7 +485,7 @@ class Trainer:
             for req in kept_todo:  # requested exactly at the end
                 if req <= self.tokens:
                     self._save(kept=True, requested=req, eval_loss=final_eval)
-            if diverged_at is None:
+            if diverged_at is None and self.keep_final_checkpoint:
                 self._save(kept=False)
         steps = self.state["step"] - self.state["start_step"]
         tokens_run = self.tokens - self.state["start_tokens"]
@@ -498,6 +513,8 @@ class Trainer:
             metrics.close()
         if self.out_dir is not None and main:
             write_json_atomic(self.out_dir / "result.json", result)  # written last: "complete"
+            if not self.keep_final_checkpoint:
+                prune_resume_checkpoints(self.out_dir, keep=None)
         barrier(self.dist)
         return result
 

@@ -1,0 +1,140 @@
+"""The CBS curve of a sweep: per branch point the losses, both readings, the interval; over points
+a censored fit; written as ``cbs.json`` and ``cbs.csv`` (plus plots) in the sweep directory."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ConfigError
+from ..io import write_json_atomic, write_text_atomic
+
+
+def _geomean(a: float, b: float | None) -> float | None:
+    return math.sqrt(a * b) if (b is not None and a > 0) else None
+
+
+def point_record(tokens: int, requested: int, base_batch_seqs: int, seq_len: int, ks: list[float],
+                 losses: dict[str, list[list[float]]], diverged: list[list[bool]], decide_by: str,
+                 decide_fn: Callable, extra: dict | None = None) -> dict:
+    """Decide one branch point and describe it in sequences and tokens."""
+    dec = decide_fn(ks, losses[decide_by])
+    B, T = base_batch_seqs, seq_len
+    lo, hi = dec.interval(B)
+    clo, chi = dec.interval(B, conservative=True)
+    if dec.below_grid:
+        lo_eff = 0.0  # only the smallest k passed, vacuously: the CBS may be anywhere below k_2·B
+    else:
+        lo_eff = lo
+    rec = {
+        "tokens": tokens, "requested_tokens": requested, "base_batch_seqs": B, "seq_len": T,
+        "ks": ks, "batch_seqs": [k * B for k in ks], "decide_by": decide_by, "rule": dec.rule,
+        "losses": losses, "mean_loss": {m: [sum(v) / len(v) for v in vals] for m, vals in losses.items()},
+        "diverged": diverged, "passes": dec.passes,
+        "k_star": dec.k_star, "k_next": dec.k_next,
+        "cbs_low_seqs": lo_eff, "cbs_high_seqs": hi,
+        "cbs_low_tokens": lo_eff * T, "cbs_high_tokens": hi * T if hi is not None else None,
+        "cbs_geomean_seqs": _geomean(lo, hi) if not dec.below_grid else None,
+        "cbs_geomean_tokens": (_geomean(lo, hi) * T) if (hi is not None and not dec.below_grid) else None,
+        "conservative_k_star": dec.k_star_conservative,
+        "conservative_low_seqs": clo if dec.k_star_conservative != ks[0] else 0.0, "conservative_high_seqs": chi,
+        "readings_disagree": dec.readings_disagree, "bounded_above": dec.bounded_above, "below_grid": dec.below_grid,
+        "decision": dec.to_dict(),
+    }
+    if extra:
+        rec.update(extra)
+    return rec
+
+
+def build_curve(plan, branches: dict[int, dict[float, list[Path]]], decide_fn: Callable, wall_time_s: float) -> dict:
+    from ..branch.sweep import branch_losses
+
+    cfg = plan.cfg
+    points = []
+    total_tokens = total_branches = 0
+    branch_seconds = 0.0
+    for p in plan.points:
+        by_k = branches[p.tokens]
+        ks = sorted(by_k)
+        res = {k: [branch_losses(d) for d in by_k[k]] for k in ks}
+        losses = {m: [[r[m] for r in res[k]] for k in ks] for m in ("eval", "train-ema")}
+        div = [[r["diverged"] for r in res[k]] for k in ks]
+        spent = sum(r["tokens"] for k in ks for r in res[k])
+        secs = sum(r["wall_time_s"] for k in ks for r in res[k])
+        extra = {"branch_tokens": spent, "branch_seconds": secs, "branches": sum(len(v) for v in by_k.values()),
+                 "steps": [[r["steps"] for r in res[k]] for k in ks]}
+        if cfg.search == "adaptive":
+            lattice = round((plan.k_max - plan.k_min) / plan.resolution) + 1
+            doubling = []
+            k = plan.k_min
+            while k < plan.k_max:
+                doubling.append(k)
+                k *= 2
+            lattice_ks = {round(plan.k_min + i * plan.resolution, 9) for i in range(lattice)} | set(doubling)
+            extra["full_grid_branch_tokens"] = len(lattice_ks) * cfg.replicates * plan.window_tokens
+            extra["full_grid_ks"] = len(lattice_ks)
+        rec = point_record(p.tokens, p.ckpt.requested_tokens, p.base_batch_seqs, plan.seq_len, ks, losses, div,
+                           cfg.decide_by, decide_fn, extra)
+        points.append(rec)
+        total_tokens += spent
+        total_branches += extra["branches"]
+        branch_seconds += secs
+    curve = {
+        "sweep_id": plan.sweep_id, "run": str(plan.run_dir), "search": cfg.search, "decide_by": cfg.decide_by,
+        "rule": plan.rule, "eps": cfg.eps, "confidence": cfg.confidence, "margin": cfg.margin,
+        "lr_rule": plan.lr_rule, "replicates": cfg.replicates, "window_tokens": plan.window_tokens,
+        "seq_len": plan.seq_len, "points": points,
+        "cost": {"branches": total_branches, "branch_tokens": total_tokens, "branch_seconds": branch_seconds,
+                 "wall_time_s": wall_time_s},
+    }
+    if cfg.search == "adaptive":
+        curve["cost"]["full_grid_branch_tokens"] = sum(p["full_grid_branch_tokens"] for p in points)
+    curve["fit"] = fit_or_none(points)
+    return curve
+
+
+def fit_or_none(points: list[dict]) -> dict | None:
+    from .fit import fit_cbs_curve
+
+    usable = [p for p in points if p["tokens"] > 0]
+    if len(usable) < 2:
+        return None
+    try:
+        f = fit_cbs_curve([p["tokens"] for p in usable], [p["cbs_low_tokens"] for p in usable],
+                          [p["cbs_high_tokens"] for p in usable])
+    except ConfigError:
+        return None
+    d = f.to_dict()
+    d["unit"] = "tokens"
+    d["formula"] = "B(t) = b_max * u / (1 + u), u = (t / t_s)^c"
+    return d
+
+
+CSV_FIELDS = ["tokens", "requested_tokens", "base_batch_seqs", "cbs_low_seqs", "cbs_high_seqs", "cbs_low_tokens",
+              "cbs_high_tokens", "cbs_geomean_seqs", "cbs_geomean_tokens", "conservative_low_seqs",
+              "conservative_high_seqs", "readings_disagree", "bounded_above", "below_grid", "decide_by", "rule"]
+
+
+def curve_csv(curve: dict) -> str:
+    ks = sorted({k for p in curve["points"] for k in p["ks"]})
+    metric = curve["decide_by"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(CSV_FIELDS + [f"loss_k{k:g}" for k in ks])
+    for p in curve["points"]:
+        means = dict(zip(p["ks"], p["mean_loss"][metric]))
+        w.writerow([("" if p[f] is None else p[f]) for f in CSV_FIELDS] +
+                   [("" if k not in means else means[k]) for k in ks])
+    return buf.getvalue()
+
+
+def write_curve(sweep_dir: Path, curve: dict) -> None:
+    write_json_atomic(sweep_dir / "cbs.json", curve)
+    write_text_atomic(sweep_dir / "cbs.csv", curve_csv(curve))
+    from ..report.plots import plot_cbs_curve, plot_loss_vs_batch
+
+    plot_cbs_curve(curve, sweep_dir / "cbs")
+    plot_loss_vs_batch(curve, sweep_dir / "loss_vs_batch")

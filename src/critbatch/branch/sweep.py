@@ -1,0 +1,500 @@
+"""Branch sweeps: from a finished run's kept checkpoints, short branches at batch k·B with LR f(k)·η,
+and the local critical batch size decided from their losses (method.md §2).
+
+Layout inside the parent run directory (a deliberate change from design.md §2: branches live in one
+content-addressed pool so that sweeps sharing a branch — adaptive and full grid, or two tolerances —
+train it once)::
+
+    RUN/branches/<branch-id>/   branch.json (what defines it), config.json, metrics.jsonl, result.json
+    RUN/sweeps/<sweep-id>/      sweep.json (the spec), cbs.json, cbs.csv, cbs.png/.svg, loss_vs_batch.png
+
+A branch id hashes everything that defines the branch's numbers; a sweep id hashes the sweep spec.
+A finished branch is never run again; an interrupted one resumes from its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..config import TrainConfig, config_hash, from_dict, merge, to_dict
+from ..errors import CheckpointError, ConfigError, DataError
+from ..io import read_json, write_json_atomic
+from ..optim import lr_rule_multiplier
+from ..train.checkpoint import CheckpointInfo, kept_checkpoints, load_checkpoint
+from ..units import fmt_count
+
+BRANCH_FORMAT = 1
+DECIDE_BY = ("eval", "train-ema")
+RULES = ("eps", "ttest")
+SEARCHES = ("grid", "adaptive")
+LAUNCHERS = ("inprocess", "local")
+
+
+@dataclass
+class SweepConfig:
+    """A branch sweep over a run's kept checkpoints."""
+
+    run: str
+    """The parent run directory (finished: it holds result.json)."""
+    at: list[int]
+    """Branch points in tokens: kept checkpoints, matched by requested or actual token count."""
+    k: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    """Batch multipliers of the full grid (``search='grid'``); fractional values work."""
+    window_tokens: int = 100_000
+    """Tokens every branch trains (rounded up to whole sequences)."""
+    lr_rule: str | None = None
+    """LR–batch rule f(k): ``sqrt``, ``linear`` or ``none``; ``None`` takes the parent's."""
+    replicates: int = 1
+    """Branches per k on different data windows: replicate r reads the stream r windows ahead."""
+    search: str = "grid"
+    """``grid`` (every k) or ``adaptive`` (double until the first failure, then bisect)."""
+    k_min: float | None = None
+    """Adaptive: the first probe (default: the smallest grid k that is at least 1, else the smallest)."""
+    k_max: float | None = None
+    """Adaptive: the largest probe (default: the largest grid k)."""
+    resolution: float | None = None
+    """Adaptive: stop bisecting when the failing and passing k differ by at most this (default k_min)."""
+    decide_by: str = "eval"
+    """Which loss decides: ``eval`` (held-out loss at the window's end) or ``train-ema`` (the
+    paper's EMA-smoothed training loss, alpha 0.5). See docs/LOG.md for why eval is the default."""
+    rule: str | None = None
+    """``eps`` (the paper's tolerance) or ``ttest`` (one-sided paired test); ``None``: eps for one
+    replicate, ttest for more."""
+    eps: float = 0.01
+    """Tolerance in nats for the eps rule."""
+    confidence: float = 0.95
+    """Confidence of the t-test rule."""
+    margin: float = 0.0
+    """The t-test rule calls k worse only if its loss exceeds a smaller k's by more than this."""
+    micro_batch_seqs: int | None = None
+    """Micro-batch of the branches (default: the parent's); reduced to a divisor of k·B as needed."""
+    eval_seqs: int | None = None
+    """Held-out sequences evaluated at each branch's end (default: the parent's)."""
+    device: str = "auto"
+    """Device of the branches."""
+    threads_per_branch: int = 1
+    """CPU threads of each branch process. Fixed (not derived from ``jobs``) so that results are
+    bitwise the same whatever the number of jobs."""
+    jobs: int | None = None
+    """Branches run at once, each in its own process (``launcher='local'``); ``None``: one per GPU,
+    or one per ``threads_per_branch`` CPU cores."""
+    launcher: str = "local"
+    """``local`` (a pool of worker processes) or ``inprocess`` (sequential, in this process)."""
+
+
+# Fields of SweepConfig that do not change any number a sweep produces.
+NON_DEFINING = ("jobs", "launcher", "device", "threads_per_branch")
+
+
+@dataclass
+class BranchPoint:
+    ckpt: CheckpointInfo
+    base_batch_seqs: int
+    base_lr: float
+    """The parent's LR multiplier at this point times its base LR (the branch's η before f(k))."""
+
+    @property
+    def tokens(self) -> int:
+        return self.ckpt.tokens
+
+
+@dataclass
+class SweepPlan:
+    cfg: SweepConfig
+    run_dir: Path
+    parent: TrainConfig
+    parent_hash: str
+    points: list[BranchPoint]
+    window_tokens: int
+    rule: str
+    lr_rule: str
+    sweep_id: str
+    sweep_dir: Path
+    k_min: float | None = None
+    k_max: float | None = None
+    resolution: float | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.parent.model.seq_len
+
+
+def _round_k(k: float) -> float:
+    return round(float(k), 9)
+
+
+def plan_sweep(cfg: SweepConfig) -> SweepPlan:
+    """Validate a sweep against its parent run and resolve everything; writes nothing."""
+    run_dir = Path(cfg.run)
+    if not (run_dir / "config.json").is_file():
+        raise DataError(f"parent run {run_dir} is missing or incomplete (no config.json)")
+    if not (run_dir / "result.json").is_file():
+        raise DataError(f"parent run {run_dir} is incomplete (no result.json); finish it with `critbatch train --out {run_dir}`")
+    try:
+        parent = from_dict(TrainConfig, read_json(run_dir / "config.json"))
+        parent_result = read_json(run_dir / "result.json")
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise DataError(f"parent run {run_dir} is corrupt: {str(e).splitlines()[0]}") from None
+    if parent_result.get("diverged"):
+        raise DataError(f"parent run {run_dir} diverged; branch from a healthy run")
+    if cfg.search not in SEARCHES:
+        raise ConfigError(f"search={cfg.search!r} is not one of {', '.join(SEARCHES)}")
+    if cfg.decide_by not in DECIDE_BY:
+        raise ConfigError(f"decide-by {cfg.decide_by!r} is not one of {', '.join(DECIDE_BY)}")
+    if cfg.launcher not in LAUNCHERS:
+        raise ConfigError(f"launcher {cfg.launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    rule = cfg.rule or ("eps" if cfg.replicates == 1 else "ttest")
+    if rule not in RULES:
+        raise ConfigError(f"rule {rule!r} is not one of {', '.join(RULES)}")
+    if cfg.eps < 0 or not math.isfinite(cfg.eps):
+        raise ConfigError(f"eps={cfg.eps} must be >= 0")
+    if cfg.replicates < 1:
+        raise ConfigError(f"replicates={cfg.replicates} must be >= 1")
+    if rule == "ttest" and cfg.replicates < 2:
+        raise ConfigError("the ttest rule needs --replicates 2 or more")
+    if not 0.5 <= cfg.confidence < 1:
+        raise ConfigError(f"confidence={cfg.confidence} must be in [0.5, 1)")
+    if cfg.jobs is None:
+        cfg = dataclasses.replace(cfg, jobs=default_jobs(cfg.threads_per_branch, cfg.device))
+    if cfg.jobs < 1 or cfg.threads_per_branch < 1:
+        raise ConfigError(f"jobs={cfg.jobs} and threads_per_branch={cfg.threads_per_branch} must be >= 1")
+    lr_rule = cfg.lr_rule or parent.optim.lr_rule
+    if lr_rule not in ("sqrt", "linear", "none"):
+        raise ConfigError(f"lr rule {lr_rule!r} is not one of sqrt, linear, none")
+    ks = sorted({_round_k(k) for k in cfg.k})
+    if not ks or any(k <= 0 or not math.isfinite(k) for k in ks):
+        raise ConfigError(f"every k must be > 0 (got {', '.join(f'{k:g}' for k in cfg.k)})")
+    if not cfg.at:
+        raise ConfigError("give at least one branch point (--at)")
+
+    kept = kept_checkpoints(run_dir)
+    points: list[BranchPoint] = []
+    for t in sorted(set(cfg.at)):
+        match = [c for c in kept if c.tokens == t] or [c for c in kept if c.requested_tokens == t]
+        if not match:
+            have = ", ".join(f"{c.tokens}" + (f" (requested {c.requested_tokens})" if c.requested_tokens != c.tokens else "")
+                             for c in kept) or "none"
+            raise ConfigError(f"no kept checkpoint at {t} tokens in {run_dir}; kept checkpoints: {have}")
+        ck = match[0]
+        try:
+            load_checkpoint(ck.path)  # corrupt files fail here, before anything is written
+        except CheckpointError as e:
+            raise DataError(f"parent run {run_dir} is corrupt: {e}") from None
+        B = int(ck.meta["batch_seqs"])
+        eta = parent.optim.lr * lr_rule_multiplier(parent.optim.lr_rule, B, parent.lr_ref_batch_seqs or B)
+        points.append(BranchPoint(ck, B, eta))
+
+    T = parent.model.seq_len
+    window = -(-cfg.window_tokens // T) * T  # whole sequences
+    if cfg.window_tokens <= 0:
+        raise ConfigError(f"window_tokens={cfg.window_tokens} must be positive")
+
+    k_min = k_max = res = None
+    if cfg.search == "adaptive":
+        k_max = _round_k(cfg.k_max if cfg.k_max is not None else ks[-1])
+        k_min = _round_k(cfg.k_min if cfg.k_min is not None else next((k for k in ks if k >= 1), ks[0]))
+        res = _round_k(cfg.resolution if cfg.resolution is not None else k_min)
+        if not 0 < k_min < k_max:
+            raise ConfigError(f"adaptive search needs 0 < k_min < k_max (got {k_min:g}, {k_max:g})")
+        if res <= 0:
+            raise ConfigError(f"resolution={res} must be > 0")
+        candidate_ks = [k_min, k_max, res]
+    else:
+        candidate_ks = ks
+    for p in points:
+        for k in candidate_ks:
+            kb = k * p.base_batch_seqs
+            if abs(kb - round(kb)) > 1e-9 or round(kb) < 1:
+                raise ConfigError(f"k={k:g} at base batch {p.base_batch_seqs} gives {kb:g} sequences; k·B must be a "
+                                  f"whole number >= 1")
+    k_top = k_max if cfg.search == "adaptive" else ks[-1]
+    largest = max(round(k_top * p.base_batch_seqs) for p in points) * T
+    if window < largest:
+        raise ConfigError(f"window {cfg.window_tokens} tokens is shorter than one step of the largest batch "
+                          f"(k={k_top:g}: {largest} tokens); the minimum window is {largest}")
+    # every replicate window must fit the training split
+    from ..data import open_data
+    from ..data.dataset import SequenceStream
+
+    stream = SequenceStream(open_data(parent.data.path, verify=False), T, parent.data.order_seed)
+    need = max(p.ckpt.meta["offset_seqs"] for p in points) + cfg.replicates * (window // T)
+    if need > stream.n_seqs and not parent.data.allow_repeat:
+        raise DataError(f"the sweep reads up to sequence {need:,} but the training split holds {stream.n_seqs:,}; "
+                        f"use a shorter window, fewer replicates or earlier branch points")
+
+    parent_hash = config_hash(_defining_parent(parent))
+    spec = {k: v for k, v in to_dict(cfg).items() if k not in NON_DEFINING}
+    spec.update(run=None, at=[p.tokens for p in points], k=ks, window_tokens=window, rule=rule, lr_rule=lr_rule,
+                k_min=k_min, k_max=k_max, resolution=res, parent=parent_hash)
+    if cfg.search == "adaptive":
+        spec["k"] = None
+    sweep_id = config_hash(spec)
+    cfg = dataclasses.replace(cfg, k=ks)  # jobs resolved above
+    return SweepPlan(cfg, run_dir, parent, parent_hash, points, window, rule, lr_rule, sweep_id,
+                     run_dir / "sweeps" / sweep_id, k_min, k_max, res)
+
+
+def default_jobs(threads_per_branch: int, device: str = "auto") -> int:
+    """One branch per GPU on CUDA, else one per ``threads_per_branch`` cores (2 one-thread branches
+    beat one two-thread branch by 1.35x on the 2-core CPU; docs/LOG.md)."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return max(1, (os.cpu_count() or 1) // max(1, threads_per_branch))
+
+
+def _defining_parent(parent: TrainConfig) -> dict:
+    from ..train.loop import _defining
+
+    return _defining(to_dict(parent))
+
+
+# ----------------------------------------------------------------------------------------------
+# one branch
+
+
+def _micro_for(batch: int, micro: int | None) -> int | None:
+    if micro is None or batch % micro == 0:
+        return micro if micro is None or micro <= batch else batch
+    return max(d for d in range(1, min(micro, batch) + 1) if batch % d == 0)
+
+
+def branch_spec(plan: SweepPlan, point: BranchPoint, k: float, replicate: int) -> dict:
+    """Everything that defines one branch, and its TrainConfig."""
+    k = _round_k(k)
+    T = plan.seq_len
+    B = point.base_batch_seqs
+    kb = int(round(k * B))
+    micro = _micro_for(kb, plan.cfg.micro_batch_seqs if plan.cfg.micro_batch_seqs is not None
+                       else plan.parent.micro_batch_seqs)
+    shift = replicate * (plan.window_tokens // T)
+    cfg = merge(plan.parent, {
+        "batch_schedule": [[0, kb]], "batch_seqs": kb, "lr_ref_batch_seqs": B,
+        "optim": {"lr": point.base_lr, "lr_rule": plan.lr_rule},
+        "total_tokens": point.tokens + plan.window_tokens, "exact_total_tokens": True,
+        "checkpoint_tokens": [], "save_interval_tokens": max(plan.window_tokens // 4, T),
+        "eval_interval_tokens": 10**18, "micro_batch_seqs": micro,
+        "eval_seqs": plan.cfg.eval_seqs or plan.parent.eval_seqs, "device": plan.cfg.device,
+        "data": {"stream_shift_seqs": shift},
+    })
+    defining = {"format": BRANCH_FORMAT, "parent": plan.parent_hash, "ckpt_tokens": point.tokens,
+                "config": _defining_parent(cfg)}
+    bid = f"tok_{point.tokens:012d}_k{k:g}_r{replicate}_{config_hash(defining, 10)}"
+    return {"id": bid, "k": k, "replicate": replicate, "point_tokens": point.tokens, "base_batch_seqs": B,
+            "batch_seqs": kb, "lr_multiplier": lr_rule_multiplier(plan.lr_rule, kb, B), "base_lr": point.base_lr,
+            "window_tokens": plan.window_tokens, "stream_start_seqs": point.ckpt.meta["offset_seqs"] + shift,
+            "stream_end_seqs": point.ckpt.meta["offset_seqs"] + shift + plan.window_tokens // T,
+            "ckpt": str(point.ckpt.path.relative_to(plan.run_dir)), "parent_hash": plan.parent_hash,
+            "config": to_dict(cfg)}
+
+
+def ensure_branch(run_dir: Path, spec: dict) -> Path:
+    d = run_dir / "branches" / spec["id"]
+    if not (d / "branch.json").is_file():
+        write_json_atomic(d / "branch.json", spec)
+    return d
+
+
+def run_branch_dir(branch_dir: str | Path, threads: int | None = None, callbacks: Iterable = ()) -> dict:
+    """Train one branch (or return its finished result). A file lock makes a second process wait
+    for the first instead of training the same branch twice."""
+    import fcntl
+
+    import torch
+
+    from ..train import Trainer
+
+    d = Path(branch_dir)
+    spec = read_json(d / "branch.json")
+    with open(d / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (d / "result.json").is_file():
+            return read_json(d / "result.json")
+        old_threads = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            run_dir = d.parent.parent
+            cfg = from_dict(TrainConfig, spec["config"])
+            t = Trainer(cfg, d, init_from=run_dir / spec["ckpt"], progress=False, quiet=True, eval_at_start=False,
+                        keep_final_checkpoint=False, callbacks=callbacks)
+            return t.run()
+        finally:
+            torch.set_num_threads(old_threads)
+
+
+def branch_losses(branch_dir: Path) -> dict:
+    r = read_json(branch_dir / "result.json")
+    return {"eval": r["final_eval_loss"] if not r["diverged"] else float("inf"),
+            "train-ema": r["final_train_loss"] if not r["diverged"] else float("inf"),
+            "diverged": bool(r["diverged"]), "steps": r["steps"], "tokens": r["tokens"] - r["start_tokens"],
+            "wall_time_s": r["wall_time_s"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _worker_env(threads: int, slot: int) -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MKL_NUM_THREADS"] = str(threads)
+    gpus = os.environ.get("CRITBATCH_GPUS")
+    if gpus is None:
+        try:
+            import torch
+
+            gpus = ",".join(str(i) for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else ""
+        except Exception:  # noqa: BLE001
+            gpus = ""
+    ids = [g for g in gpus.split(",") if g != ""]
+    if ids:
+        env["CUDA_VISIBLE_DEVICES"] = ids[slot % len(ids)]  # several branches per GPU when jobs > GPUs
+    return env
+
+
+def _die_with_parent():  # pragma: no cover - runs in the child before exec
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def run_branches(dirs: list[Path], jobs: int, threads: int, launcher: str, on_done: Callable[[Path], None]) -> None:
+    """Run branch directories, ``jobs`` at a time. Order and concurrency never change results."""
+    todo = [d for d in dirs if not (d / "result.json").is_file()]
+    for d in dirs:
+        if d not in todo:
+            on_done(d)
+    if not todo:
+        return
+    if launcher == "inprocess":
+        for d in todo:
+            run_branch_dir(d, threads)
+            on_done(d)
+        return
+    import subprocess
+    import sys
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    free_slots = list(range(jobs))
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def work(d: Path) -> None:
+        with lock:
+            slot = free_slots.pop(0)
+        try:
+            cmd = [sys.executable, "-m", "critbatch.branch.worker", str(d), "--threads", str(threads)]
+            r = subprocess.run(cmd, env=_worker_env(threads, slot), capture_output=True, text=True,
+                               preexec_fn=_die_with_parent)
+            if r.returncode != 0:
+                last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+                errors.append(f"branch {d.name} failed: {last}")
+            else:
+                on_done(d)
+        finally:
+            with lock:
+                free_slots.append(slot)
+
+    with ThreadPoolExecutor(max_workers=jobs) as ex:
+        list(ex.map(work, todo))
+    if errors:
+        from ..errors import CritbatchError
+
+        raise CritbatchError(f"{len(errors)} branch(es) failed; first: {errors[0]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the sweep
+
+
+@dataclass
+class SweepResult:
+    plan: SweepPlan
+    curve: dict
+    sweep_dir: Path
+
+
+def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
+    """Plan, run the missing branches, decide, and write cbs.json / cbs.csv / plots."""
+    from tqdm.auto import tqdm
+
+    from ..analysis.curve import build_curve, write_curve
+    from ..analysis.decision import decide
+    from .search import AdaptiveSearch
+
+    plan = plan_sweep(cfg)
+    cfg = plan.cfg
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    spec = {**{k: v for k, v in to_dict(plan.cfg).items()}, "run": str(plan.run_dir), "sweep_id": plan.sweep_id,
+            "window_tokens_effective": plan.window_tokens, "rule": plan.rule, "lr_rule": plan.lr_rule,
+            "k_min": plan.k_min, "k_max": plan.k_max, "resolution": plan.resolution,
+            "points": [p.tokens for p in plan.points]}
+    write_json_atomic(plan.sweep_dir / "sweep.json", spec)
+    R = cfg.replicates
+    t0 = time.time()
+    decide_fn = lambda ks, losses: decide(ks, losses, plan.rule, cfg.eps, cfg.confidence, cfg.margin)  # noqa: E731
+    disable = True if progress is False else None
+    bar = tqdm(desc=f"sweep {plan.sweep_id}", unit="branch", disable=disable, dynamic_ncols=True)
+
+    branches: dict[int, dict[float, list[Path]]] = {p.tokens: {} for p in plan.points}
+
+    def make(point: BranchPoint, k: float) -> list[Path]:
+        dirs = [ensure_branch(plan.run_dir, branch_spec(plan, point, k, r)) for r in range(R)]
+        branches[point.tokens][_round_k(k)] = dirs
+        return dirs
+
+    def done(_d: Path) -> None:
+        bar.update(1)
+
+    if cfg.search == "grid":
+        dirs = [d for p in plan.points for k in plan.cfg.k for d in make(p, k)]
+        bar.total = len(dirs)
+        run_branches(dirs, cfg.jobs, cfg.threads_per_branch, cfg.launcher, done)
+    else:
+        searches = {p.tokens: AdaptiveSearch(plan.k_min, plan.k_max, plan.resolution, decide_fn) for p in plan.points}
+        losses: dict[int, dict[float, list[float]]] = {p.tokens: {} for p in plan.points}
+        while True:
+            round_dirs = []
+            for p in plan.points:
+                k = searches[p.tokens].next_probe(losses[p.tokens])
+                if k is not None:
+                    round_dirs += [(p, _round_k(k), d) for d in make(p, k)]
+            if not round_dirs:
+                break
+            bar.total = (bar.total or 0) + len(round_dirs)
+            run_branches([d for _, _, d in round_dirs], cfg.jobs, cfg.threads_per_branch, cfg.launcher, done)
+            for p, k, _ in round_dirs:
+                losses[p.tokens][k] = [branch_losses(d)[cfg.decide_by] for d in branches[p.tokens][k]]
+    bar.close()
+    curve = build_curve(plan, branches, decide_fn, wall_time_s=time.time() - t0)
+    write_curve(plan.sweep_dir, curve)
+    return SweepResult(plan, curve, plan.sweep_dir)
+
+
+def describe_point(p: dict) -> str:
+    T = p["seq_len"]
+    lo, hi = p["cbs_low_seqs"], p["cbs_high_seqs"]
+    if hi is None:
+        s = f"CBS >= {lo:g} seqs ({fmt_count(lo * T)} tokens): even the largest batch passed, bounded below only"
+    elif p["below_grid"]:
+        s = f"CBS <= {hi:g} seqs ({fmt_count(hi * T)} tokens): only the smallest batch passed; it may lie below the grid"
+    else:
+        s = f"CBS in [{lo:g}, {hi:g}] seqs ({fmt_count(lo * T)}–{fmt_count(hi * T)} tokens), geo-mean {p['cbs_geomean_seqs']:.3g}"
+    if p["readings_disagree"]:
+        cl, ch = p["conservative_low_seqs"], p["conservative_high_seqs"]
+        s += f"; conservative reading [{cl:g}, {ch if ch is not None else 'inf'}] disagrees"
+    return s

@@ -1,0 +1,1 @@
+"""Plots (pure functions of result dicts) and the report."""

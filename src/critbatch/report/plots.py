@@ -1,0 +1,107 @@
+"""Plots as pure functions of result dicts; each writes ``<base>.png`` and ``<base>.svg``."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..io import write_bytes_atomic
+
+
+def _fig():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, base: Path) -> None:
+    for ext in ("png", "svg"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=110, bbox_inches="tight")
+        write_bytes_atomic(Path(f"{base}.{ext}"), buf.getvalue())
+    _fig().close(fig)
+
+
+def plot_cbs_curve(curve: dict, base: Path, noise_scale: list[dict] | None = None) -> None:
+    """CBS intervals (tokens) against training tokens, log-log, with the fitted curve and, when
+    given, the gradient noise scale (Merrill et al. Figures 2-3)."""
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    pts = [p for p in curve["points"] if p["tokens"] > 0]
+    for p in pts:
+        t = p["tokens"]
+        lo = p["cbs_low_tokens"]
+        hi = p["cbs_high_tokens"]
+        if hi is None:
+            ax.annotate("", xy=(t, lo * 3), xytext=(t, lo), arrowprops=dict(arrowstyle="->", color="C0"))
+            ax.plot([t], [lo], "o", color="C0", mfc="white")
+        else:
+            bottom = lo if lo > 0 else hi / 4
+            ax.plot([t, t], [bottom, hi], "-", color="C0", lw=3, alpha=0.6)
+            if p["cbs_geomean_tokens"]:
+                ax.plot([t], [p["cbs_geomean_tokens"]], "o", color="C0")
+            if lo <= 0:
+                ax.annotate("", xy=(t, hi / 4), xytext=(t, hi), arrowprops=dict(arrowstyle="->", color="C0"))
+    fit = curve.get("fit")
+    if fit and pts:
+        from ..analysis.fit import saturating_power_law
+
+        ts = np.geomspace(min(p["tokens"] for p in pts) / 2, max(p["tokens"] for p in pts) * 2, 200)
+        ax.plot(ts, saturating_power_law(ts, fit["b_max"], fit["t_s"], fit["c"]), "--", color="C1",
+                label=f"fit: plateau {fit['b_max']:.3g} tok, c={fit['c']:.2f}")
+    if noise_scale:
+        ns = [g for g in noise_scale if g.get("b_simple_tokens") and g["tokens"] > 0]
+        if ns:
+            ax.errorbar([g["tokens"] for g in ns], [g["b_simple_tokens"] for g in ns],
+                        yerr=[[g["b_simple_tokens"] - g["ci_low_tokens"] for g in ns],
+                              [g["ci_high_tokens"] - g["b_simple_tokens"] for g in ns]],
+                        fmt="s", color="C2", label="gradient noise scale B_simple")
+    ax.plot([], [], "-", color="C0", lw=3, alpha=0.6, label="local CBS interval")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("critical batch size (tokens)")
+    ax.set_title(f"Local critical batch size (decided by {curve['decide_by']}, rule {curve['rule']})")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.2)
+    save(fig, base)
+
+
+def plot_loss_vs_batch(curve: dict, base: Path) -> None:
+    """Final branch loss against batch size at each branch point, the CBS marked (Figure 1)."""
+    plt = _fig()
+    pts = curve["points"]
+    n = len(pts)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
+    metric = curve["decide_by"]
+    for ax, p in zip(axes.flat, pts):
+        bs = p["batch_seqs"]
+        means = p["mean_loss"][metric]
+        finite = [(b, m) for b, m in zip(bs, means) if m is not None and math.isfinite(m)]
+        for b, reps in zip(bs, p["losses"][metric]):
+            ys = [y for y in reps if y is not None and math.isfinite(y)]
+            ax.plot([b] * len(ys), ys, ".", color="0.6", ms=4)
+        if finite:
+            ax.plot([b for b, _ in finite], [m for _, m in finite], "o-", color="C0")
+        for b, m, ok in zip(bs, means, p["passes"]):
+            if not ok and m is not None and math.isfinite(m):
+                ax.plot([b], [m], "x", color="C3", ms=9)
+        if p["k_star"] is not None:
+            ax.axvline(p["k_star"] * p["base_batch_seqs"], color="C1", ls="--", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{p['tokens']:,} tokens", fontsize=9)
+        ax.set_xlabel("batch (sequences)")
+        ax.set_ylabel(f"{metric} loss")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle("Branch loss vs batch size (x: worse than a smaller batch; dashed: CBS)", fontsize=10)
+    fig.tight_layout()
+    save(fig, base)

@@ -1,0 +1,269 @@
+"""Branch sweeps on real (tiny) training runs."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import small_cfg
+from critbatch.branch import SweepConfig, plan_sweep, run_branch_dir, run_sweep
+from critbatch.branch.sweep import branch_spec, ensure_branch
+from critbatch.errors import ConfigError, CritbatchError, DataError
+from critbatch.io import read_json, read_jsonl
+from critbatch.optim import lr_rule_multiplier, lr_schedule_factor
+from critbatch.train import Callback, train
+
+
+@pytest.fixture(scope="module")
+def parent(data_dir, tmp_path_factory):
+    """A finished parent run: batch 4 sequences of 16 tokens, kept checkpoints at 1024 and 4096."""
+    run = tmp_path_factory.mktemp("parent") / "run"
+    cfg = small_cfg(data_dir, total_tokens=8192, batch_seqs=4, checkpoint_tokens=[1024, 4096],
+                    lr_schedule={"kind": "cosine", "warmup_tokens": 512})
+    train(cfg, run, progress=False)
+    return run
+
+
+def fresh_parent(parent, tmp_path):
+    """A private copy of the parent (sweeps write into the run directory)."""
+    dst = tmp_path / "run"
+    shutil.copytree(parent, dst, ignore=shutil.ignore_patterns("branches", "sweeps"))
+    return dst
+
+
+def sweep_cfg(run, **over):
+    base = dict(run=str(run), at=[1024, 4096], k=[0.25, 0.5, 1, 2, 4], window_tokens=512, launcher="inprocess",
+                eval_seqs=16)
+    base.update(over)
+    return SweepConfig(**base)
+
+
+def losses_of(curve):
+    return [(p["tokens"], p["losses"]) for p in curve["points"]]
+
+
+def test_grid_sweep_writes_curve(parent, tmp_path):
+    run = fresh_parent(parent, tmp_path)
+    res = run_sweep(sweep_cfg(run), progress=False)
+    c = read_json(res.sweep_dir / "cbs.json")
+    assert [p["tokens"] for p in c["points"]] == [1024, 4096]
+    for p in c["points"]:
+        assert p["ks"] == [0.25, 0.5, 1, 2, 4] and p["batch_seqs"] == [1, 2, 4, 8, 16]
+        for f in ("cbs_low_seqs", "cbs_high_seqs", "cbs_low_tokens", "cbs_high_tokens"):
+            assert f in p
+        assert p["cbs_low_tokens"] == p["cbs_low_seqs"] * 16
+        assert len(p["losses"]["eval"]) == 5 and len(p["losses"]["train-ema"]) == 5
+    csv = (res.sweep_dir / "cbs.csv").read_text().splitlines()
+    assert csv[0].startswith("tokens,requested_tokens,base_batch_seqs,cbs_low_seqs,cbs_high_seqs")
+    assert len(csv) == 3 and "loss_k0.25" in csv[0]
+    for f in ("cbs.png", "cbs.svg", "loss_vs_batch.png", "sweep.json"):
+        assert (res.sweep_dir / f).is_file()
+    assert c["cost"]["branches"] == 10 and c["cost"]["branch_tokens"] == 10 * 512
+
+
+class Positions(Callback):
+    name = "positions"
+
+    def __init__(self):
+        self.pos = []
+
+    def on_train_start(self, trainer):
+        orig = trainer.stream.batch
+
+        def batch(start, n):
+            self.pos.extend(range(start, start + n))
+            return orig(start, n)
+
+        trainer.stream.batch = batch
+
+
+def test_each_branch_lr_and_sequences(parent, tmp_path):
+    run = fresh_parent(parent, tmp_path)
+    plan = plan_sweep(sweep_cfg(run, window_tokens=16 * 24, lr_rule="sqrt"))  # 24 seqs: not a multiple of 16
+    parent_cfg = plan.parent
+    seen = {}
+    for k in (0.25, 1, 2, 16 / 4 * 1.5):  # 0.25 -> 1 seq, 6 -> 24 seqs (one step), 1.5*4=6
+        spec = branch_spec(plan, plan.points[1], k, 0)
+        d = ensure_branch(run, spec)
+        rec = Positions()
+        res = run_branch_dir(d, callbacks=[rec])
+        seen[k] = rec.pos
+        assert res["tokens"] - res["start_tokens"] == 16 * 24  # exactly the window, whatever k
+        steps = [r for r in read_jsonl(d / "metrics.jsonl") if "train/loss" in r]
+        assert res["steps"] == len(steps) == -(-24 // spec["batch_seqs"])
+        for r in steps:
+            start = r["tokens"] - r["train/batch_tokens"]
+            eta = parent_cfg.optim.lr * lr_schedule_factor(parent_cfg.lr_schedule, start)  # parent's LR at this token
+            assert r["optim/lr"] == pytest.approx(lr_rule_multiplier("sqrt", k, 1) * eta, rel=1e-12)
+    ck_offset = plan.points[1].ckpt.meta["offset_seqs"]
+    for k, pos in seen.items():
+        assert pos == list(range(ck_offset, ck_offset + 24)), k  # the same sequences as the k = 1 branch
+
+
+def test_fractional_k_and_partial_last_step(parent, tmp_path):
+    run = fresh_parent(parent, tmp_path)
+    plan = plan_sweep(sweep_cfg(run, window_tokens=16 * 10, k=[0.5, 1, 2]))
+    spec = branch_spec(plan, plan.points[0], 0.5, 0)  # 2 seqs of 16 tokens
+    d = ensure_branch(run, spec)
+    res = run_branch_dir(d)
+    assert spec["batch_seqs"] == 2 and res["steps"] == 5
+    spec = branch_spec(plan, plan.points[0], 1, 0)  # 4 seqs: 10 = 4 + 4 + 2 (a partial last step)
+    res = run_branch_dir(ensure_branch(run, spec))
+    steps = [r for r in read_jsonl(run / "branches" / spec["id"] / "metrics.jsonl") if "train/loss" in r]
+    assert [r["train/batch_seqs"] for r in steps] == [4, 4, 2]
+    assert res["steps"] == 3 and res["tokens"] == 1024 + 160
+    # no resume checkpoints are left behind by a finished branch
+    assert not (run / "branches" / spec["id"] / "ckpt").exists()
+
+
+def test_branch_isolation_order_and_jobs(parent, tmp_path):
+    a = fresh_parent(parent, tmp_path / "a")
+    b = fresh_parent(parent, tmp_path / "b")
+    c = fresh_parent(parent, tmp_path / "c")
+    ra = run_sweep(sweep_cfg(a, at=[4096], k=[0.5, 1, 2]), progress=False).curve
+    # reversed order: branch by branch in the opposite order, then the sweep just collects them
+    plan = plan_sweep(sweep_cfg(b, at=[4096], k=[0.5, 1, 2]))
+    for k in (2, 1, 0.5):
+        run_branch_dir(ensure_branch(b, branch_spec(plan, plan.points[0], k, 0)))
+    rb = run_sweep(sweep_cfg(b, at=[4096], k=[0.5, 1, 2]), progress=False).curve
+    # separate processes, two at a time
+    rc = run_sweep(sweep_cfg(c, at=[4096], k=[0.5, 1, 2], launcher="local", jobs=2), progress=False).curve
+    assert losses_of(ra) == losses_of(rb) == losses_of(rc)
+    # the same branch run twice from scratch
+    d = next((a / "branches").iterdir())
+    first = read_json(d / "result.json")
+    (d / "result.json").unlink()
+    (d / "metrics.jsonl").unlink()
+    (d / "config.json").unlink()
+    again = run_branch_dir(d)
+    assert again["final_eval_loss"] == first["final_eval_loss"] and again["final_train_loss"] == first["final_train_loss"]
+
+
+def test_finished_sweep_is_a_no_op_and_changes_make_new_branches(parent, tmp_path):
+    run = fresh_parent(parent, tmp_path)
+    r1 = run_sweep(sweep_cfg(run, at=[1024], k=[1, 2]), progress=False)
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "branches").rglob("result.json")}
+    r2 = run_sweep(sweep_cfg(run, at=[1024], k=[1, 2]), progress=False)
+    assert r1.sweep_dir == r2.sweep_dir
+    assert {p: p.stat().st_mtime_ns for p in (run / "branches").rglob("result.json")} == stamps
+    r3 = run_sweep(sweep_cfg(run, at=[1024], k=[1, 2], window_tokens=1024), progress=False)
+    assert r3.sweep_dir != r1.sweep_dir
+    after = {p: p.stat().st_mtime_ns for p in (run / "branches").rglob("result.json")}
+    assert len(after) == 4 and all(after[p] == s for p, s in stamps.items())  # old ones untouched
+    # a decision parameter only: same branches reused, a new sweep directory
+    r4 = run_sweep(sweep_cfg(run, at=[1024], k=[1, 2], eps=0.05), progress=False)
+    assert r4.sweep_dir not in (r1.sweep_dir, r3.sweep_dir)
+    assert len(list((run / "branches").rglob("result.json"))) == 4
+
+
+def test_sweep_killed_mid_branch_resumes_to_the_same_curve(parent, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    ref = fresh_parent(parent, tmp_path / "ref")
+    killed = fresh_parent(parent, tmp_path / "killed")
+    exe = str(Path(sys.executable).parent / "critbatch")
+    args = ["branch", "--at", "1024", "--k", "1,2", "--window-tokens", "8k", "--eval-seqs", "16", "--no-progress"]
+    r = subprocess.run([exe, *args, "--run", str(ref)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    p = subprocess.Popen([exe, *args, "--run", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((killed / "branches").glob("*/ckpt/resume_tok_*/meta.json")):
+        time.sleep(0.05)
+    time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    time.sleep(0.5)  # the worker dies with its parent (PR_SET_PDEATHSIG)
+    done_before = len(list((killed / "branches").glob("*/result.json")))
+    assert done_before < 2, "killed too late to test anything"
+    r = subprocess.run([exe, *args, "--run", str(killed)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a = read_json(next((ref / "sweeps").iterdir()) / "cbs.json")
+    b = read_json(next((killed / "sweeps").iterdir()) / "cbs.json")
+    assert losses_of(a) == losses_of(b)
+    assert [p["cbs_low_seqs"] for p in a["points"]] == [p["cbs_low_seqs"] for p in b["points"]]
+
+
+def test_adaptive_sweep_and_its_cost(parent, tmp_path):
+    run = fresh_parent(parent, tmp_path)
+    res = run_sweep(sweep_cfg(run, at=[4096], search="adaptive", k_min=0.25, k_max=4, resolution=0.25), progress=False)
+    c = res.curve
+    p = c["points"][0]
+    assert p["ks"][0] == 0.25 and set(p["ks"]) >= {0.25}
+    assert c["cost"]["full_grid_branch_tokens"] == 16 * 512  # 0.25..4 step 0.25 = 16 values
+    assert c["cost"]["branch_tokens"] == len(p["ks"]) * 512
+
+
+def test_diverging_branch_is_a_failed_batch(parent, tmp_path, monkeypatch):
+    """A branch whose loss turns NaN is recorded as diverged and decided as a failed batch size."""
+    from critbatch.model import gpt
+
+    orig = gpt.GPT.forward
+
+    def forward(self, idx):
+        out = orig(self, idx)
+        return out * float("nan") if self.training and idx.shape[0] >= 8 else out  # batches of 8+ blow up
+
+    monkeypatch.setattr(gpt.GPT, "forward", forward)
+    run = fresh_parent(parent, tmp_path)
+    res = run_sweep(sweep_cfg(run, at=[4096], k=[0.5, 1, 2, 4]), progress=False)
+    p = res.curve["points"][0]
+    assert p["diverged"] == [[False], [False], [True], [True]]
+    assert p["passes"] == [True, True, False, False] and p["k_star"] == 1 and p["cbs_high_seqs"] == 8
+    saved = read_json(res.sweep_dir / "cbs.json")["points"][0]
+    assert saved["losses"]["eval"][2] == [None]  # written as null, the JSON stays valid
+
+
+BAD = [
+    (dict(at=[999]), ConfigError, "no kept checkpoint at 999 tokens"),
+    (dict(k=[0, 1]), ConfigError, "every k must be > 0"),
+    (dict(k=[-1, 1]), ConfigError, "every k must be > 0"),
+    (dict(window_tokens=100), ConfigError, "the minimum window is 256"),
+    (dict(eps=-0.01), ConfigError, "eps=-0.01"),
+    (dict(k=[0.3, 1]), ConfigError, "k=0.3 at base batch 4 gives 1.2 sequences"),
+    (dict(rule="ttest"), ConfigError, "--replicates 2"),
+]
+
+
+@pytest.mark.parametrize("over,exc,needle", BAD)
+def test_bad_sweeps_are_refused_before_writing(parent, tmp_path, over, exc, needle):
+    run = fresh_parent(parent, tmp_path)
+    with pytest.raises(exc, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        run_sweep(sweep_cfg(run, **over), progress=False)
+    assert not (run / "sweeps").exists() and not (run / "branches").exists()
+
+
+def test_missing_point_lists_existing(parent, tmp_path):
+    with pytest.raises(ConfigError, match=r"kept checkpoints: 1024, 4096"):
+        plan_sweep(sweep_cfg(parent, at=[2000]))
+
+
+def test_incomplete_or_corrupt_parent(parent, tmp_path):
+    run = fresh_parent(parent, tmp_path)
+    (run / "result.json").unlink()
+    with pytest.raises(DataError, match="incomplete"):
+        plan_sweep(sweep_cfg(run))
+    run2 = fresh_parent(parent, tmp_path / "x")
+    ck = next(p for p in (run2 / "ckpt").iterdir() if p.name.startswith("tok_"))
+    (ck / "optim.pt").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="corrupt"):
+        plan_sweep(sweep_cfg(run2, at=[int(ck.name[4:])]))
+    with pytest.raises(DataError, match="no config.json"):
+        plan_sweep(sweep_cfg(tmp_path / "nothing"))
+
+
+def test_cli_branch_bad_input_one_line(parent, tmp_path, capsys):
+    from critbatch.cli import main
+
+    run = fresh_parent(parent, tmp_path)
+    code = main(["branch", "--run", str(run), "--at", "1024", "--k", "1,2", "--window-tokens", "10"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("critbatch: error: window 10 tokens is shorter") and err.count("\n") == 1
+    code = main(["branch", "--run", str(run), "--at", "1024", "--k", "1,2", "--window-tokens", "512", "--eps", "-1"])
+    assert code == 2
+    code = main(["branch", "--run", str(run), "--at", "1024", "--k", "1,x", "--window-tokens", "512"])
+    assert code == 2 and "not a comma-separated list" in capsys.readouterr().err
