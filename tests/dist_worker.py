@@ -31,9 +31,15 @@ class Positions(Callback):
 def main():
     data_dir, out, over = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     stop = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    gns = over.pop("_gns", False)
     cfg = small_cfg(data_dir, **over)
     cb = Positions()
-    t = Trainer(cfg, out, callbacks=[cb], progress=False, stop_after_tokens=stop)
+    callbacks = [cb]
+    if gns:
+        from critbatch.gns import NoiseScaleCallback
+
+        callbacks.append(NoiseScaleCallback(average="all"))
+    t = Trainer(cfg, out, callbacks=callbacks, progress=False, stop_after_tokens=stop)
     t.run()
     rank = t.dist.rank
     (out / f"positions_rank{rank}_{len(list(out.glob(f'positions_rank{rank}_*')))}.json").write_text(json.dumps(cb.pos))

@@ -1,15 +1,13 @@
 """Branch sweeps on real (tiny) training runs."""
 
-import json
 import shutil
 
 import pytest
-import torch
 
 from conftest import small_cfg
 from critbatch.branch import SweepConfig, plan_sweep, run_branch_dir, run_sweep
 from critbatch.branch.sweep import branch_spec, ensure_branch
-from critbatch.errors import ConfigError, CritbatchError, DataError
+from critbatch.errors import ConfigError, DataError
 from critbatch.io import read_json, read_jsonl
 from critbatch.optim import lr_rule_multiplier, lr_schedule_factor
 from critbatch.train import Callback, train

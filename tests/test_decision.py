@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from critbatch.analysis import decide, decide_eps, decide_ttest
+from critbatch.analysis import decide_eps, decide_ttest
 from critbatch.analysis.fit import fit_cbs_curve, saturating_power_law
 from critbatch.branch.search import AdaptiveSearch
 from critbatch.errors import ConfigError

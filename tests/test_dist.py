@@ -70,3 +70,19 @@ def test_save_at_one_world_size_resume_at_another(data_dir, tmp_path, first, sec
     assert all_pos == list(range(len(all_pos)))
     for (ta, la), (tb, lb) in zip(train_losses(tmp_path / "ref"), train_losses(tmp_path / "r")):
         assert ta == tb and la == pytest.approx(lb, rel=2e-5)
+
+
+def test_online_noise_scale_per_rank_matches_micro_batches(data_dir, tmp_path):
+    """Under DDP the per-rank gradients (B_small = B / world) against the all-reduced gradient give
+    the same estimate as one process whose micro-batches are the ranks' shares."""
+    one = {"batch_seqs": 8, "micro_batch_seqs": 4, "total_tokens": 2048, "_gns": True}
+    two = {"batch_seqs": 8, "micro_batch_seqs": 2, "total_tokens": 2048, "_gns": True}
+    run_worker(1, data_dir, tmp_path / "one", one)
+    run_worker(2, data_dir, tmp_path / "two", two)
+    a = [r for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "gns/b_simple" in r]
+    b = [r for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "gns/b_simple" in r]
+    assert len(a) == len(b) == 16
+    assert all(r["gns/b_small"] == 4 for r in a + b)
+    for ra, rb in zip(a, b):
+        assert rb["gns/step_grad_sq"] == pytest.approx(ra["gns/step_grad_sq"], rel=1e-3)
+        assert rb["gns/step_trace_cov"] == pytest.approx(ra["gns/step_trace_cov"], rel=1e-3)

@@ -38,6 +38,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--allow-repeat", action="store_true", default=None, help="allow more than one epoch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--gns", action="store_true", help="log the gradient noise scale online (needs accumulation or DDP)")
 
 
 def _train_overrides(a: argparse.Namespace) -> dict:
@@ -129,8 +130,13 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     cfg = build_train_config(a)
     stop = parse_count(a.stop_after_tokens, "--stop-after-tokens") if a.stop_after_tokens else None
+    callbacks = []
+    if a.gns:
+        from .gns import NoiseScaleCallback
+
+        callbacks.append(NoiseScaleCallback())
     trainer = Trainer(cfg, a.out, init_from=a.init_from, progress=False if a.no_progress else None,
-                      stop_after_tokens=stop)
+                      stop_after_tokens=stop, callbacks=callbacks)
     result = trainer.run()
     if result is None:
         print(f"paused at {trainer.tokens:,} tokens; run the same command again to resume", file=sys.stderr)
@@ -219,6 +225,22 @@ def cmd_branch(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gns(a: argparse.Namespace) -> int:
+    from .gns.checkpoints import GNSConfig, gns_at_checkpoints
+    from .units import parse_count_list
+
+    cfg = GNSConfig(run=a.run, at=parse_count_list(a.at, "--at") if a.at else None, b_small=a.b_small, b_big=a.b_big,
+                    n_batches=a.batches, confidence=a.confidence, interval=a.interval, method=a.method, device=a.device)
+    res = gns_at_checkpoints(cfg, progress=False if a.no_progress else None)
+    print(f"{Path(a.run) / 'gns.json'}  (B_small={cfg.b_small}, B_big={cfg.b_big}, {cfg.n_batches} batches, "
+          f"{int(cfg.confidence * 100)}% {cfg.interval} intervals)")
+    num = lambda v: "inf" if v is None else f"{v:.4g}"  # noqa: E731 (JSON null = infinite)
+    for p in res["points"]:
+        print(f"  at {p['tokens']:>12,} tokens: B_simple = {num(p['b_simple_seqs'])} seqs "
+              f"[{num(p['ci_low_seqs'])}, {num(p['ci_high_seqs'])}]  ({p['seconds']:.1f}s, {p['method']})")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -269,6 +291,22 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_branch)
+
+    from .gns.checkpoints import DEFAULT_B_BIG, DEFAULT_B_SMALL, DEFAULT_BATCHES
+
+    sp = sub.add_parser("gns", help="gradient noise scale at kept checkpoints (beside the CBS)")
+    sp.add_argument("--run", required=True, help="run directory with kept checkpoints")
+    sp.add_argument("--at", help="token counts of kept checkpoints (default: all)")
+    sp.add_argument("--b-small", type=int, default=DEFAULT_B_SMALL, help=f"small batch in sequences (default {DEFAULT_B_SMALL})")
+    sp.add_argument("--b-big", type=int, default=DEFAULT_B_BIG, help=f"big batch in sequences (default {DEFAULT_B_BIG})")
+    sp.add_argument("--batches", type=int, default=DEFAULT_BATCHES,
+                    help=f"big batches averaged (default {DEFAULT_BATCHES}; the paper used 4096 on GPUs)")
+    sp.add_argument("--confidence", type=float, default=0.95)
+    sp.add_argument("--interval", choices=["delta", "paper"], default="delta")
+    sp.add_argument("--method", choices=["auto", "vmap", "loop"], default="auto")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_gns)
 
     sp = sub.add_parser("presets", help="list size presets")
     sp.set_defaults(func=cmd_presets)

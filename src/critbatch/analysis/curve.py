@@ -99,7 +99,8 @@ def build_curve(plan, branches: dict[int, dict[float, list[Path]]], decide_fn: C
 def fit_or_none(points: list[dict]) -> dict | None:
     from .fit import fit_cbs_curve
 
-    usable = [p for p in points if p["tokens"] > 0]
+    # points after 0 tokens whose interval says something (not [0, inf))
+    usable = [p for p in points if p["tokens"] > 0 and (p["cbs_low_tokens"] > 0 or p["cbs_high_tokens"] is not None)]
     if len(usable) < 2:
         return None
     try:
@@ -115,7 +116,8 @@ def fit_or_none(points: list[dict]) -> dict | None:
 
 CSV_FIELDS = ["tokens", "requested_tokens", "base_batch_seqs", "cbs_low_seqs", "cbs_high_seqs", "cbs_low_tokens",
               "cbs_high_tokens", "cbs_geomean_seqs", "cbs_geomean_tokens", "conservative_low_seqs",
-              "conservative_high_seqs", "readings_disagree", "bounded_above", "below_grid", "decide_by", "rule"]
+              "conservative_high_seqs", "readings_disagree", "bounded_above", "below_grid", "decide_by", "rule",
+              "b_simple_seqs", "b_simple_ci_low_seqs", "b_simple_ci_high_seqs"]
 
 
 def curve_csv(curve: dict) -> str:
@@ -126,9 +128,28 @@ def curve_csv(curve: dict) -> str:
     w.writerow(CSV_FIELDS + [f"loss_k{k:g}" for k in ks])
     for p in curve["points"]:
         means = dict(zip(p["ks"], p["mean_loss"][metric]))
-        w.writerow([("" if p[f] is None else p[f]) for f in CSV_FIELDS] +
+        ns = p.get("noise_scale") or {}
+        row = {**p, "b_simple_seqs": ns.get("b_simple_seqs"), "b_simple_ci_low_seqs": ns.get("ci_low_seqs"),
+               "b_simple_ci_high_seqs": ns.get("ci_high_seqs")}
+        w.writerow([("" if row.get(f) is None else row[f]) for f in CSV_FIELDS] +
                    [("" if k not in means else means[k]) for k in ks])
     return buf.getvalue()
+
+
+def attach_noise_scale(curve: dict, gns: dict) -> dict:
+    """Put the noise scale measured at the same checkpoints beside each point's CBS."""
+    by_tokens = {g["tokens"]: g for g in gns.get("points", [])}
+    for p in curve["points"]:
+        g = by_tokens.get(p["tokens"])
+        p["noise_scale"] = None if g is None else {
+            k: g[k] for k in ("b_simple_seqs", "b_simple_tokens", "ci_low_seqs", "ci_high_seqs", "ci_low_tokens",
+                              "ci_high_tokens", "grad_sq", "trace_cov", "n_batches")}
+    curve["noise_scale_settings"] = gns.get("settings")
+    return curve
+
+
+def noise_scale_points(curve: dict) -> list[dict]:
+    return [{"tokens": p["tokens"], **p["noise_scale"]} for p in curve["points"] if p.get("noise_scale")]
 
 
 def write_curve(sweep_dir: Path, curve: dict) -> None:
@@ -136,5 +157,5 @@ def write_curve(sweep_dir: Path, curve: dict) -> None:
     write_text_atomic(sweep_dir / "cbs.csv", curve_csv(curve))
     from ..report.plots import plot_cbs_curve, plot_loss_vs_batch
 
-    plot_cbs_curve(curve, sweep_dir / "cbs")
+    plot_cbs_curve(curve, sweep_dir / "cbs", noise_scale=noise_scale_points(curve) or None)
     plot_loss_vs_batch(curve, sweep_dir / "loss_vs_batch")

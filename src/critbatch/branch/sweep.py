@@ -481,6 +481,10 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
                 losses[p.tokens][k] = [branch_losses(d)[cfg.decide_by] for d in branches[p.tokens][k]]
     bar.close()
     curve = build_curve(plan, branches, decide_fn, wall_time_s=time.time() - t0)
+    if (plan.run_dir / "gns.json").is_file():
+        from ..analysis.curve import attach_noise_scale
+
+        attach_noise_scale(curve, read_json(plan.run_dir / "gns.json"))
     write_curve(plan.sweep_dir, curve)
     return SweepResult(plan, curve, plan.sweep_dir)
 
@@ -488,6 +492,8 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
 def describe_point(p: dict) -> str:
     T = p["seq_len"]
     lo, hi = p["cbs_low_seqs"], p["cbs_high_seqs"]
+    if len(p["ks"]) < 2:
+        return f"one batch size only (k={p['ks'][0]:g}): no decision"
     if hi is None:
         s = f"CBS >= {lo:g} seqs ({fmt_count(lo * T)} tokens): even the largest batch passed, bounded below only"
     elif p["below_grid"]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -116,12 +115,17 @@ class SequenceStream:
         self.seed = seed
         self.index = _SplitIndex(data.shards(split), seq_len)
         self.n_seqs = self.index.n
+        self._perms: dict[int, np.ndarray] = {}
         if self.n_seqs == 0:
             raise DataError(f"the {split!r} split of {data.path} holds no sequence of {seq_len + 1} tokens")
 
-    @lru_cache(maxsize=2)
     def _perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_seqs)
+        """The permutation of one epoch (the two most recent are cached)."""
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_seqs)
+        return self._perms[epoch]
 
     def seq_ids(self, start: int, n: int) -> np.ndarray:
         """Split-wide ids of stream positions ``[start, start + n)``."""

@@ -10,7 +10,6 @@ once, on the last micro-batch; then clip, step.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import platform
@@ -398,7 +397,8 @@ class Trainer:
                 slices = step_slices(self.state["offset_seqs"] + c.data.stream_shift_seqs, B, micro, self.dist.rank, W)
                 assert len(slices) == accum, (len(slices), accum)
                 loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-                self.step_info = {"batch_seqs": B, "micro_batch_seqs": micro, "accum": accum, "tokens": tokens0}
+                self.step_info = {"batch_seqs": B, "micro_batch_seqs": micro, "accum": accum, "tokens": tokens0,
+                                  "micro_sizes": [n for _, n in slices]}
                 for i, (pos, n) in enumerate(slices):
                     seqs = self.stream.batch(pos, n).to(self.device, non_blocking=True)
                     sync = contextlib.nullcontext() if (not ddp or i == accum - 1) else self.model.no_sync()
