@@ -79,3 +79,12 @@ def test_divisibility_names_the_phase():
     s.check_divisible(4, 1)  # 8 and 12 both divide by 4
     with pytest.raises(ConfigError, match="phase 1 .from 1000 tokens"):
         s.check_divisible(4, 2)
+
+
+def test_anneal_after_the_horizon():
+    c = LRScheduleConfig(kind="constant", warmup_tokens=0, horizon_tokens=1000, anneal_tokens=500)
+    assert lr_schedule_factor(c, 1000) == 1.0
+    assert lr_schedule_factor(c, 1250) == pytest.approx(0.5)
+    assert lr_schedule_factor(c, 1500) == 0.0
+    k = LRScheduleConfig(kind="cosine", warmup_tokens=0, horizon_tokens=1000, min_lr_ratio=0.1, anneal_tokens=100)
+    assert lr_schedule_factor(k, 1050) == pytest.approx(0.05)

@@ -241,6 +241,56 @@ def cmd_gns(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedule(a: argparse.Namespace) -> int:
+    from .io import read_json, write_json_atomic
+    from .schedules.derive import derive_schedule
+    from .schedules.export import schedule_document
+    from .units import parse_count
+
+    cbs = Path(a.sweep) / "cbs.json"
+    if not cbs.is_file():
+        from .errors import DataError
+
+        raise DataError(f"{a.sweep} is not a finished sweep directory (no cbs.json)")
+    curve = read_json(cbs)
+    start = parse_count(a.start_seqs, "--start-seqs") if a.start_seqs else curve["points"][0]["base_batch_seqs"]
+    d = derive_schedule(curve, start, max_seqs=parse_count(a.max_seqs, "--max-seqs") if a.max_seqs else None,
+                        granularity=parse_count(a.granularity, "--granularity") if a.granularity else None,
+                        safety=a.safety, source=a.source, bound=a.bound, rule=a.lr_rule or curve["lr_rule"],
+                        until_tokens=parse_count(a.until_tokens, "--until-tokens") if a.until_tokens else None)
+    doc = schedule_document(d.schedule, notes=d.notes, extrapolated=d.extrapolated, derived_from={
+        "sweep": str(Path(a.sweep)), "source": d.source, "bound": d.bound, "safety": a.safety,
+        "granularity": a.granularity, "start_seqs": start, "max_seqs": a.max_seqs,
+        "decide_by": curve["decide_by"], "rule": curve["rule"]})
+    write_json_atomic(a.out, doc)
+    print(f"{a.out}: CBS from the {d.source}" + (f" ({d.bound} bound of the intervals)" if d.bound else ""))
+    for ph in doc["phases"]:
+        print(f"  from {ph['start_tokens']:>12,} tokens: {ph['batch_seqs']:>6,} seqs ({ph['batch_tokens']:,} tokens), "
+              f"LR x {ph['lr_multiplier']:.3f}" + ("  (extrapolated)" if ph.get("extrapolated") else ""))
+    for n in d.notes:
+        print(f"  note: {n}")
+    print(f"  Megatron-LM: --step-batch-size-schedule \"{doc['exports']['megatron_step_batch_size_schedule']}\" "
+          f"--seq-length {d.schedule.seq_len}")
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import CompareConfig, markdown_table, run_compare
+    from .units import parse_count
+
+    cfg = CompareConfig(out=a.out, schedule=a.schedule, preset=a.preset, config=a.config, data=a.data,
+                        total_tokens=parse_count(a.total_tokens, "--total-tokens") if a.total_tokens else None,
+                        anneal_tokens=parse_count(a.anneal_tokens, "--anneal-tokens") if a.anneal_tokens else 0,
+                        avg_tokens=parse_count(a.avg_tokens, "--avg-tokens") if a.avg_tokens else None,
+                        eval_seqs=parse_count(a.eval_seqs, "--eval-seqs") if a.eval_seqs else None,
+                        micro_batch_seqs=parse_count(a.micro_batch_seqs, "--micro-batch-seqs") if a.micro_batch_seqs else None,
+                        device=a.device, jobs=a.jobs, launcher=a.launcher, gns=a.gns)
+    comp = run_compare(cfg, progress=False if a.no_progress else None)
+    print(markdown_table(comp), end="")
+    print(f"{Path(a.out) / 'comparison.json'}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -307,6 +357,39 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_gns)
+
+    sp = sub.add_parser("schedule", help="derive a batch-size warmup schedule from a sweep's CBS curve")
+    sp.add_argument("--sweep", required=True, help="sweep directory (holds cbs.json)")
+    sp.add_argument("--out", required=True, help="schedule.json to write")
+    sp.add_argument("--start-seqs", help="B0 in sequences (default: the sweep's base batch)")
+    sp.add_argument("--max-seqs", help="cap on the batch")
+    sp.add_argument("--granularity", help="step to multiples of g (micro-batch x ranks) instead of doublings")
+    sp.add_argument("--safety", type=float, default=1.0, help="step up when the CBS reaches safety x next batch")
+    sp.add_argument("--source", choices=["auto", "fit", "measured"], default="auto",
+                    help="the fitted curve (auto when there is one) or the measured intervals")
+    sp.add_argument("--bound", choices=["low", "geomean"], default="low",
+                    help="which value of a measured interval (default low: the CBS is known to be at least this)")
+    sp.add_argument("--until-tokens", help="derive thresholds up to this many tokens (default 4x the last point)")
+    sp.add_argument("--lr-rule", choices=["sqrt", "linear", "none"], help="default: the sweep's")
+    sp.set_defaults(func=cmd_schedule)
+
+    sp = sub.add_parser("compare", help="warmup schedule against small- and large-batch controls")
+    sp.add_argument("--schedule", required=True, help="schedule.json, or inline START:BATCH,...")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--preset")
+    sp.add_argument("--config")
+    sp.add_argument("--data")
+    sp.add_argument("--total-tokens")
+    sp.add_argument("--anneal-tokens", help="then anneal the LR linearly to 0 over this many tokens")
+    sp.add_argument("--avg-tokens", help="final train loss = mean over the last N tokens (default 10%%)")
+    sp.add_argument("--eval-seqs")
+    sp.add_argument("--micro-batch-seqs")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--jobs", type=int)
+    sp.add_argument("--launcher", choices=["local", "inprocess"], default="local")
+    sp.add_argument("--gns", action="store_true", help="log the online noise scale in each run")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_compare)
 
     sp = sub.add_parser("presets", help="list size presets")
     sp.set_defaults(func=cmd_presets)

@@ -88,6 +88,9 @@ class LRScheduleConfig:
     """Cosine floor as a fraction of the peak."""
     decay_tokens: int = 0
     """WSD: length of the final linear anneal to 0."""
+    anneal_tokens: int = 0
+    """After the horizon, fall linearly from the schedule's final value to 0 over this many tokens
+    (the anneal phase of ``critbatch compare --anneal-tokens``)."""
 
 
 @dataclass

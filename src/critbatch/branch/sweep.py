@@ -17,11 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 from ..config import TrainConfig, config_hash, from_dict, merge, to_dict
 from ..errors import CheckpointError, ConfigError, DataError
@@ -34,7 +33,6 @@ BRANCH_FORMAT = 1
 DECIDE_BY = ("eval", "train-ema")
 RULES = ("eps", "ttest")
 SEARCHES = ("grid", "adaptive")
-LAUNCHERS = ("inprocess", "local")
 
 
 @dataclass
@@ -132,6 +130,8 @@ def _round_k(k: float) -> float:
 
 def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     """Validate a sweep against its parent run and resolve everything; writes nothing."""
+    from ..launch import LAUNCHERS, default_jobs
+
     run_dir = Path(cfg.run)
     if not (run_dir / "config.json").is_file():
         raise DataError(f"parent run {run_dir} is missing or incomplete (no config.json)")
@@ -241,16 +241,6 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
                      run_dir / "sweeps" / sweep_id, k_min, k_max, res)
 
 
-def default_jobs(threads_per_branch: int, device: str = "auto") -> int:
-    """One branch per GPU on CUDA, else one per ``threads_per_branch`` cores (2 one-thread branches
-    beat one two-thread branch by 1.35x on the 2-core CPU; docs/LOG.md)."""
-    import torch
-
-    if device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return max(1, (os.cpu_count() or 1) // max(1, threads_per_branch))
-
-
 def _defining_parent(parent: TrainConfig) -> dict:
     from ..train.loop import _defining
 
@@ -297,38 +287,23 @@ def branch_spec(plan: SweepPlan, point: BranchPoint, k: float, replicate: int) -
 
 
 def ensure_branch(run_dir: Path, spec: dict) -> Path:
+    """The branch's job directory: ``job.json`` (what the launcher runs) and ``branch.json`` (what
+    the sweep needs to know about it)."""
+    from ..launch import write_job
+
     d = run_dir / "branches" / spec["id"]
     if not (d / "branch.json").is_file():
+        write_job(d, from_dict(TrainConfig, spec["config"]), run_dir / spec["ckpt"], eval_at_start=False,
+                  keep_final_checkpoint=False)
         write_json_atomic(d / "branch.json", spec)
     return d
 
 
 def run_branch_dir(branch_dir: str | Path, threads: int | None = None, callbacks: Iterable = ()) -> dict:
-    """Train one branch (or return its finished result). A file lock makes a second process wait
-    for the first instead of training the same branch twice."""
-    import fcntl
+    """Train one branch (or return its finished result)."""
+    from ..launch import run_job
 
-    import torch
-
-    from ..train import Trainer
-
-    d = Path(branch_dir)
-    spec = read_json(d / "branch.json")
-    with open(d / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (d / "result.json").is_file():
-            return read_json(d / "result.json")
-        old_threads = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
-        try:
-            run_dir = d.parent.parent
-            cfg = from_dict(TrainConfig, spec["config"])
-            t = Trainer(cfg, d, init_from=run_dir / spec["ckpt"], progress=False, quiet=True, eval_at_start=False,
-                        keep_final_checkpoint=False, callbacks=callbacks)
-            return t.run()
-        finally:
-            torch.set_num_threads(old_threads)
+    return run_job(branch_dir, threads, callbacks)
 
 
 def branch_losses(branch_dir: Path) -> dict:
@@ -337,84 +312,6 @@ def branch_losses(branch_dir: Path) -> dict:
             "train-ema": r["final_train_loss"] if not r["diverged"] else float("inf"),
             "diverged": bool(r["diverged"]), "steps": r["steps"], "tokens": r["tokens"] - r["start_tokens"],
             "wall_time_s": r["wall_time_s"]}
-
-
-# ----------------------------------------------------------------------------------------------
-# launchers
-
-
-def _worker_env(threads: int, slot: int) -> dict:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(threads)
-    env["MKL_NUM_THREADS"] = str(threads)
-    gpus = os.environ.get("CRITBATCH_GPUS")
-    if gpus is None:
-        try:
-            import torch
-
-            gpus = ",".join(str(i) for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else ""
-        except Exception:  # noqa: BLE001
-            gpus = ""
-    ids = [g for g in gpus.split(",") if g != ""]
-    if ids:
-        env["CUDA_VISIBLE_DEVICES"] = ids[slot % len(ids)]  # several branches per GPU when jobs > GPUs
-    return env
-
-
-def _die_with_parent():  # pragma: no cover - runs in the child before exec
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001
-        pass
-
-
-def run_branches(dirs: list[Path], jobs: int, threads: int, launcher: str, on_done: Callable[[Path], None]) -> None:
-    """Run branch directories, ``jobs`` at a time. Order and concurrency never change results."""
-    todo = [d for d in dirs if not (d / "result.json").is_file()]
-    for d in dirs:
-        if d not in todo:
-            on_done(d)
-    if not todo:
-        return
-    if launcher == "inprocess":
-        for d in todo:
-            run_branch_dir(d, threads)
-            on_done(d)
-        return
-    import subprocess
-    import sys
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    free_slots = list(range(jobs))
-    lock = threading.Lock()
-    errors: list[str] = []
-
-    def work(d: Path) -> None:
-        with lock:
-            slot = free_slots.pop(0)
-        try:
-            cmd = [sys.executable, "-m", "critbatch.branch.worker", str(d), "--threads", str(threads)]
-            r = subprocess.run(cmd, env=_worker_env(threads, slot), capture_output=True, text=True,
-                               preexec_fn=_die_with_parent)
-            if r.returncode != 0:
-                last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-                errors.append(f"branch {d.name} failed: {last}")
-            else:
-                on_done(d)
-        finally:
-            with lock:
-                free_slots.append(slot)
-
-    with ThreadPoolExecutor(max_workers=jobs) as ex:
-        list(ex.map(work, todo))
-    if errors:
-        from ..errors import CritbatchError
-
-        raise CritbatchError(f"{len(errors)} branch(es) failed; first: {errors[0]}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,6 +331,7 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
 
     from ..analysis.curve import build_curve, write_curve
     from ..analysis.decision import decide
+    from ..launch import run_jobs
     from .search import AdaptiveSearch
 
     plan = plan_sweep(cfg)
@@ -463,7 +361,7 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
     if cfg.search == "grid":
         dirs = [d for p in plan.points for k in plan.cfg.k for d in make(p, k)]
         bar.total = len(dirs)
-        run_branches(dirs, cfg.jobs, cfg.threads_per_branch, cfg.launcher, done)
+        run_jobs(dirs, cfg.jobs, cfg.threads_per_branch, cfg.launcher, done)
     else:
         searches = {p.tokens: AdaptiveSearch(plan.k_min, plan.k_max, plan.resolution, decide_fn) for p in plan.points}
         losses: dict[int, dict[float, list[float]]] = {p.tokens: {} for p in plan.points}
@@ -476,7 +374,7 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
             if not round_dirs:
                 break
             bar.total = (bar.total or 0) + len(round_dirs)
-            run_branches([d for _, _, d in round_dirs], cfg.jobs, cfg.threads_per_branch, cfg.launcher, done)
+            run_jobs([d for _, _, d in round_dirs], cfg.jobs, cfg.threads_per_branch, cfg.launcher, done)
             for p, k, _ in round_dirs:
                 losses[p.tokens][k] = [branch_losses(d)[cfg.decide_by] for d in branches[p.tokens][k]]
     bar.close()

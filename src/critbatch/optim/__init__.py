@@ -30,6 +30,9 @@ def lr_schedule_factor(cfg: LRScheduleConfig, tokens: int | float) -> float:
     so a batch change does not alter the schedule's shape). ``cfg.horizon_tokens`` must be resolved."""
     t = float(tokens)
     H = float(cfg.horizon_tokens)
+    if cfg.anneal_tokens > 0 and t > H:
+        end = lr_schedule_factor(cfg, H)
+        return end * max(0.0, (H + cfg.anneal_tokens - t) / cfg.anneal_tokens)
     if cfg.warmup_tokens > 0 and t < cfg.warmup_tokens:
         return t / cfg.warmup_tokens
     if cfg.kind == "constant":

@@ -105,3 +105,50 @@ def plot_loss_vs_batch(curve: dict, base: Path) -> None:
     fig.suptitle("Branch loss vs batch size (x: worse than a smaller batch; dashed: CBS)", fontsize=10)
     fig.tight_layout()
     save(fig, base)
+
+
+def _smooth(xs: list[float], n: int) -> list[float]:
+    out, acc = [], []
+    for x in xs:
+        acc.append(x)
+        if len(acc) > n:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def plot_comparison(metrics: dict[str, list[dict]], comp: dict, base: Path) -> None:
+    """Training loss (moving average) and eval loss against tokens for warmup and both controls
+    (Merrill et al. Figure 4), batch changes and the anneal start marked."""
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=(6.8, 4.2))
+    colors = {"warmup": "C0", "small": "C1", "large": "C2"}
+    shown: list[float] = []
+    total = comp["pretrain_tokens"] + comp.get("anneal_tokens", 0)
+    for name, recs in metrics.items():
+        st = [r for r in recs if r.get("train/loss") is not None]
+        if not st:
+            continue
+        n = max(1, len(st) // 40)
+        ys = _smooth([r["train/loss"] for r in st], n)
+        xs = [r["tokens"] for r in st]
+        ax.plot(xs, ys, color=colors.get(name), lw=1.2, label=f"{name} (train, moving avg)")
+        ev = [r for r in recs if r.get("eval/loss") is not None and r["tokens"] > 0]
+        ax.plot([r["tokens"] for r in ev], [r["eval/loss"] for r in ev], "o", ms=3, color=colors.get(name))
+        shown += [y for x, y in zip(xs, ys) if x > 0.15 * total] + [r["eval/loss"] for r in ev if r["tokens"] > 0.15 * total]
+    for s, _ in comp["runs"]["warmup"]["batch_schedule"][1:]:
+        ax.axvline(s, color="C0", ls="--", lw=0.6, alpha=0.6)
+    if shown:
+        lo, hi = min(shown), max(shown)
+        pad = 0.08 * (hi - lo) + 0.02
+        ax.set_ylim(lo - pad, hi + pad)
+    if comp.get("anneal_tokens"):
+        N = comp["pretrain_tokens"]
+        ax.axvline(N, color="0.5", ls=":", lw=1)
+        ax.text(N, ax.get_ylim()[1], " anneal", va="top", fontsize=8, color="0.4")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss (nats/token); dots: held-out eval")
+    ax.set_title("Batch-size warmup against small- and large-batch controls")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.2)
+    save(fig, base)

@@ -1,19 +1,19 @@
-"""``python -m critbatch.branch.worker BRANCH_DIR``: train one branch in its own process."""
+"""``python -m critbatch.launch.worker JOB_DIR``: run one job in this process."""
 
 import argparse
 import sys
 
 from ..errors import CritbatchError
-from .sweep import run_branch_dir
+from . import run_job
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="critbatch.branch.worker")
-    ap.add_argument("branch_dir")
+    ap = argparse.ArgumentParser(prog="critbatch.launch.worker")
+    ap.add_argument("job_dir")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     try:
-        run_branch_dir(a.branch_dir, a.threads)
+        run_job(a.job_dir, a.threads)
     except CritbatchError as e:
         print(f"critbatch: error: {e}", file=sys.stderr)
         return 2

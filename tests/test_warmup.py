@@ -1,0 +1,290 @@
+"""Batch-size warmup: derivation from planted CBS curves, exports, step accounting, the comparison."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import small_cfg
+from critbatch.errors import ConfigError
+from critbatch.schedules import BatchSchedule
+from critbatch.schedules.derive import derive_schedule
+from critbatch.schedules.export import (parse_megatron, schedule_document, to_megatron, to_olmo_core,
+                                        validate_olmo_core)
+
+T = 64
+
+
+def fit_curve(b_max_seqs, t_s, c, points=(1e5, 1e6, 1e7)):
+    """A planted cbs.json: the fit in tokens plus measured intervals around it."""
+    pts = []
+    for t in points:
+        v = b_max_seqs * (t / t_s) ** c / (1 + (t / t_s) ** c)
+        lo = 2 ** math.floor(math.log2(v))
+        pts.append({"tokens": int(t), "cbs_low_seqs": lo, "cbs_high_seqs": 2 * lo, "base_batch_seqs": 8})
+    return {"seq_len": T, "lr_rule": "sqrt", "decide_by": "eval", "rule": "eps", "points": pts,
+            "fit": {"b_max": b_max_seqs * T, "t_s": t_s, "c": c}}
+
+
+def measured_curve(points):
+    return {"seq_len": T, "lr_rule": "sqrt", "decide_by": "eval", "rule": "eps", "fit": None,
+            "points": [{"tokens": t, "cbs_low_seqs": lo, "cbs_high_seqs": hi, "base_batch_seqs": 8} for t, lo, hi in points]}
+
+
+def inverse(b_max, t_s, c, y):
+    return t_s * (y / (b_max - y)) ** (1 / c)
+
+
+def test_fit_thresholds_are_where_the_curve_reaches_the_next_batch():
+    curve = fit_curve(256, 1e6, 0.8)
+    d = derive_schedule(curve, 8, source="fit", max_seqs=64)
+    assert [b for _, b in d.schedule.phases] == [8, 16, 32, 64]
+    for (t, b) in d.schedule.phases[1:]:
+        exact = inverse(256, 1e6, 0.8, b)
+        assert exact <= t < exact + T + 1  # rounded up to whole sequences
+    assert d.source == "fit" and any("capped" in n for n in d.notes)
+    lr = [ph["lr_multiplier"] for ph in d.schedule.to_dict()["phases"]]
+    assert lr == pytest.approx([1, math.sqrt(2), 2, 2 * math.sqrt(2)])
+    # the plateau is 256: 128 is reached, 256 never (no cap note without a cap that binds)
+    free = derive_schedule(curve, 8, source="fit")
+    assert [b for _, b in free.schedule.phases] == [8, 16, 32, 64, 128] and not any("capped" in n for n in free.notes)
+
+
+def test_safety_factor_delays_steps():
+    curve = fit_curve(256, 1e6, 0.8)
+    a = derive_schedule(curve, 8, source="fit", max_seqs=32)
+    b = derive_schedule(curve, 8, source="fit", max_seqs=32, safety=2.0)
+    assert b.schedule.phases[1][0] == pytest.approx(inverse(256, 1e6, 0.8, 32), abs=T + 1)
+    assert all(tb > ta for (ta, _), (tb, _) in zip(a.schedule.phases[1:], b.schedule.phases[1:]))
+
+
+def test_measured_low_bound_interpolated_in_log_log():
+    curve = measured_curve([(100_000, 8, 16), (400_000, 32, 64), (1_600_000, 64, 128)])
+    d = derive_schedule(curve, 8, source="measured")
+    # 16 is reached halfway (in log space) between 100k (8) and 400k (32): at 200k tokens
+    (t1, b1), (t2, b2) = d.schedule.phases[1:3]
+    assert b1 == 16 and 200_000 <= t1 <= 200_000 + T  # found by bisection, rounded up to a sequence
+    assert b2 == 32 and 400_000 <= t2 <= 400_000 + T
+    assert d.schedule.phases[3][1] == 64 and abs(d.schedule.phases[3][0] - 1_600_000) <= T
+    g = derive_schedule(curve, 8, source="measured", bound="geomean")
+    assert g.schedule.phases[1][0] < d.schedule.phases[1][0]  # the middle of the intervals is reached earlier
+
+
+def test_no_warmup_when_the_cbs_never_exceeds_b0():
+    curve = measured_curve([(100_000, 4, 8), (1_000_000, 8, 16)])
+    d = derive_schedule(curve, 8, source="measured")
+    assert d.schedule.phases == ((0, 8),)
+    assert any(n.startswith("no warmup") for n in d.notes)
+
+
+def test_cbs_already_above_b0_at_the_first_point_jumps_there():
+    curve = measured_curve([(100_000, 64, 128), (1_000_000, 128, 256)])
+    d = derive_schedule(curve, 8, source="measured")
+    assert d.schedule.phases[1] == (100_032, 64)  # three doublings at once, at the first measurement
+    assert any("already above" in n for n in d.notes)
+
+
+def test_cap_and_granularity():
+    curve = measured_curve([(100_000, 8, 16), (400_000, 32, 64), (1_600_000, 64, 128)])
+    d = derive_schedule(curve, 8, source="measured", max_seqs=32)
+    assert [b for _, b in d.schedule.phases] == [8, 16, 32] and any("capped" in n for n in d.notes)
+    g = derive_schedule(curve, 8, source="measured", granularity=8)
+    bs = [b for _, b in g.schedule.phases]
+    assert bs == [8, 16, 24, 32, 40, 48, 56, 64] and all(b % 8 == 0 for b in bs)
+    with pytest.raises(ConfigError, match="granularity 3 must be positive and divide the start batch 8"):
+        derive_schedule(curve, 8, granularity=3)
+    with pytest.raises(ConfigError, match="max batch 4 is below the start batch 8"):
+        derive_schedule(curve, 8, max_seqs=4)
+
+
+def test_exports_match_their_documented_forms():
+    s = BatchSchedule.parse("0:1024,168B:2048,503B:4096", seq_len=4096)
+    assert to_megatron(s) == "0:1024 168B:2048 503B:4096"
+    assert parse_megatron(to_megatron(s)) == [(0, 1024), (168 * 10**9, 2048), (503 * 10**9, 4096)]
+    o = to_olmo_core(s)
+    assert o == {"batch_sizes": [1024 * 4096, 2048 * 4096, 4096 * 4096],
+                 "schedule": [{"value": 0, "unit": "tokens"}, {"value": 168 * 10**9, "unit": "tokens"},
+                              {"value": 503 * 10**9, "unit": "tokens"}]}
+    assert validate_olmo_core(o, 4096) == [(0, 1024), (168 * 10**9, 2048), (503 * 10**9, 4096)]
+    odd = BatchSchedule.parse("0:8,1000:24", seq_len=64)  # 8 -> 24 is an integer factor; 8 -> 12 is not
+    validate_olmo_core(to_olmo_core(odd), 64)
+    bad = BatchSchedule.parse("0:8,1000:12", seq_len=64)
+    with pytest.raises(ConfigError, match="integer multiple"):
+        to_olmo_core(bad)
+    doc = schedule_document(bad)
+    assert doc["exports"]["olmo_core_batch_size_scheduler"] is None and "integer multiple" in doc["exports"]["olmo_core_note"]
+    assert parse_megatron(doc["exports"]["megatron_step_batch_size_schedule"]) == [(0, 8), (1000, 12)]
+    with pytest.raises(ValueError):
+        parse_megatron("10:8 20:16")  # the first threshold must be 0
+    # schedule.json round-trips into BatchSchedule and keeps the rule and reference
+    back = BatchSchedule.parse(json.loads(json.dumps(schedule_document(s))), seq_len=4096)
+    assert back.phases == s.phases and back.rule == "sqrt" and back.reference == 1024
+
+
+def test_paper_step_accounting_43_and_75_percent():
+    """method.md §4: 1024 -> 2048 at 168B -> 4096 at 503B documents of 4096 tokens, 608B tokens then
+    a 50B anneal at the final batch."""
+    total = 658 * 10**9
+    warm = BatchSchedule.parse("0:1024,168B:2048,503B:4096", seq_len=4096)
+    small = BatchSchedule.constant(1024, 4096)
+    large = BatchSchedule.constant(4096, 4096)
+    steps = {n: s.steps_between(0, total) for n, s in (("warm", warm), ("small", small), ("large", large))}
+    assert round(100 * (1 - steps["warm"] / steps["small"])) == 43
+    assert round(100 * (1 - steps["large"] / steps["small"])) == 75
+
+
+def test_plain_loop_driven_by_batch_schedule_reproduces_the_trainer(cfg_factory, tmp_path):
+    from critbatch.config import LRScheduleConfig
+    from critbatch.io import read_jsonl
+    from critbatch.optim import lr_schedule_factor
+    from critbatch.train import train
+
+    cfg = cfg_factory(batch_schedule=[[0, 2], [1000, 4], [2000, 16]], total_tokens=4096,
+                      lr_schedule={"kind": "cosine", "warmup_tokens": 256})
+    train(cfg, tmp_path / "r", progress=False)
+    logged = [(r["train/batch_seqs"], r["optim/lr"]) for r in read_jsonl(tmp_path / "r" / "metrics.jsonl")
+              if "train/loss" in r]
+    sched = BatchSchedule.parse([[0, 2], [1000, 4], [2000, 16]], seq_len=16)
+    lrs = LRScheduleConfig(**{**json.loads((tmp_path / "r" / "config.json").read_text())["lr_schedule"]})
+    plain, tokens = [], 0
+    while tokens < 4096:  # any PyTorch loop: ask the schedule, then step
+        b = sched.batch_seqs_at(tokens)
+        plain.append((b, cfg.optim.lr * sched.lr_multiplier_at(tokens) * lr_schedule_factor(lrs, tokens)))
+        assert sched.accum_steps_at(tokens, micro_batch_seqs=2, world_size=1) == b // 2
+        tokens += b * 16
+    assert [b for b, _ in plain] == [b for b, _ in logged]
+    assert [lr for _, lr in plain] == pytest.approx([lr for _, lr in logged], rel=1e-12)
+
+
+# ---- the comparison ------------------------------------------------------------------------------
+
+
+def compare_cfg(data_dir, out, **over):
+    from critbatch.compare import CompareConfig
+
+    base = {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 16}
+    cfg_file = out.parent / f"{out.name}-model.json"
+    cfg_file.parent.mkdir(parents=True, exist_ok=True)
+    cfg_file.write_text(json.dumps({"model": base, "lr_schedule": {"kind": "constant", "warmup_tokens": 256},
+                                    "eval_seqs": 16, "eval_interval_tokens": 1024}))
+    kw = dict(out=str(out), schedule="0:2,1024:4,2048:8", config=str(cfg_file), data=str(data_dir),
+              total_tokens=4096, anneal_tokens=1024, launcher="inprocess")
+    kw.update(over)
+    return CompareConfig(**kw)
+
+
+def test_comparison_runs_and_reports(data_dir, tmp_path, monkeypatch):
+    from critbatch import launch
+    from critbatch.compare import run_compare
+    from critbatch.io import read_json
+    from critbatch.train import Callback
+
+    seen: dict[str, list[int]] = {}
+
+    class Rec(Callback):
+        name = "rec"
+
+        def on_train_start(self, trainer):
+            key = trainer.out_dir.name
+            orig = trainer.stream.batch
+
+            def batch(start, n):
+                seen.setdefault(key, []).extend(range(start, start + n))
+                return orig(start, n)
+
+            trainer.stream.batch = batch
+
+    orig_make = launch._make_callbacks
+    monkeypatch.setattr(launch, "_make_callbacks", lambda names: [*orig_make(names), Rec()])
+    out = tmp_path / "cmp"
+    comp = run_compare(compare_cfg(data_dir, out))
+    # the same sequences in the same order for all three runs
+    assert seen["warmup"] == seen["small"] == seen["large"] == list(range((4096 + 1024) // 16))
+    runs = comp["runs"]
+    assert runs["small"]["optimizer_steps"] == (4096 + 1024) // (2 * 16)
+    assert runs["large"]["optimizer_steps"] == (4096 + 1024) // (8 * 16)
+    # warmup: 1024/32 + 1024/64 + (2048 + 1024 anneal)/128 steps
+    assert runs["warmup"]["optimizer_steps"] == 32 + 16 + 24
+    assert runs["warmup"]["steps_saved_pct"] == pytest.approx(100 * (1 - 72 / 160))
+    for r in runs.values():
+        assert r["final_train_loss"] is not None and r["final_eval_loss"] is not None
+        assert r["anneal_train_loss"] is not None and r["anneal_eval_loss"] is not None
+        assert r["wall_time_s"] > 0
+    # the large control's LR is the rule applied to its batch: sqrt(8/2) = 2x
+    from critbatch.io import read_jsonl
+
+    lr = {n: [r["optim/lr"] for r in read_jsonl(out / "runs" / n / "metrics.jsonl") if "optim/lr" in r] for n in runs}
+    mid = [r for r in read_jsonl(out / "runs" / "large" / "metrics.jsonl") if "optim/lr" in r and r["tokens"] == 1024 + 128]
+    mid_small = [r for r in read_jsonl(out / "runs" / "small" / "metrics.jsonl") if "optim/lr" in r and r["tokens"] == 1024 + 32]
+    assert mid[0]["optim/lr"] == pytest.approx(2 * mid_small[0]["optim/lr"], rel=1e-9)
+    # the anneal takes every run's LR linearly to 0 at the end (the LR of a step is set at its start)
+    for n in runs:
+        recs = [r for r in read_jsonl(out / "runs" / n / "metrics.jsonl") if "optim/lr" in r]
+        peak = max(r["optim/lr"] for r in recs)
+        for r in recs:
+            start = r["tokens"] - r["train/batch_tokens"]
+            if start >= 4096:
+                assert r["optim/lr"] == pytest.approx(peak * (5120 - start) / 1024, rel=1e-9)
+    md = (out / "comparison.md").read_text()
+    assert md.startswith("| run | batch (sequences) |") and "steps saved" in md and "over the last 416 tokens before 4,096" in md
+    assert read_json(out / "comparison.json")["runs"]["warmup"]["optimizer_steps"] == 72
+    assert (out / "loss_vs_tokens.png").is_file() and (out / "loss_vs_tokens.svg").is_file()
+    # running again is a no-op; a different comparison into the same directory is refused
+    stamp = (out / "runs" / "small" / "result.json").stat().st_mtime_ns
+    run_compare(compare_cfg(data_dir, out))
+    assert (out / "runs" / "small" / "result.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="different comparison"):
+        run_compare(compare_cfg(data_dir, out, total_tokens=2048))
+
+
+def test_resume_in_the_middle_of_a_warmup_phase(data_dir, tmp_path):
+    from critbatch.compare import build_configs
+    from critbatch.io import read_jsonl
+    from critbatch.train import Trainer, list_checkpoints, load_checkpoint, train
+
+    configs, _, _ = build_configs(compare_cfg(data_dir, tmp_path / "x"))
+    cfg = configs["warmup"]
+    full = train(cfg, tmp_path / "full", progress=False)
+    assert Trainer(cfg, tmp_path / "cut", stop_after_tokens=1024 + 5 * 64).run() is None  # inside the 4-seq phase
+    again = train(cfg, tmp_path / "cut", progress=False)
+    assert full["final_eval_loss"] == again["final_eval_loss"]
+    a = load_checkpoint(list_checkpoints(tmp_path / "full")[-1].path)["model"]
+    b = load_checkpoint(list_checkpoints(tmp_path / "cut")[-1].path)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs]  # noqa: E731
+    assert strip(read_jsonl(tmp_path / "full" / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "cut" / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"schedule": "0:2,8000:4"}, "no batch change before 4,096 tokens"),
+    ({"schedule": "0:2,1024:3", "micro_batch_seqs": 2}, "warmup run: batch 3 sequences of phase 1"),
+    ({"total_tokens": 4100}, "whole 16-token sequences"),
+    ({"anneal_tokens": -16}, "anneal tokens -16 must be >= 0"),
+])
+def test_compare_bad_input(data_dir, tmp_path, over, needle):
+    from critbatch.compare import run_compare
+
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        run_compare(compare_cfg(data_dir, tmp_path / "c", **over))
+    assert not (tmp_path / "c").exists()
+
+
+def test_schedule_cli_from_a_real_sweep(tmp_path, capsys, data_dir):
+    from critbatch.branch import SweepConfig, run_sweep
+    from critbatch.cli import main
+    from critbatch.io import read_json
+    from critbatch.train import train
+
+    run = tmp_path / "run"
+    train(small_cfg(data_dir, total_tokens=8192, batch_seqs=4, checkpoint_tokens=[1024, 4096]), run, progress=False)
+    sw = run_sweep(SweepConfig(run=str(run), at=[1024, 4096], k=[0.5, 1, 2, 4], window_tokens=256,
+                               launcher="inprocess", eval_seqs=16), progress=False)
+    assert main(["schedule", "--sweep", str(sw.sweep_dir), "--out", str(tmp_path / "s.json"), "--source", "measured",
+                 "--max-seqs", "16"]) == 0
+    doc = read_json(tmp_path / "s.json")
+    assert doc["phases"][0] == {"start_tokens": 0, "batch_seqs": 4, "batch_tokens": 64, "lr_multiplier": 1.0,
+                                "extrapolated": False}
+    assert doc["derived_from"]["source"] == "measured" and "megatron_step_batch_size_schedule" in doc["exports"]
+    assert main(["schedule", "--sweep", str(tmp_path), "--out", str(tmp_path / "t.json")]) == 2
+    assert "no cbs.json" in capsys.readouterr().err
