@@ -214,7 +214,6 @@ def test_comparison_runs_and_reports(data_dir, tmp_path, monkeypatch):
     # the large control's LR is the rule applied to its batch: sqrt(8/2) = 2x
     from critbatch.io import read_jsonl
 
-    lr = {n: [r["optim/lr"] for r in read_jsonl(out / "runs" / n / "metrics.jsonl") if "optim/lr" in r] for n in runs}
     mid = [r for r in read_jsonl(out / "runs" / "large" / "metrics.jsonl") if "optim/lr" in r and r["tokens"] == 1024 + 128]
     mid_small = [r for r in read_jsonl(out / "runs" / "small" / "metrics.jsonl") if "optim/lr" in r and r["tokens"] == 1024 + 32]
     assert mid[0]["optim/lr"] == pytest.approx(2 * mid_small[0]["optim/lr"], rel=1e-9)
