@@ -293,6 +293,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .launch import LAUNCHERS
 
     p = argparse.ArgumentParser(prog="critbatch", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"critbatch {__version__}")
@@ -337,7 +338,8 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval-seqs", help="held-out sequences per branch evaluation (default: the parent's)")
     sp.add_argument("--jobs", type=int, help="branches at once, each its own process (default: one per GPU or per core)")
     sp.add_argument("--threads-per-branch", type=int, default=1)
-    sp.add_argument("--launcher", choices=["local", "inprocess"], default="local")
+    sp.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                    help="where branches run: local worker processes, in this process, or Slurm (submitit)")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_branch)
@@ -386,7 +388,7 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--micro-batch-seqs")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--jobs", type=int)
-    sp.add_argument("--launcher", choices=["local", "inprocess"], default="local")
+    sp.add_argument("--launcher", choices=LAUNCHERS, default="local")
     sp.add_argument("--gns", action="store_true", help="log the online noise scale in each run")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_compare)
