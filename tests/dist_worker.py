@@ -1,6 +1,8 @@
 """Run by torchrun in tests: one small training run; each rank records the stream positions it read."""
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -28,10 +30,61 @@ class Positions(Callback):
         trainer.stream.batch = batch
 
 
+class SignalRank1(Callback):
+    """Rank 1 alone receives SIGUSR1 (as if preempted) at the end of step ``step``."""
+
+    name = "signal_rank1"
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, record):
+        if trainer.dist.rank == 1 and record["step"] == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+class CountSyncs(Callback):
+    """Records, after each micro-batch's backward, how many gradient reductions have run so far
+    (DDP: bucket all-reduces through a comm hook; FSDP2: its per-group reduce-scatters)."""
+
+    name = "count_syncs"
+
+    def __init__(self):
+        self.n = 0
+        self.seen = []  # per step: [count after micro-batch 0, 1, ...]
+
+    def on_train_start(self, trainer):
+        if trainer.fsdp:
+            from torch.distributed.fsdp._fully_shard import _fsdp_param_group as pg
+
+            orig = pg.foreach_reduce
+
+            def counted(*args, **kwargs):
+                self.n += 1
+                return orig(*args, **kwargs)
+
+            pg.foreach_reduce = counted
+        else:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def hook(state, bucket):
+                self.n += 1
+                return allreduce_hook(state, bucket)
+
+            trainer.model.register_comm_hook(trainer.model.process_group, hook)
+
+    def on_micro_backward(self, trainer, micro_index, n_micro):
+        if micro_index == 0:
+            self.seen.append([])
+        self.seen[-1].append(self.n)
+
+
 def main():
     data_dir, out, over = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     stop = int(sys.argv[4]) if len(sys.argv) > 4 else None
     gns = over.pop("_gns", False)
+    signal_at = over.pop("_sigusr1_rank1_at_step", None)
+    syncs = CountSyncs() if over.pop("_count_syncs", False) else None
     cfg = small_cfg(data_dir, **over)
     cb = Positions()
     callbacks = [cb]
@@ -39,9 +92,18 @@ def main():
         from critbatch.gns import NoiseScaleCallback
 
         callbacks.append(NoiseScaleCallback(average="all"))
-    t = Trainer(cfg, out, callbacks=callbacks, progress=False, stop_after_tokens=stop)
-    t.run()
+    if signal_at is not None:
+        callbacks.append(SignalRank1(signal_at))
+    if syncs is not None:
+        callbacks.append(syncs)
+    t = Trainer(cfg, out, callbacks=callbacks, progress=False, stop_after_tokens=stop,
+                stop_on_signals=signal_at is not None)
     rank = t.dist.rank
+    t.run()
+    if syncs is not None:
+        (out / f"syncs_rank{rank}.json").write_text(json.dumps(syncs.seen))
+    if t.stop_signal is not None:
+        (out / f"stopped_rank{rank}.json").write_text(json.dumps({"signal": t.stop_signal, "tokens": t.tokens}))
     (out / f"positions_rank{rank}_{len(list(out.glob(f'positions_rank{rank}_*')))}.json").write_text(json.dumps(cb.pos))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

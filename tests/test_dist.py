@@ -86,3 +86,73 @@ def test_online_noise_scale_per_rank_matches_micro_batches(data_dir, tmp_path):
     for ra, rb in zip(a, b):
         assert rb["gns/step_grad_sq"] == pytest.approx(ra["gns/step_grad_sq"], rel=1e-3)
         assert rb["gns/step_trace_cov"] == pytest.approx(ra["gns/step_trace_cov"], rel=1e-3)
+
+
+def test_a_signal_to_one_rank_pauses_every_rank_at_the_same_step(data_dir, tmp_path):
+    """Preemption under DDP: only rank 1 gets SIGUSR1 (at the end of step 5), yet both ranks stop at
+    the same step boundary (a rank that went on alone would hang in the next all-reduce); resuming
+    in one process then consumes exactly the sequences of an uninterrupted run."""
+    import signal
+
+    over = {"batch_seqs": 8, "micro_batch_seqs": 2, "total_tokens": 8192, "save_interval_tokens": 10**9}
+    run_worker(1, data_dir, tmp_path / "ref", over)
+    out = tmp_path / "r"
+    run_worker(2, data_dir, out, {**over, "_sigusr1_rank1_at_step": 5})
+    s0, s1 = (json.loads((out / f"stopped_rank{r}.json").read_text()) for r in (0, 1))
+    assert s0 == s1 == {"signal": signal.SIGUSR1, "tokens": 5 * 8 * 16}
+    assert not (out / "result.json").exists() and (out / "ckpt" / "resume_tok_000000000640").is_dir()
+    run_worker(1, data_dir, out, over)
+    assert positions(out) == positions(tmp_path / "ref")
+    for (ta, la), (tb, lb) in zip(train_losses(tmp_path / "ref"), train_losses(out)):
+        assert ta == tb and la == pytest.approx(lb, rel=2e-5)
+
+
+def test_fsdp_equals_ddp(data_dir, tmp_path):
+    """FSDP2 (fully_shard) over gloo on CPU: same losses and the same sequences as DDP, and under
+    both, gradients are reduced once per optimizer step: on its last micro-batch, never before."""
+    over = {"batch_seqs": 8, "micro_batch_seqs": 2, "total_tokens": 2048, "_count_syncs": True}
+    run_worker(2, data_dir, tmp_path / "ddp", over)
+    run_worker(2, data_dir, tmp_path / "fsdp", {**over, "parallel": "fsdp"})
+    for mode in ("ddp", "fsdp"):
+        for r in (0, 1):
+            steps = json.loads((tmp_path / mode / f"syncs_rank{r}.json").read_text())
+            assert len(steps) == 16 and all(len(s) == 2 for s in steps)  # 8 / (2 x 2): two micro-batches a step
+            before = [0] + [s[-1] for s in steps[:-1]]  # the count when each step began
+            assert all(s[0] == b for s, b in zip(steps, before)), (mode, steps)  # none on the first micro-batch
+            assert all(s[1] > s[0] for s in steps), (mode, steps)  # and some on the last
+    a, b = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "fsdp")
+    assert [t for t, _ in a] == [t for t, _ in b] and len(a) == 16
+    for (_, la), (_, lb) in zip(a, b):
+        assert la == pytest.approx(lb, rel=2e-5)
+    assert positions(tmp_path / "ddp") == positions(tmp_path / "fsdp")
+    ra = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    rb = json.loads((tmp_path / "fsdp" / "result.json").read_text())
+    assert ra["final_eval_loss"] == pytest.approx(rb["final_eval_loss"], rel=2e-5)
+
+
+@pytest.mark.parametrize("first,second", [((2, "fsdp"), (1, "ddp")), ((1, "ddp"), (2, "fsdp"))])
+def test_fsdp_checkpoints_are_full_and_resume_anywhere(data_dir, tmp_path, first, second):
+    """Saved under FSDP on two ranks, resumed in one plain process (and the reverse): the checkpoint
+    holds the full, unsharded model and optimizer state in the single-process format."""
+    import torch
+
+    over = {"batch_seqs": 8, "micro_batch_seqs": 2, "total_tokens": 2048, "save_interval_tokens": 512}
+    run_worker(1, data_dir, tmp_path / "ref", over)
+    run_worker(first[0], data_dir, tmp_path / "r", {**over, "parallel": first[1]}, stop=1024)
+    if first[1] == "fsdp":  # the gathered checkpoint equals the one a single process saves at 1024
+        run_worker(1, data_dir, tmp_path / "one", over, stop=1024)
+        (a,), (b,) = (tmp_path / "r" / "ckpt").iterdir(), (tmp_path / "one" / "ckpt").iterdir()
+        for f in ("model.pt", "optim.pt"):
+            sa, sb = torch.load(a / f, weights_only=True), torch.load(b / f, weights_only=True)
+            if f == "optim.pt":
+                assert sa["param_groups"] == sb["param_groups"]
+                sa, sb = sa["state"], sb["state"]  # keyed by parameter index, as a plain optimizer's
+                sa = {f"{i}.{k}": v for i, st in sa.items() for k, v in st.items()}
+                sb = {f"{i}.{k}": v for i, st in sb.items() for k, v in st.items()}
+            assert sa.keys() == sb.keys()
+            for k in sa:
+                torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6)
+    run_worker(second[0], data_dir, tmp_path / "r", {**over, "parallel": second[1]})
+    assert positions(tmp_path / "r") == positions(tmp_path / "ref")
+    for (ta, la), (tb, lb) in zip(train_losses(tmp_path / "ref"), train_losses(tmp_path / "r")):
+        assert ta == tb and la == pytest.approx(lb, rel=2e-5)

@@ -49,6 +49,11 @@ class CompareConfig:
     jobs: int | None = None
     threads_per_job: int = 1
     launcher: str = "local"
+    """Where the three runs train: ``local`` worker processes, ``inprocess``, ``slurm`` or ``submitit-local``."""
+    nproc_per_job: int = 1
+    """Data-parallel ranks per run (torchrun in the local pool; Slurm tasks on Slurm)."""
+    slurm: dict | None = None
+    """Options of the ``slurm``/``submitit-local`` launchers (keys of ``critbatch.launch.slurm.SlurmConfig``)."""
     gns: bool = False
     """Log the online noise scale in each run."""
 
@@ -71,6 +76,10 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[str, TrainConfig], BatchSche
     if cfg.micro_batch_seqs:
         over["micro_batch_seqs"] = cfg.micro_batch_seqs
     base = merge(base, over)
+    from .launch import check_launch, check_single_process
+
+    check_single_process("a comparison")
+    check_launch(cfg.launcher, cfg.nproc_per_job, cfg.slurm)
     if cfg.anneal_tokens < 0:
         raise ConfigError(f"anneal tokens {cfg.anneal_tokens} must be >= 0")
     N = cfg.total_tokens or base.total_tokens
@@ -182,8 +191,8 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
     spec = {**asdict(cfg), "facts": facts}
     if (out / "compare.json").is_file():
         old = read_json(out / "compare.json")
-        if {k: v for k, v in old.items() if k not in ("jobs", "launcher", "threads_per_job", "device")} != \
-                {k: v for k, v in spec.items() if k not in ("jobs", "launcher", "threads_per_job", "device")}:
+        how = ("jobs", "launcher", "threads_per_job", "device", "nproc_per_job", "slurm")  # not what is computed
+        if {k: v for k, v in old.items() if k not in how} != {k: v for k, v in spec.items() if k not in how}:
             raise ConfigError(f"{out} holds a different comparison; use another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "compare.json", spec)
@@ -192,7 +201,7 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
         dirs.append(write_job(out / "runs" / name, configs[name], callbacks=["gns"] if cfg.gns else []))
     jobs = cfg.jobs or min(3, default_jobs(cfg.threads_per_job, cfg.device))
     t0 = time.time()
-    run_jobs(dirs, jobs, cfg.threads_per_job, cfg.launcher)
+    run_jobs(dirs, jobs, cfg.threads_per_job, cfg.launcher, nproc_per_job=cfg.nproc_per_job, slurm=cfg.slurm)
     comp = summarize(out, facts, configs)
     comp["wall_time_s"] = time.time() - t0
     comp["schedule"] = sched.to_dict()

@@ -24,6 +24,7 @@ LR_SCHEDULES = ("constant", "cosine", "wsd")
 OPTIMIZERS = ("adamw", "sgd")
 TOKENIZERS = ("bytes", "bpe")
 PRECISIONS = ("auto", "fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -155,6 +156,12 @@ class TrainConfig:
     """``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``."""
     compile: bool = False
     """Wrap the model in ``torch.compile`` (CUDA only)."""
+    parallel: str = "ddp"
+    """Data parallelism under torchrun: ``ddp`` (every rank holds the whole model) or ``fsdp``
+    (FSDP2 ``fully_shard``: parameters, gradients and optimizer state sharded over the ranks, for
+    models that do not fit one device). Either way gradients synchronise once per optimizer step and
+    checkpoints hold the full, unsharded state, so a run may resume under the other. Ignored in a
+    single process."""
     log_interval_steps: int = 50
     """Steps between performance records (``perf/*``); losses are logged every step."""
     exact_total_tokens: bool = False
@@ -301,6 +308,7 @@ def validate(cfg: TrainConfig) -> None:
              f"lr_ref_batch_seqs={cfg.lr_ref_batch_seqs} must be positive")
     _require(cfg.data.tokenizer in TOKENIZERS, f"data.tokenizer={cfg.data.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
     _require(cfg.precision in PRECISIONS, f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    _require(cfg.parallel in PARALLEL, f"parallel={cfg.parallel!r} is not one of {', '.join(PARALLEL)}")
     if s.horizon_tokens is not None:
         _require(s.horizon_tokens > 0, f"lr_schedule.horizon_tokens={s.horizon_tokens} must be positive")
     if s.kind == "wsd":

@@ -84,11 +84,18 @@ class SweepConfig:
     """Branches run at once, each in its own process (``launcher='local'``); ``None``: one per GPU,
     or one per ``threads_per_branch`` CPU cores."""
     launcher: str = "local"
-    """``local`` (a pool of worker processes) or ``inprocess`` (sequential, in this process)."""
+    """``local`` (a pool of worker processes), ``inprocess`` (sequential, in this process), ``slurm``
+    (a submitit job array) or ``submitit-local`` (submitit's executor on this machine)."""
+    nproc_per_job: int = 1
+    """Data-parallel ranks per branch: ``torchrun`` in the local pool (with ``jobs`` × this many GPUs
+    in use), that many tasks of one Slurm job on Slurm."""
+    slurm: dict | None = None
+    """Options of the ``slurm`` and ``submitit-local`` launchers: keys of
+    :class:`critbatch.launch.slurm.SlurmConfig` (partition, time_min, gpus_per_task, ...)."""
 
 
 # Fields of SweepConfig that do not change any number a sweep produces.
-NON_DEFINING = ("jobs", "launcher", "device", "threads_per_branch")
+NON_DEFINING = ("jobs", "launcher", "device", "threads_per_branch", "nproc_per_job", "slurm")
 
 
 @dataclass
@@ -130,8 +137,9 @@ def _round_k(k: float) -> float:
 
 def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     """Validate a sweep against its parent run and resolve everything; writes nothing."""
-    from ..launch import LAUNCHERS, default_jobs
+    from ..launch import check_launch, check_single_process, default_jobs
 
+    check_single_process("a branch sweep")
     run_dir = Path(cfg.run)
     if not (run_dir / "config.json").is_file():
         raise DataError(f"parent run {run_dir} is missing or incomplete (no config.json)")
@@ -148,8 +156,7 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
         raise ConfigError(f"search={cfg.search!r} is not one of {', '.join(SEARCHES)}")
     if cfg.decide_by not in DECIDE_BY:
         raise ConfigError(f"decide-by {cfg.decide_by!r} is not one of {', '.join(DECIDE_BY)}")
-    if cfg.launcher not in LAUNCHERS:
-        raise ConfigError(f"launcher {cfg.launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    check_launch(cfg.launcher, cfg.nproc_per_job, cfg.slurm)
     rule = cfg.rule or ("eps" if cfg.replicates == 1 else "ttest")
     if rule not in RULES:
         raise ConfigError(f"rule {rule!r} is not one of {', '.join(RULES)}")
@@ -361,7 +368,8 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
     if cfg.search == "grid":
         dirs = [d for p in plan.points for k in plan.cfg.k for d in make(p, k)]
         bar.total = len(dirs)
-        run_jobs(dirs, cfg.jobs, cfg.threads_per_branch, cfg.launcher, done)
+        run_jobs(dirs, cfg.jobs, cfg.threads_per_branch, cfg.launcher, done, nproc_per_job=cfg.nproc_per_job,
+                 slurm=cfg.slurm)
     else:
         searches = {p.tokens: AdaptiveSearch(plan.k_min, plan.k_max, plan.resolution, decide_fn) for p in plan.points}
         losses: dict[int, dict[float, list[float]]] = {p.tokens: {} for p in plan.points}
@@ -374,7 +382,8 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
             if not round_dirs:
                 break
             bar.total = (bar.total or 0) + len(round_dirs)
-            run_jobs([d for _, _, d in round_dirs], cfg.jobs, cfg.threads_per_branch, cfg.launcher, done)
+            run_jobs([d for _, _, d in round_dirs], cfg.jobs, cfg.threads_per_branch, cfg.launcher, done,
+                     nproc_per_job=cfg.nproc_per_job, slurm=cfg.slurm)
             for p, k, _ in round_dirs:
                 losses[p.tokens][k] = [branch_losses(d)[cfg.decide_by] for d in branches[p.tokens][k]]
     bar.close()

@@ -2,9 +2,10 @@
 
 One optimizer step (design.md §1.4): the step's B sequences are stream positions
 ``[offset, offset + B)``; rank r takes the r-th contiguous share, in micro-batches. Each micro-batch's
-summed token loss is scaled by ``world_size / (B · seq_len)`` so the accumulated (and, under DDP,
-averaged) gradient is exactly that of the mean loss over the global batch; gradients synchronise
-once, on the last micro-batch; then clip, step.
+summed token loss is scaled by ``world_size / (B · seq_len)`` so the accumulated (and, under DDP or
+FSDP2, averaged) gradient is exactly that of the mean loss over the global batch; gradients
+synchronise once, on the last micro-batch; then clip, step. Checkpoints hold the full, unsharded state
+in one format whatever the parallelism, so a run resumes at any world size, under DDP or FSDP2.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import contextlib
 import math
 import os
 import platform
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +29,8 @@ from .. import __version__
 from ..config import TrainConfig, config_hash, from_dict, to_dict, validate
 from ..data import SequenceStream, TokenData, open_data, prepare_embedded
 from ..data.dataset import eval_sequences, step_slices
-from ..dist import DistInfo, all_reduce_sum, barrier, init_distributed
+from ..dist import (DistInfo, all_reduce_max_int, all_reduce_sum, barrier, fsdp_full_state, fsdp_load_optimizer,
+                    init_distributed, shard_model)
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import JsonlWriter, read_json, truncate_jsonl, write_json_atomic
 from ..model import GPT, count_params, flops_per_token
@@ -37,8 +41,10 @@ from .checkpoint import (check_model_matches, copy_checkpoint_state, list_checkp
                          prune_resume_checkpoints, save_checkpoint)
 
 # Fields that do not change what a run computes: they may differ when a run is resumed.
-NON_DEFINING = ("device", "compile", "log_interval_steps", "save_interval_tokens", "data.verify")
+NON_DEFINING = ("device", "compile", "parallel", "log_interval_steps", "save_interval_tokens", "data.verify")
 EMA_ALPHA = 0.5  # Merrill et al. 2025: training loss smoothed by an EMA with alpha = 0.5
+# Slurm's preemption and time-limit signals (SIGTERM; SIGUSR1/SIGUSR2 through --signal, submitit's USR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _peak_flops(device: torch.device) -> float | None:
@@ -146,13 +152,15 @@ class Trainer:
     checkpoint dict, which is deep-copied first): model and optimizer state, step and loader
     offset are taken from it, while batch, LR rule and everything else come from ``cfg``. This is
     how a branch starts. ``stop_after_tokens`` pauses the run at the first step boundary at or after
-    that count (a resume checkpoint is written; running again continues).
+    that count (a resume checkpoint is written; running again continues). ``stop_on_signals`` (set by
+    job workers) pauses it the same way at the first step boundary after SIGTERM, SIGUSR1 or SIGUSR2,
+    on every rank together; ``stop_signal`` then names the signal.
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path | None, *, callbacks: Iterable[Callback] = (),
                  init_from: str | Path | dict | None = None, progress: bool | None = None,
                  stop_after_tokens: int | None = None, quiet: bool = False, desc: str | None = None,
-                 eval_at_start: bool = True, keep_final_checkpoint: bool = True):
+                 eval_at_start: bool = True, keep_final_checkpoint: bool = True, stop_on_signals: bool = False):
         validate(cfg)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callbacks = list(callbacks)
@@ -162,10 +170,15 @@ class Trainer:
         self.stop_after_tokens = stop_after_tokens
         self.eval_at_start = eval_at_start
         self.keep_final_checkpoint = keep_final_checkpoint
+        self.stop_on_signals = stop_on_signals
+        self.stop_signal: int | None = None
         self.device = resolve_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
+        self.fsdp = cfg.parallel == "fsdp" and self.dist.enabled
+        if self.fsdp and any(cb.name == "gns" for cb in self.callbacks):
+            raise ConfigError("the online noise scale (gns) needs parallel='ddp'; it is not available with parallel='fsdp'")
 
         # ---- everything that can fail on bad input happens before anything is written ----
         self.data = open_data(resolve_data(cfg), verify=cfg.data.verify)
@@ -247,10 +260,16 @@ class Trainer:
         mb = max(1, min(n, 64))
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         chunks = list(range(0, n, mb))
-        for i in chunks[self.dist.rank::self.dist.world_size]:
+        mine = chunks[self.dist.rank::self.dist.world_size]
+        rounds = -(-len(chunks) // self.dist.world_size)
+        for r in range(rounds if self.fsdp else len(mine)):
+            # under FSDP every forward is a collective: a rank without a chunk left repeats one, unused
+            i = mine[r] if r < len(mine) else 0
             seqs = self.eval_set[i:i + mb].to(self.device, non_blocking=True)
             with self._autocast():
-                total += model.loss_sum(seqs).double()
+                ls = model.loss_sum(seqs).double()
+            if r < len(mine):
+                total += ls
         all_reduce_sum(total, self.dist)
         model.train(was_training)
         return float(total.item() / (n * self.cfg.model.seq_len))
@@ -261,14 +280,20 @@ class Trainer:
             torch.set_flush_denormal(True)  # denormals made fp32 CPU steps 10-40x slower here
         torch.manual_seed(c.seed)
         self.raw_model = GPT(c.model).to(self.device)  # built on CPU RNG, same init on every device
+        if self.init_ckpt is not None:
+            self.raw_model.load_state_dict(self.init_ckpt["model"])  # full weights, before any sharding
+        if self.fsdp:
+            shard_model(self.raw_model, self.device)  # in place: the optimizer below holds the shards
         self.optimizer = build_optimizer(self.raw_model, c.optim, self.device)
         self.state = {"step": 0, "offset_seqs": 0, "loss_ema": None, "start_step": 0, "start_tokens": 0,
                       "elapsed_s": 0.0, "last_loss": None}
         if self.init_ckpt is not None:
             ck = self.init_ckpt
-            self.raw_model.load_state_dict(ck["model"])
             # A deep copy: load_state_dict keeps references to same-device tensors (method.md §5).
-            self.optimizer.load_state_dict(copy_checkpoint_state(ck["optim"]))
+            if self.fsdp:
+                fsdp_load_optimizer(self.raw_model, self.optimizer, copy_checkpoint_state(ck["optim"]))
+            else:
+                self.optimizer.load_state_dict(copy_checkpoint_state(ck["optim"]))
             meta = ck["meta"]
             self.state["step"] = int(meta["step"])
             self.state["offset_seqs"] = int(meta["offset_seqs"])
@@ -289,7 +314,7 @@ class Trainer:
         self.model = self.raw_model
         if c.compile:
             self.model = torch.compile(self.model)
-        if self.dist.enabled:
+        if self.dist.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -303,7 +328,13 @@ class Trainer:
         return self.state["offset_seqs"] * self.cfg.model.seq_len
 
     def _save(self, kept: bool, requested: int | None = None, eval_loss: float | None = None) -> Path | None:
-        if not self.dist.is_main or self.out_dir is None:
+        if self.out_dir is None:
+            return None
+        if self.fsdp:  # gathering the full state is a collective: every rank takes part
+            model_state, optim_state = fsdp_full_state(self.raw_model, self.optimizer)
+        else:
+            model_state, optim_state = self.raw_model.state_dict(), self.optimizer.state_dict()
+        if not self.dist.is_main:
             return None
         st = dict(self.state)
         st["rng_cpu"] = torch.get_rng_state()
@@ -318,18 +349,53 @@ class Trainer:
                 "lr_multiplier": self.schedule.lr_multiplier_at(self.tokens),
                 "lr_ref_batch_seqs": self.schedule.reference, "seq_len": self.cfg.model.seq_len}
         path = save_checkpoint(self.out_dir / "ckpt", tokens=self.tokens, kept=kept,
-                               model_state=self.raw_model.state_dict(), optim_state=self.optimizer.state_dict(),
+                               model_state=model_state, optim_state=optim_state,
                                state=st, meta=meta)
         if not kept:
             prune_resume_checkpoints(self.out_dir, keep=path)
         return path
 
+    def _grad_sync(self, last_micro: bool):
+        """Gradients synchronise once per optimizer step, on its last micro-batch (design.md §1.4)."""
+        if self.fsdp:
+            self.raw_model.set_requires_gradient_sync(last_micro)
+        elif self.dist.enabled and not last_micro:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    # ---- preemption: a signal asks the run to pause at the next step boundary -----------------
+    def _install_stop_handlers(self) -> dict:
+        """Record SIGTERM/SIGUSR1/SIGUSR2 instead of dying of them (``stop_on_signals``, main thread
+        only). Returns the previous handlers."""
+        if not self.stop_on_signals or threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, _frame):
+            self.stop_signal = signum
+
+        return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+    def _stop_requested(self) -> bool:
+        if not self.stop_on_signals:
+            return False
+        # every rank pauses at the same step boundary, whichever of them received the signal
+        self.stop_signal = all_reduce_max_int(self.stop_signal or 0, self.dist, self.device) or None
+        return self.stop_signal is not None
+
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict | None:
-        """Train to ``total_tokens`` (or pause at ``stop_after_tokens``). Returns the result dict, or
-        ``None`` when paused. A finished run directory is returned as it is."""
+        """Train to ``total_tokens`` (or pause at ``stop_after_tokens`` or on a stop signal). Returns
+        the result dict, or ``None`` when paused. A finished run directory is returned as it is."""
         if self.existing_result is not None:
             return self.existing_result
+        previous = self._install_stop_handlers()
+        try:
+            return self._run()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _run(self) -> dict | None:
         c = self.cfg
         T = c.model.seq_len
         main = self.dist.is_main
@@ -375,12 +441,11 @@ class Trainer:
         t_log, tok_log = time.perf_counter(), self.tokens
         diverged_at = None
         last_eval = None
-        ddp = self.dist.enabled
         W = self.dist.world_size
         paused = False
         try:
             while self.tokens < c.total_tokens:
-                if self.stop_after_tokens is not None and self.tokens >= self.stop_after_tokens:
+                if (self.stop_after_tokens is not None and self.tokens >= self.stop_after_tokens) or self._stop_requested():
                     paused = True
                     break
                 tokens0 = self.tokens
@@ -401,8 +466,7 @@ class Trainer:
                                   "micro_sizes": [n for _, n in slices]}
                 for i, (pos, n) in enumerate(slices):
                     seqs = self.stream.batch(pos, n).to(self.device, non_blocking=True)
-                    sync = contextlib.nullcontext() if (not ddp or i == accum - 1) else self.model.no_sync()
-                    with sync:
+                    with self._grad_sync(last_micro=i == accum - 1):
                         with self._autocast():
                             logits = self.model(seqs[:, :-1])
                         ls = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(),
