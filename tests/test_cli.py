@@ -115,7 +115,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, data_dir, tmp_path, 
 
 def test_unknown_preset(tmp_path, capsys):
     code, _, err = run_cli(["train", "--preset", "gigantic", "--out", tmp_path / "r"], capsys)
-    assert code == 2 and err.strip() == "critbatch: error: unknown preset 'gigantic'; accepted: tiny, mini, small, gpt2-small, olmo-1b"
+    assert code == 2 and err.strip() == "critbatch: error: unknown preset 'gigantic'; accepted: tiny, demo, mini, small, gpt2-small, olmo-1b"
     assert not (tmp_path / "r").exists()
 
 
@@ -165,3 +165,39 @@ def test_module_and_console_script(tmp_path):
     exe = Path(sys.executable).parent / "critbatch"
     r = subprocess.run([str(exe), "train", "--preset", "nope", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_train_stops_cleanly_on_sigterm_and_resumes(data_dir, tmp_path):
+    import signal
+    import time
+
+    exe = str(Path(sys.executable).parent / "critbatch")
+    args = [exe, "train", "--preset", "tiny", "--data", str(data_dir), "--out", str(tmp_path / "r"),
+            "--total-tokens", "150k", "--save-interval-tokens", "10k", "--eval-seqs", "16", "--no-progress"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "r" / "ckpt").glob("resume_tok_*/meta.json")):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM at ") and "Traceback" not in err
+    assert not (tmp_path / "r" / "result.json").exists()
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "r" / "result.json").exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--launcher", "slurm", "--slurm", "{nope"], "neither a JSON/TOML file nor a JSON object"),
+    (["--launcher", "slurm", "--slurm", "[1, 2]"], "must be a JSON object"),
+    (["--launcher", "inprocess", "--nproc-per-job", "2"], "nproc"),
+])
+def test_branch_launch_options_bad_input(data_dir, tmp_path, capsys, extra, needle):
+    assert main(["train", "--preset", "tiny", "--data", str(data_dir), "--out", str(tmp_path / "r"),
+                 "--total-tokens", "4k", "--checkpoint-tokens", "2k", "--eval-seqs", "8", "--no-progress"]) == 0
+    capsys.readouterr()
+    code = main(["branch", "--run", str(tmp_path / "r"), "--at", "2k", "--k", "1,2", "--window-tokens", "2k",
+                 "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r" / "sweeps").exists()

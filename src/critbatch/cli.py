@@ -39,6 +39,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-repeat", action="store_true", default=None, help="allow more than one epoch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--gns", action="store_true", help="log the gradient noise scale online (needs accumulation or DDP)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="data parallelism under torchrun (default ddp)")
 
 
 def _train_overrides(a: argparse.Namespace) -> dict:
@@ -76,6 +77,7 @@ def _train_overrides(a: argparse.Namespace) -> dict:
     put("seed", a.seed)
     put("device", a.device)
     put("compile", a.compile)
+    put("parallel", getattr(a, "parallel", None))
     return o
 
 
@@ -136,9 +138,16 @@ def cmd_train(a: argparse.Namespace) -> int:
 
         callbacks.append(NoiseScaleCallback())
     trainer = Trainer(cfg, a.out, init_from=a.init_from, progress=False if a.no_progress else None,
-                      stop_after_tokens=stop, callbacks=callbacks)
+                      stop_after_tokens=stop, callbacks=callbacks, stop_on_signals=True)
     result = trainer.run()
     if result is None:
+        if trainer.stop_signal:
+            import signal
+
+            name = signal.Signals(trainer.stop_signal).name
+            print(f"stopped by {name} at {trainer.tokens:,} tokens; run the same command again to resume",
+                  file=sys.stderr)
+            return 128 + trainer.stop_signal
         print(f"paused at {trainer.tokens:,} tokens; run the same command again to resume", file=sys.stderr)
         return 0
     _print_result(a.out, result)
@@ -169,17 +178,20 @@ def cmd_presets(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from . import presets
-    from .config import merge
-    from .train import train
+    from .demo import DemoConfig, run_demo
 
-    cfg = presets.get("tiny")
-    if a.quick:
-        cfg = merge(cfg, {"total_tokens": 100_000, "eval_seqs": 64})
-    out = Path(a.out) / "base"
-    result = train(cfg, out, progress=None)
-    _print_result(str(out), result)
-    print(f"final eval loss: {result['final_eval_loss']:.4f}")
+    s = run_demo(DemoConfig.make(a.out, quick=a.quick, jobs=a.jobs))
+    print(f"\n{Path(a.out) / 'report.html'}  ({s['demo_wall_time_s']:.0f}s this time; the stages took "
+          f"{s['total_seconds']:.0f}s in all)")
+    for c in s["conclusions"]:
+        print(f"- {c}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import build_report
+
+    print(build_report(a.dir))
     return 0
 
 
@@ -190,6 +202,24 @@ def _floats(text: str, what: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"{what} {text!r} is not a comma-separated list of numbers") from None
+
+
+def _slurm(value: str | None) -> dict | None:
+    """``--slurm`` takes a JSON/TOML file or an inline JSON object of SlurmConfig keys."""
+    if value is None:
+        return None
+    from .config import load_config_file
+    from .errors import ConfigError
+
+    if Path(value).suffix in (".json", ".toml") or Path(value).is_file():
+        return load_config_file(value)
+    try:
+        d = json.loads(value)
+    except json.JSONDecodeError:
+        raise ConfigError(f"--slurm {value!r} is neither a JSON/TOML file nor a JSON object") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--slurm {value!r} must be a JSON object such as '{{\"partition\": \"gpu\"}}'")
+    return d
 
 
 def cmd_branch(a: argparse.Namespace) -> int:
@@ -206,6 +236,7 @@ def cmd_branch(a: argparse.Namespace) -> int:
         micro_batch_seqs=parse_count(a.micro_batch_seqs, "--micro-batch-seqs") if a.micro_batch_seqs else None,
         eval_seqs=parse_count(a.eval_seqs, "--eval-seqs") if a.eval_seqs else None, device=a.device,
         threads_per_branch=a.threads_per_branch, jobs=a.jobs, launcher=a.launcher,
+        nproc_per_job=a.nproc_per_job, slurm=_slurm(a.slurm),
     )
     res = run_sweep(cfg, progress=False if a.no_progress else None)
     c = res.curve
@@ -284,7 +315,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
                         avg_tokens=parse_count(a.avg_tokens, "--avg-tokens") if a.avg_tokens else None,
                         eval_seqs=parse_count(a.eval_seqs, "--eval-seqs") if a.eval_seqs else None,
                         micro_batch_seqs=parse_count(a.micro_batch_seqs, "--micro-batch-seqs") if a.micro_batch_seqs else None,
-                        device=a.device, jobs=a.jobs, launcher=a.launcher, gns=a.gns)
+                        device=a.device, jobs=a.jobs, launcher=a.launcher, gns=a.gns,
+                        nproc_per_job=a.nproc_per_job, slurm=_slurm(a.slurm))
     comp = run_compare(cfg, progress=False if a.no_progress else None)
     print(markdown_table(comp), end="")
     print(f"{Path(a.out) / 'comparison.json'}")
@@ -340,6 +372,10 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads-per-branch", type=int, default=1)
     sp.add_argument("--launcher", choices=LAUNCHERS, default="local",
                     help="where branches run: local worker processes, in this process, or Slurm (submitit)")
+    sp.add_argument("--nproc-per-job", type=int, default=1,
+                    help="data-parallel ranks per run (torchrun in the local pool, tasks of one Slurm job)")
+    sp.add_argument("--slurm", help="Slurm options for --launcher slurm|submitit-local: a JSON/TOML file or inline JSON "
+                                    "(partition, time_min, gpus_per_task, ...; see docs/scale-out.md)")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_branch)
@@ -389,6 +425,10 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto")
     sp.add_argument("--jobs", type=int)
     sp.add_argument("--launcher", choices=LAUNCHERS, default="local")
+    sp.add_argument("--nproc-per-job", type=int, default=1,
+                    help="data-parallel ranks per run (torchrun in the local pool, tasks of one Slurm job)")
+    sp.add_argument("--slurm", help="Slurm options for --launcher slurm|submitit-local: a JSON/TOML file or inline JSON "
+                                    "(partition, time_min, gpus_per_task, ...; see docs/scale-out.md)")
     sp.add_argument("--gns", action="store_true", help="log the online noise scale in each run")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_compare)
@@ -396,10 +436,15 @@ def make_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("presets", help="list size presets")
     sp.set_defaults(func=cmd_presets)
 
-    sp = sub.add_parser("demo", help="the main job on the embedded corpus")
-    sp.add_argument("--out", default="runs/demo")
-    sp.add_argument("--quick", action="store_true", help="a short version for tests")
+    sp = sub.add_parser("demo", help="the whole study on the embedded corpus, ending in report.html")
+    sp.add_argument("--out", default="runs/demo", help="study directory (rerunning skips finished stages)")
+    sp.add_argument("--quick", action="store_true", help="a short version (about a minute)")
+    sp.add_argument("--jobs", type=int, help="branch processes at once (default: one per core or GPU)")
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("report", help="rebuild report.html, summary.json and summary.md from a study directory")
+    sp.add_argument("dir", help="a demo directory or a run directory")
+    sp.set_defaults(func=cmd_report)
     return p
 
 

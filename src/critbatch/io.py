@@ -10,6 +10,18 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    um = os.umask(0)
+    os.umask(um)
+    return um
+
+
+def public_mode(path: str | Path, directory: bool = False) -> None:
+    """Temporary files and directories are private (0600/0700); give what is renamed into place the
+    usual permissions (0644/0755 under the default umask)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _clean(obj: Any) -> Any:
     """NaN/inf are not JSON: write them as null."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -38,6 +50,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -54,6 +67,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -80,8 +80,24 @@ def olmo_1b() -> TrainConfig:
     )
 
 
+def demo() -> TrainConfig:
+    """The demo study's base run: the tiny model on the SOTU bytes, 1M tokens, checkpoints at
+    log-spaced token counts (docs/LOG.md records how it was tuned to show the CBS growing)."""
+    return TrainConfig(
+        model=ModelConfig(n_layer=3, n_head=4, d_model=96, seq_len=64),
+        optim=OptimConfig(lr=3e-3),
+        lr_schedule=LRScheduleConfig(kind="constant", warmup_tokens=10_000),
+        data=DataConfig(tokenizer="bytes"),
+        total_tokens=1_000_000,
+        batch_seqs=8,
+        checkpoint_tokens=[20_000, 60_000, 200_000, 600_000],
+        eval_seqs=512,
+    )
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "tiny": tiny,
+    "demo": demo,
     "mini": mini,
     "small": small,
     "gpt2-small": gpt2_small,

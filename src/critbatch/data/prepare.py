@@ -31,6 +31,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..io import public_mode
 from .tokenizer import BPETokenizer, ByteTokenizer
 
 FORMAT = "critbatch-tokens-v1"
@@ -294,6 +295,7 @@ def prepare(
             "prepare_seconds": round(time.time() - t0, 3),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        public_mode(tmp, directory=True)
         try:
             os.rename(tmp, out)
         except OSError:

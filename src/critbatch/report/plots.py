@@ -17,6 +17,10 @@ def _fig():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # SVG text as text (not glyph paths): smaller files and no clashing glyph ids when several
+    # figures are inlined into one HTML page; a fixed hash salt keeps the SVG output reproducible.
+    matplotlib.rcParams["svg.fonttype"] = "none"
+    matplotlib.rcParams["svg.hashsalt"] = "critbatch"
     return plt
 
 
@@ -78,9 +82,9 @@ def plot_loss_vs_batch(curve: dict, base: Path) -> None:
     plt = _fig()
     pts = curve["points"]
     n = len(pts)
-    cols = min(n, 3)
+    cols = min(n, 2)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
     metric = curve["decide_by"]
     for ax, p in zip(axes.flat, pts):
         bs = p["batch_seqs"]
@@ -151,4 +155,47 @@ def plot_comparison(metrics: dict[str, list[dict]], comp: dict, base: Path) -> N
     ax.set_title("Batch-size warmup against small- and large-batch controls")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.2)
+    save(fig, base)
+
+
+def plot_schedule(curve: dict, schedule: dict, base: Path, total_tokens: int | None = None) -> None:
+    """The derived batch schedule (a step function) over the CBS curve it came from, in sequences."""
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    T = curve["seq_len"]
+    pts = [p for p in curve["points"] if p["tokens"] > 0]
+    for p in pts:
+        lo, hi = p["cbs_low_seqs"], p["cbs_high_seqs"]
+        bottom = lo if lo > 0 else (hi or 1) / 4
+        top = hi if hi is not None else lo * 3
+        ax.plot([p["tokens"]] * 2, [bottom, top], "-", color="C0", lw=3, alpha=0.5)
+    ax.plot([], [], "-", color="C0", lw=3, alpha=0.5, label="measured CBS interval")
+    end = total_tokens or max(p["tokens"] for p in pts) * 2
+    phases = schedule["phases"]
+    xs, ys = [], []
+    start = max(min(p["tokens"] for p in pts) / 4, 1)
+    for i, ph in enumerate(phases):
+        a = max(ph["start_tokens"], start)
+        b = phases[i + 1]["start_tokens"] if i + 1 < len(phases) else end
+        if b <= a:
+            continue
+        xs += [a, b]
+        ys += [ph["batch_seqs"]] * 2
+    ax.plot(xs, ys, "-", color="C3", lw=2, label="derived batch (warmup)")
+    fit = curve.get("fit")
+    if fit:
+        from ..analysis.fit import saturating_power_law
+
+        ts = np.geomspace(start, end, 200)
+        ax.plot(ts, saturating_power_law(ts, fit["b_max"], fit["t_s"], fit["c"]) / T, "--", color="C1", label="CBS fit")
+    ax.set_xscale("log")
+    ax.set_yscale("log", base=2)
+    lows = [ph["batch_seqs"] for ph in phases] + [p["cbs_low_seqs"] for p in pts if p["cbs_low_seqs"] > 0]
+    highs = [ph["batch_seqs"] for ph in phases] + [p["cbs_high_seqs"] or p["cbs_low_seqs"] * 3 for p in pts]
+    ax.set_ylim(min(lows) / 4, max(highs) * 2)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("batch (sequences)")
+    ax.set_title("Batch-size warmup derived from the CBS curve")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.2)
     save(fig, base)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..io import dumps
+from ..io import dumps, public_mode
 
 FORMAT = "critbatch-ckpt-v1"
 KEPT_PREFIX = "tok_"
@@ -59,6 +59,7 @@ def save_checkpoint(ckpt_root: Path, *, tokens: int, kept: bool, model_state: di
         (tmp / "meta.json").write_text(dumps({"format": FORMAT, "tokens": tokens, "kept": kept, **meta}) + "\n")
         if final.exists():  # a torn directory without meta.json (cannot happen with rename, but be safe)
             shutil.rmtree(final)
+        public_mode(tmp, directory=True)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,187 @@
+"""``critbatch demo``: the paper's whole study on the embedded corpus, on a laptop-class CPU.
+
+Stages (each skipped when already finished, so a rerun only does what is missing):
+
+1. prepare   the State of the Union corpus as byte tokens           -> DIR/data
+2. base      the base run with kept checkpoints at log-spaced tokens -> DIR/base
+3. sweep     an adaptive branch search at every checkpoint           -> DIR/base/sweeps/<id>
+4. gns       the gradient noise scale at every checkpoint            -> DIR/base/gns.json
+5. schedule  batch-size warmup derived from the CBS curve            -> DIR/schedule.json
+6. compare   warmup against small- and large-batch controls          -> DIR/compare
+7. report    report.html, summary.json, summary.md                   -> DIR
+
+``DIR/demo.json`` records the configuration, the finished stages and the cost of each.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+from .io import read_json, write_json_atomic
+
+STAGES = ("prepare", "base", "sweep", "gns", "schedule", "compare", "report")
+
+
+@dataclass
+class DemoConfig:
+    out: str
+    quick: bool = False
+    """A short version (tests, a first look): a smaller run, fewer points, short windows."""
+    total_tokens: int = 1_000_000
+    points: list[int] = field(default_factory=lambda: [20_000, 60_000, 200_000, 600_000])
+    window_tokens: int = 102_400
+    k_min: float = 0.5
+    k_max: float = 32.0
+    resolution: float = 2.0
+    eval_seqs: int = 512
+    gns_b_big: int = 64
+    gns_batches: int = 32
+    anneal_tokens: int = 102_400
+    jobs: int | None = None
+    launcher: str = "local"
+    """Branch and comparison runs: worker processes (``local``), or ``inprocess`` — the quick demo's
+    choice, since its branches are so short that starting a process would cost more than training."""
+
+    @classmethod
+    def make(cls, out: str, quick: bool = False, **over) -> "DemoConfig":
+        if quick:
+            base = dict(total_tokens=120_000, points=[5_000, 20_000, 80_000], window_tokens=8_192, k_min=0.5,
+                        k_max=8.0, resolution=2.0, eval_seqs=64, gns_b_big=16, gns_batches=4, anneal_tokens=8_192,
+                        launcher="inprocess")
+            base.update(over)
+            over = base
+        return cls(out=out, quick=quick, **over)
+
+
+def _train_config(cfg: DemoConfig, data_dir: Path):
+    from . import presets
+    from .config import merge
+
+    base = presets.get("demo")
+    over = {"data": {"path": str(data_dir)}, "total_tokens": cfg.total_tokens, "checkpoint_tokens": cfg.points,
+            "eval_seqs": cfg.eval_seqs}
+    if cfg.quick:
+        over["lr_schedule"] = {"kind": "constant", "warmup_tokens": 2_000}
+    return merge(base, over)
+
+
+def _threads(cfg: DemoConfig) -> int:
+    """One thread per worker process; all cores for the one in-process run at a time."""
+    import os
+
+    return (os.cpu_count() or 1) if cfg.launcher == "inprocess" else 1
+
+
+class _Stages:
+    """Runs stages once, records their cost in demo.json."""
+
+    def __init__(self, out: Path, cfg: DemoConfig):
+        self.out = out
+        self.path = out / "demo.json"
+        state = read_json(self.path) if self.path.is_file() else {}
+        if state and state.get("config") != asdict(cfg):
+            raise ConfigError(f"{out} holds a demo with a different configuration; use another --out")
+        self.state = {"config": asdict(cfg), "stages": state.get("stages", {}), "artifacts": state.get("artifacts", {})}
+
+    def done(self, name: str) -> bool:
+        return bool(self.state["stages"].get(name, {}).get("done"))
+
+    def run(self, name: str, fn, *, always: bool = False):
+        i = STAGES.index(name) + 1
+        if self.done(name) and not always:
+            print(f"[{i}/{len(STAGES)}] {name}: done earlier ({self.state['stages'][name]['seconds']:.1f}s)", file=sys.stderr, flush=True)
+            return None
+        print(f"[{i}/{len(STAGES)}] {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        out = fn()
+        secs = time.perf_counter() - t0
+        prev = self.state["stages"].get(name, {})
+        # a rerun of an already finished stage (the report) keeps its first cost beside the latest
+        self.state["stages"][name] = {"done": True, "seconds": secs if not prev.get("done") else prev["seconds"],
+                                      "last_seconds": secs}
+        write_json_atomic(self.path, self.state)
+        print(f"[{i}/{len(STAGES)}] {name}: {secs:.1f}s", file=sys.stderr, flush=True)
+        return out
+
+    def artifact(self, key: str, value=None):
+        if value is not None:
+            self.state["artifacts"][key] = value
+            write_json_atomic(self.path, self.state)
+        return self.state["artifacts"].get(key)
+
+
+def _validate(cfg: DemoConfig, seq_len: int) -> None:
+    for name in ("total_tokens", "anneal_tokens", "window_tokens"):
+        v = getattr(cfg, name)
+        if v < 0 or v % seq_len:
+            raise ConfigError(f"demo {name}={v} must be a whole number of {seq_len}-token sequences")
+    if not cfg.points or max(cfg.points) >= cfg.total_tokens:
+        raise ConfigError(f"demo branch points {cfg.points} must lie inside the run of {cfg.total_tokens} tokens")
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from .branch import SweepConfig, run_sweep
+    from .compare import CompareConfig, run_compare
+    from .data import prepare
+    from .gns.checkpoints import GNSConfig, gns_at_checkpoints
+    from .report import build_report
+    from .schedules.derive import derive_schedule
+    from .schedules.export import schedule_document
+    from .train import train
+
+    from . import presets
+
+    _validate(cfg, presets.get("demo").model.seq_len)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    st = _Stages(out, cfg)
+    t_all = time.perf_counter()
+    data_dir = out / "data"
+    st.run("prepare", lambda: prepare(data_dir, corpus="sotu", tokenizer="bytes", quiet=True))
+    tcfg = _train_config(cfg, data_dir)
+    st.run("base", lambda: train(tcfg, out / "base", progress=None))
+
+    def sweep():
+        res = run_sweep(SweepConfig(run=str(out / "base"), at=cfg.points, window_tokens=cfg.window_tokens,
+                                    search="adaptive", k_min=cfg.k_min, k_max=cfg.k_max, resolution=cfg.resolution,
+                                    eval_seqs=cfg.eval_seqs, jobs=cfg.jobs, launcher=cfg.launcher,
+                                    threads_per_branch=_threads(cfg)), progress=None)
+        st.artifact("sweep_dir", str(res.sweep_dir.relative_to(out)))
+
+    st.run("sweep", sweep)
+    st.run("gns", lambda: gns_at_checkpoints(GNSConfig(run=str(out / "base"), at=cfg.points, b_small=1,
+                                                       b_big=cfg.gns_b_big, n_batches=cfg.gns_batches)))
+
+    def schedule():
+        curve = read_json(out / st.artifact("sweep_dir") / "cbs.json")
+        d = derive_schedule(curve, tcfg.batch_seqs, rule=curve["lr_rule"], until_tokens=cfg.total_tokens)
+        doc = schedule_document(d.schedule, notes=d.notes, extrapolated=d.extrapolated,
+                                derived_from={"sweep": st.artifact("sweep_dir"), "source": d.source, "bound": d.bound,
+                                              "safety": 1.0, "granularity": None, "start_seqs": tcfg.batch_seqs,
+                                              "max_seqs": None, "decide_by": curve["decide_by"], "rule": curve["rule"]})
+        write_json_atomic(out / "schedule.json", doc)
+
+    st.run("schedule", schedule)
+
+    def compare():
+        doc = read_json(out / "schedule.json")
+        if len([p for p in doc["phases"] if p["start_tokens"] < cfg.total_tokens]) < 2:
+            st.artifact("compare_skipped", "the derived schedule has no batch change within the run: nothing to compare")
+            return
+        cfg_file = out / "compare-config.json"
+        from .config import merge, to_dict
+
+        write_json_atomic(cfg_file, to_dict(merge(tcfg, {"checkpoint_tokens": []})))
+        run_compare(CompareConfig(out=str(out / "compare"), schedule=str(out / "schedule.json"), config=str(cfg_file),
+                                  total_tokens=cfg.total_tokens, anneal_tokens=cfg.anneal_tokens, jobs=cfg.jobs,
+                                  launcher=cfg.launcher, threads_per_job=_threads(cfg)))
+
+    st.run("compare", compare)
+    st.run("report", lambda: build_report(out), always=True)
+    summary = read_json(out / "summary.json")
+    summary["demo_wall_time_s"] = time.perf_counter() - t_all
+    return summary

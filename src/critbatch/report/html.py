@@ -1,0 +1,359 @@
+"""One self-contained HTML report (inline SVG, no network), plus ``summary.json`` and ``summary.md``,
+rebuilt from a study directory alone: ``critbatch report DIR``.
+
+``DIR`` is a demo directory (``demo.json``: base run, sweep, noise scale, schedule, comparison) or a
+plain run directory (its newest sweep and ``gns.json`` when present). Every number in the report is
+read from the files the stages wrote; the figures are redrawn from them.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+from ..errors import DataError
+from ..io import read_json, read_jsonl, write_json_atomic, write_text_atomic
+from ..units import fmt_count
+
+FIGURES = ("loss_vs_batch", "cbs_curve", "schedule", "comparison")
+
+
+def _layout(d: Path) -> dict:
+    """Where each artifact of a study lives."""
+    if (d / "demo.json").is_file():
+        demo = read_json(d / "demo.json")
+        run = d / "base"
+        sweep = d / demo["artifacts"]["sweep_dir"] if demo.get("artifacts", {}).get("sweep_dir") else None
+        return {"kind": "demo", "demo": demo, "run": run, "sweep": sweep,
+                "schedule": d / "schedule.json" if (d / "schedule.json").is_file() else None,
+                "compare": d / "compare" if (d / "compare" / "comparison.json").is_file() else None}
+    if (d / "config.json").is_file():
+        sweeps = sorted((d / "sweeps").glob("*/cbs.json"), key=lambda p: p.stat().st_mtime)
+        return {"kind": "run", "demo": None, "run": d, "sweep": sweeps[-1].parent if sweeps else None,
+                "schedule": None, "compare": None}
+    raise DataError(f"{d} is neither a demo directory (demo.json) nor a run directory (config.json)")
+
+
+def _doublings(points: list[dict]) -> dict:
+    """CBS growth between the first and the last branch point, in doublings."""
+    pts = [p for p in points if p["tokens"] > 0]
+    if len(pts) < 2:
+        return {"first_tokens": None, "last_tokens": None, "geomean": None, "certain": None}
+    a, b = pts[0], pts[-1]
+
+    def mid(p):
+        if p["cbs_high_seqs"] is None:
+            return p["cbs_low_seqs"]
+        if p["cbs_low_seqs"] <= 0:
+            return p["cbs_high_seqs"] / 2
+        return math.sqrt(p["cbs_low_seqs"] * p["cbs_high_seqs"])
+
+    certain = None
+    if a["cbs_high_seqs"] is not None and b["cbs_low_seqs"] > 0:
+        certain = math.log2(b["cbs_low_seqs"] / a["cbs_high_seqs"])  # the least growth the intervals allow
+    return {"first_tokens": a["tokens"], "last_tokens": b["tokens"], "geomean": math.log2(mid(b) / mid(a)),
+            "certain": certain}
+
+
+def _interval_text(p: dict) -> str:
+    lo, hi = p["cbs_low_seqs"], p["cbs_high_seqs"]
+    if len(p["ks"]) < 2:
+        return "no decision (one batch size)"
+    if hi is None:
+        return f"≥ {lo:g} (even the largest batch passed)"
+    if p["below_grid"] or lo <= 0:
+        return f"≤ {hi:g} (only the smallest batch passed)"
+    return f"{lo:g} – {hi:g}"
+
+
+def summarize(d: Path) -> dict:
+    lay = _layout(d)
+    run = lay["run"]
+    cfg = read_json(run / "config.json")
+    res = read_json(run / "result.json") if (run / "result.json").is_file() else {}
+    env = read_json(run / "env.json") if (run / "env.json").is_file() else {}
+    s: dict = {"kind": lay["kind"], "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "base": {"config": cfg, "result": res}, "versions": env}
+    if lay["sweep"] is not None:
+        curve = read_json(lay["sweep"] / "cbs.json")
+        s["curve"] = curve
+        s["points"] = [{
+            "tokens": p["tokens"], "base_batch_seqs": p["base_batch_seqs"], "probed_k": p["ks"],
+            "cbs_low_seqs": p["cbs_low_seqs"], "cbs_high_seqs": p["cbs_high_seqs"],
+            "cbs_low_tokens": p["cbs_low_tokens"], "cbs_high_tokens": p["cbs_high_tokens"],
+            "readings_disagree": p["readings_disagree"], "bounded_above": p["bounded_above"],
+            "below_grid": p["below_grid"], "interval": _interval_text(p),
+            "noise_scale_seqs": (p.get("noise_scale") or {}).get("b_simple_seqs"),
+            "noise_scale_ci_seqs": [(p.get("noise_scale") or {}).get("ci_low_seqs"),
+                                    (p.get("noise_scale") or {}).get("ci_high_seqs")],
+        } for p in curve["points"]]
+        s["growth_doublings"] = _doublings(curve["points"])
+        s["fit"] = curve.get("fit")
+        s["sweep_cost"] = curve["cost"]
+    if lay["schedule"] is not None:
+        s["schedule"] = read_json(lay["schedule"])
+    if lay["compare"] is not None:
+        s["comparison"] = read_json(lay["compare"] / "comparison.json")
+    if lay["demo"] is not None:
+        # the report's own cost cannot be in the report it is writing
+        s["stages"] = {k: v for k, v in lay["demo"]["stages"].items() if k != "report"}
+        s["demo_config"] = lay["demo"]["config"]
+        s["total_seconds"] = sum(v["seconds"] for v in s["stages"].values() if v.get("done"))
+        if lay["demo"].get("artifacts", {}).get("compare_skipped"):
+            s["compare_skipped"] = lay["demo"]["artifacts"]["compare_skipped"]
+    s["conclusions"] = conclusions(s)
+    return s
+
+
+def conclusions(s: dict) -> list[str]:
+    """Plain sentences on what the numbers do and do not show."""
+    out = []
+    pts = s.get("points") or []
+    g = s.get("growth_doublings") or {}
+    if pts:
+        T = s["curve"]["seq_len"]
+        first, last = pts[0], pts[-1]
+        txt = (f"The local critical batch size, decided by the {s['curve']['decide_by']} loss with the "
+               f"{s['curve']['rule']} rule, went from {first['interval']} sequences at {fmt_count(first['tokens'])} tokens "
+               f"to {last['interval']} sequences at {fmt_count(last['tokens'])} tokens")
+        if g.get("geomean") is not None:
+            txt += f": about {g['geomean']:.1f} doublings between the interval middles"
+            if g.get("certain") is not None:
+                txt += (f", and at least {max(g['certain'], 0):.0f} that the intervals themselves guarantee"
+                        if g["certain"] >= 1 else "; the intervals alone do not guarantee a doubling")
+        out.append(txt + f" (sequences of {T} tokens).")
+        nonmono = [(a, b) for a, b in zip(pts, pts[1:]) if b["cbs_high_seqs"] is not None and a["cbs_low_seqs"] > 0
+                   and b["cbs_high_seqs"] <= a["cbs_low_seqs"]]
+        if nonmono:
+            out.append(f"The curve is not monotone: at {fmt_count(nonmono[0][1]['tokens'])} tokens the interval lies below "
+                       f"the previous one — at this scale branch noise can move a decision by a grid step.")
+        if any(p["readings_disagree"] for p in pts):
+            out.append("At some points the paper's reading and the conservative reading disagree (a larger batch "
+                       "passed after a smaller one failed); the report shows the paper's.")
+        if any(not p["bounded_above"] for p in pts if len(p["probed_k"]) > 1):
+            out.append("Where even the largest probed batch passed, the CBS is only bounded below.")
+        ns = [(p["noise_scale_seqs"], p) for p in pts if p["noise_scale_seqs"] is not None]
+        if ns:
+            ratios = []
+            for b, p in ns:
+                mid = (math.sqrt(p["cbs_low_seqs"] * p["cbs_high_seqs"]) if (p["cbs_high_seqs"] and p["cbs_low_seqs"] > 0)
+                       else None)
+                if mid:
+                    ratios.append(mid / b if b > 0 else float("inf"))
+            if ratios:
+                out.append(f"The gradient noise scale B_simple ran from {ns[0][0]:.3g} to {ns[-1][0]:.3g} sequences; "
+                           f"the measured CBS (interval middle) was {min(ratios):.2g}–{max(ratios):.2g}× the noise "
+                           f"scale. Merrill et al. report the noise scale missing the CBS by orders of magnitude for "
+                           f"OLMo; here, for a {fmt_count(s['base']['result'].get('params', 0))}-parameter model far from "
+                           f"convergence, they are within that factor.")
+    if s.get("fit"):
+        f = s["fit"]
+        out.append(f"The censored fit B(t) = B_max·u/(1+u), u = (t/t_s)^c gives c = {f['c']:.2f} and a plateau of "
+                   f"{fmt_count(f['b_max'])} tokens" + ("" if f["plateau_in_range"] else
+                   " — extrapolated: the measured points do not reach it") + ".")
+    c = s.get("comparison")
+    if c:
+        w, sm, lg = c["runs"]["warmup"], c["runs"]["small"], c["runs"]["large"]
+        d_eval = (w["final_eval_loss"] or float("nan")) - (sm["final_eval_loss"] or float("nan"))
+        out.append(f"Batch-size warmup reached a held-out loss of {w['final_eval_loss']:.4f} against "
+                   f"{sm['final_eval_loss']:.4f} for the small-batch control ({d_eval:+.4f} nats) with "
+                   f"{w['steps_saved_pct']:.0f}% fewer optimizer steps; the large-batch control at the final batch from "
+                   f"the start reached {lg['final_eval_loss']:.4f} ({lg['steps_saved_pct']:.0f}% fewer steps).")
+        if c.get("anneal_tokens") and w.get("anneal_eval_loss") is not None:
+            out.append(f"After the {fmt_count(c['anneal_tokens'])}-token anneal: warmup {w['anneal_eval_loss']:.4f}, "
+                       f"small {sm['anneal_eval_loss']:.4f}, large {lg['anneal_eval_loss']:.4f}.")
+        out.append("What this does not show: one seed and one data order per run, a tiny model on a 10 MB corpus, "
+                   "and differences of about 0.01 nats are within the branch-to-branch noise measured in docs/LOG.md; "
+                   "fewer optimizer steps save wall time only where a larger batch runs faster per token (GPUs), not "
+                   "on this CPU.")
+    elif s.get("compare_skipped"):
+        out.append(f"No comparison: {s['compare_skipped']}.")
+    return out
+
+
+# ---- figures --------------------------------------------------------------------------------------
+
+
+def _svg(path: Path) -> str:
+    text = path.read_text()
+    text = text[text.index("<svg"):]
+    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)  # matplotlib's RDF block
+    # scale with the page
+    text = re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', r'<svg\1', text, count=1)  # CSS sizes it
+    return text
+
+
+def draw_figures(d: Path, s: dict) -> dict[str, Path]:
+    from .plots import plot_cbs_curve, plot_comparison, plot_loss_vs_batch, plot_schedule
+
+    lay = _layout(d)
+    fig_dir = d / "figures" if lay["kind"] == "demo" else d / "report-figures"
+    fig_dir.mkdir(exist_ok=True)
+    out = {}
+    if s.get("curve"):
+        from ..analysis.curve import noise_scale_points
+
+        plot_loss_vs_batch(s["curve"], fig_dir / "loss_vs_batch")
+        plot_cbs_curve(s["curve"], fig_dir / "cbs_curve", noise_scale=noise_scale_points(s["curve"]) or None)
+        out["loss_vs_batch"] = fig_dir / "loss_vs_batch.svg"
+        out["cbs_curve"] = fig_dir / "cbs_curve.svg"
+    if s.get("schedule") and s.get("curve"):
+        plot_schedule(s["curve"], s["schedule"], fig_dir / "schedule",
+                      total_tokens=s["comparison"]["pretrain_tokens"] if s.get("comparison") else None)
+        out["schedule"] = fig_dir / "schedule.svg"
+    if s.get("comparison"):
+        from ..compare import RUNS
+
+        metrics = {n: read_jsonl(lay["compare"] / "runs" / n / "metrics.jsonl") for n in RUNS}
+        plot_comparison(metrics, s["comparison"], fig_dir / "comparison")
+        out["comparison"] = fig_dir / "comparison.svg"
+    return out
+
+
+# ---- HTML -----------------------------------------------------------------------------------------
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+figure{margin:1em 0;padding:.5em;border:1px solid #eee;border-radius:6px}figcaption{color:#555;font-size:.9em}
+figure svg{display:block;margin:0 auto;max-width:760px;width:100%;height:auto}
+table{border-collapse:collapse;margin:.8em 0;font-size:.92em}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:right}
+th{background:#f6f6f6}td:first-child,th:first-child{text-align:left}pre{background:#f8f8f8;padding:.8em;overflow:auto;font-size:.8em}
+.muted{color:#666}ul.conclusions li{margin:.3em 0}
+"""
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    h = "".join(f"<th>{html.escape(str(x))}</th>" for x in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _num(v, fmt="{:.4f}"):
+    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
+
+
+def render_html(s: dict, figs: dict[str, Path]) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>critbatch report</title>"
+             f"<style>{CSS}</style></head><body>"]
+    base = s["base"]["config"]
+    m = base["model"]
+    parts.append("<h1>critbatch: local critical batch size and batch-size warmup</h1>")
+    parts.append(f"<p class='muted'>Generated {e(s['generated'])} from the files of the study. Base run: a "
+                 f"{m['n_layer']}-layer GPT (d={m['d_model']}, {fmt_count(s['base']['result'].get('params'))} parameters), "
+                 f"sequences of {m['seq_len']} tokens, base batch {base['batch_seqs']} sequences, "
+                 f"{fmt_count(base['total_tokens'])} tokens, AdamW lr {base['optim']['lr']:g}, LR rule "
+                 f"{base['optim']['lr_rule']}. Method: Merrill et al. 2025, <i>Critical Batch Size Revisited</i>.</p>")
+    parts.append("<h2 id='conclusions'>What was found</h2><ul class='conclusions'>"
+                 + "".join(f"<li>{e(c)}</li>" for c in s["conclusions"]) + "</ul>")
+
+    def fig(key: str, title: str, caption: str) -> None:
+        if key in figs:
+            parts.append(f"<figure id='fig-{key}' class='figure'>{_svg(figs[key])}<figcaption><b>{e(title)}.</b> "
+                         f"{e(caption)}</figcaption></figure>")
+
+    if s.get("points"):
+        parts.append("<h2 id='cbs'>The local critical batch size</h2>")
+        fig("loss_vs_batch", "Loss against batch size at each branch point (Merrill et al. Fig. 1)",
+            "Final branch loss for each probed batch k·B; crosses mark batches worse than a smaller one by more than "
+            "the tolerance; the dashed line is the CBS reading.")
+        fig("cbs_curve", "CBS against training tokens, with the fit and the noise scale (Figs. 2–3)",
+            "Bars: measured CBS intervals [k*·B, k_next·B] (dots at their geometric mean; arrows: one-sided). "
+            "Dashed: the censored saturating power-law fit. Squares: the gradient noise scale B_simple with 95% intervals.")
+        rows = [[fmt_count(p["tokens"]), p["base_batch_seqs"], " ".join(f"{k:g}" for k in p["probed_k"]), p["interval"],
+                 "yes" if p["readings_disagree"] else "", _num(p["noise_scale_seqs"], "{:.3g}")] for p in s["points"]]
+        parts.append(_table(["tokens", "base batch", "probed k", "CBS (sequences)", "readings disagree",
+                             "noise scale (seqs)"], rows))
+    if s.get("schedule"):
+        sch = s["schedule"]
+        parts.append("<h2 id='schedule'>Derived batch-size warmup</h2>")
+        fig("schedule", "The derived schedule over the CBS curve",
+            f"Doublings where the CBS ({sch.get('derived_from', {}).get('source', '?')}) reaches the next batch; "
+            f"LR multiplied by the {sch['rule']} rule at each step.")
+        parts.append(_table(["from tokens", "batch (sequences)", "batch (tokens)", "LR multiplier"],
+                            [[f"{p['start_tokens']:,}", p["batch_seqs"], f"{p['batch_tokens']:,}",
+                              f"{p['lr_multiplier']:.3f}"] for p in sch["phases"]]))
+        if sch.get("notes"):
+            parts.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in sch["notes"]) + "</ul>")
+        ex = sch.get("exports", {})
+        parts.append(f"<p>Megatron-LM: <code>--step-batch-size-schedule \"{e(ex.get('megatron_step_batch_size_schedule', ''))}\" "
+                     f"--seq-length {sch['seq_len']}</code>. OLMo-core BatchSizeSchedulerCallback: "
+                     f"<code>{e(json.dumps(ex.get('olmo_core_batch_size_scheduler')))}</code></p>")
+    if s.get("comparison"):
+        c = s["comparison"]
+        parts.append("<h2 id='comparison'>Warmup against small- and large-batch controls</h2>")
+        fig("comparison", "Loss against tokens (Merrill et al. Fig. 4)",
+            "Training loss (moving average) and held-out loss (dots) of the three runs; dashed: warmup batch changes.")
+        head = ["run", "batch (sequences)", "train loss", "eval loss"]
+        if c["anneal_tokens"]:
+            head += ["train after anneal", "eval after anneal"]
+        head += ["optimizer steps", "steps saved", "wall time"]
+        rows = []
+        for n, r in c["runs"].items():
+            sched = " → ".join(f"{b}" + (f" at {fmt_count(t)}" if t else "") for t, b in r["batch_schedule"])
+            row = [n, sched, _num(r["final_train_loss"]), _num(r["final_eval_loss"])]
+            if c["anneal_tokens"]:
+                row += [_num(r.get("anneal_train_loss")), _num(r.get("anneal_eval_loss"))]
+            row += [f"{r['optimizer_steps']:,}", f"{r['steps_saved_pct']:.0f}%", f"{r['wall_time_s']:.0f}s"]
+            rows.append(row)
+        parts.append("<p>Table 1 (as in Merrill et al.).</p>" + _table(head, rows))
+        parts.append(f"<p class='muted'>{e(c['final_train_loss_definition'])}.</p>")
+    if s.get("stages"):
+        parts.append("<h2 id='costs'>Cost of each stage</h2>")
+        parts.append(_table(["stage", "seconds"], [[k, f"{v['seconds']:.1f}"] for k, v in s["stages"].items()]
+                            + [["total", f"{s['total_seconds']:.1f}"]]))
+    if s.get("sweep_cost"):
+        sc = s["sweep_cost"]
+        parts.append(f"<p>Branches: {sc['branches']}, {sc['branch_tokens']:,} branch tokens"
+                     + (f" (a full grid at the same resolution: {sc['full_grid_branch_tokens']:,})"
+                        if sc.get("full_grid_branch_tokens") else "") + ".</p>")
+    parts.append("<h2 id='configs'>Configuration and versions</h2>")
+    v = s.get("versions", {})
+    parts.append(_table(["component", "version"], [[k, v[k]] for k in ("critbatch", "torch", "numpy", "python", "platform",
+                                                                      "cpu_count", "cuda") if k in v]))
+    parts.append(f"<details><summary>Base run config</summary><pre>{e(json.dumps(base, indent=2))}</pre></details>")
+    if s.get("demo_config"):
+        parts.append(f"<details><summary>Demo config</summary><pre>{e(json.dumps(s['demo_config'], indent=2))}</pre></details>")
+    if s.get("curve"):
+        cur = {k: v for k, v in s["curve"].items() if k not in ("points",)}
+        parts.append(f"<details><summary>Sweep</summary><pre>{e(json.dumps(cur, indent=2, default=str))}</pre></details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render_markdown(s: dict) -> str:
+    lines = ["# critbatch report", "", "## What was found", ""] + [f"- {c}" for c in s["conclusions"]] + [""]
+    if s.get("points"):
+        lines += ["## Local critical batch size", "", "| tokens | base batch | CBS (sequences) | noise scale (seqs) |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {p['tokens']:,} | {p['base_batch_seqs']} | {p['interval']} | {_num(p['noise_scale_seqs'], '{:.3g}')} |"
+                  for p in s["points"]] + [""]
+    if s.get("schedule"):
+        lines += ["## Derived warmup", ""] + [f"- from {p['start_tokens']:,} tokens: {p['batch_seqs']} sequences, "
+                                               f"LR × {p['lr_multiplier']:.3f}" for p in s["schedule"]["phases"]] + [""]
+    if s.get("comparison"):
+        from ..compare import markdown_table
+
+        lines += ["## Comparison", "", markdown_table(s["comparison"])]
+    if s.get("stages"):
+        lines += ["## Cost", ""] + [f"- {k}: {v['seconds']:.1f} s" for k, v in s["stages"].items()] + \
+                 [f"- total: {s['total_seconds']:.1f} s", ""]
+    return "\n".join(lines) + "\n"
+
+
+def build_report(d: str | Path) -> Path:
+    """Write ``report.html``, ``summary.json`` and ``summary.md`` into ``d``; returns the HTML path."""
+    d = Path(d)
+    s = summarize(d)
+    figs = draw_figures(d, s)
+    lean = {k: v for k, v in s.items() if k != "curve"}
+    lean["figures"] = {k: str(p.relative_to(d)) for k, p in figs.items()}
+    write_json_atomic(d / "summary.json", lean)
+    write_text_atomic(d / "summary.md", render_markdown(s))
+    write_text_atomic(d / "report.html", render_html(s, figs))
+    return d / "report.html"

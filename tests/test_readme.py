@@ -1,0 +1,56 @@
+"""The README's commands, run as written (their quick forms), in a fresh directory."""
+
+import glob
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_block(marker: str) -> list[str]:
+    """Command lines of the fenced block that follows ``<!-- readme-test: marker -->``."""
+    text = README.read_text()
+    m = re.search(rf"<!-- readme-test: {marker} -->\s*```[a-z]*\n(.*?)```", text, re.S)
+    assert m, f"README has no block marked {marker}"
+    lines = []
+    for line in m.group(1).splitlines():
+        line = line.split(" #")[0].strip()
+        if line and not line.startswith("#"):
+            lines.append(line)
+    return lines
+
+
+def test_readme_starts_with_the_two_commands():
+    head = README.read_text().split("\n## ")[0]
+    assert "make demo" in head and "make test" in head
+
+
+def run_lines(lines, cwd):
+    exe = Path(sys.executable).parent / "critbatch"
+    env = {**os.environ, "CRITBATCH_CACHE": str(cwd / "cache")}
+    for line in lines:
+        args = []
+        for a in shlex.split(line):  # expand globs as the shell would
+            hits = sorted(glob.glob(a, root_dir=cwd)) if any(c in a for c in "*?[") else []
+            args += hits or [a]
+        assert args[0] == "critbatch", line
+        r = subprocess.run([str(exe), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"
+
+
+def test_each_stage_alone_as_the_readme_shows(tmp_path):
+    lines = readme_block("stages")
+    assert [l.split()[1] for l in lines][:7] == ["prepare", "train", "branch", "gns", "schedule", "compare", "report"]
+    run_lines(lines, tmp_path)
+    assert (tmp_path / "runs" / "base" / "report.html").is_file()
+    assert (tmp_path / "runs" / "compare" / "comparison.md").is_file()
+
+
+def test_bring_your_own_text_as_the_readme_shows(tmp_path):
+    (tmp_path / "my_corpus.jsonl").write_text("\n".join('{"text": "%s"}' % ("words and more words " * 400) for _ in range(30)))
+    run_lines(readme_block("own-data"), tmp_path)
+    assert (tmp_path / "runs" / "mine" / "result.json").is_file()

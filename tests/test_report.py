@@ -1,0 +1,133 @@
+"""The demo pipeline and its report: every stage, rerun skipping, and the page in a real browser."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from critbatch.cli import main
+from critbatch.io import read_json
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_demo_runs_every_stage(quick_demo):
+    demo = read_json(quick_demo / "demo.json")
+    assert set(demo["stages"]) == {"prepare", "base", "sweep", "gns", "schedule", "compare", "report"}
+    assert all(s["done"] and s["seconds"] >= 0 for s in demo["stages"].values())
+    s = read_json(quick_demo / "summary.json")
+    assert [p["tokens"] for p in s["points"]] == [5_120, 20_480, 80_384]  # the requested points, on step boundaries
+    assert all(p["noise_scale_seqs"] is not None for p in s["points"])
+    assert s["schedule"]["phases"][0]["batch_seqs"] == 8
+    assert set(s["comparison"]["runs"]) == {"warmup", "small", "large"}
+    assert s["conclusions"] and all(isinstance(c, str) and c for c in s["conclusions"])
+    md = (quick_demo / "summary.md").read_text()
+    assert md.startswith("# critbatch report") and "## What was found" in md
+    html = (quick_demo / "report.html").read_text()
+    assert html.count("<figure") == len(s["figures"]) >= 3
+    import re
+
+    # self-contained: nothing is loaded from anywhere (namespace URIs are names, not fetched)
+    assert re.findall(r'(?:src|href)\s*=\s*["\'](?:https?:|//)', html) == []
+    assert "<script" not in html and "<link" not in html and "url(http" not in html
+
+
+def test_rerun_skips_finished_stages(quick_demo, capsys):
+    before = read_json(quick_demo / "demo.json")["stages"]
+    assert main(["demo", "--quick", "--out", str(quick_demo)]) == 0
+    err = capsys.readouterr().err
+    for stage in ("prepare", "base", "sweep", "gns", "schedule", "compare"):
+        assert f"{stage}: done earlier" in err
+    after = read_json(quick_demo / "demo.json")["stages"]
+    assert {k: v["seconds"] for k, v in before.items()} == {k: v["seconds"] for k, v in after.items()}
+
+
+def test_report_rebuilds_from_the_directory_alone(quick_demo, tmp_path):
+    copy = tmp_path / "moved"
+    shutil.copytree(quick_demo, copy)
+    for f in ("report.html", "summary.json", "summary.md"):
+        (copy / f).unlink()
+    shutil.rmtree(copy / "figures")
+    r = subprocess.run([sys.executable, "-m", "critbatch", "report", str(copy)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = read_json(quick_demo / "summary.json"), read_json(copy / "summary.json")
+    strip = lambda s: {k: v for k, v in s.items() if k != "generated"}  # noqa: E731
+    assert strip(a) == strip(b)
+    # a plain run directory gets a report of what it has
+    assert main(["report", str(quick_demo / "base")]) == 0
+    assert (quick_demo / "base" / "report.html").is_file()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_demo_refuses_a_directory_of_another_configuration(quick_demo, capsys):
+    code = main(["demo", "--out", str(quick_demo)])  # the full demo into the quick one's directory
+    assert code == 2 and "different configuration" in capsys.readouterr().err
+
+
+# ---- the browser ---------------------------------------------------------------------------------
+
+
+def _png_nonblank_fraction(png: bytes) -> float:
+    """Share of pixels that are not (near) white (Pillow comes with matplotlib)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    img = Image.open(BytesIO(png)).convert("L")
+    hist = img.histogram()
+    total = sum(hist)
+    return 1 - sum(hist[245:]) / total
+
+
+def _chrome():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("no Chromium here: install Debian's chromium and chromium-driver (.ci/run does) to run the browser check")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (it is a dev dependency: make test installs it)")
+    return chromium, driver, webdriver, Options, Service
+
+
+def test_report_in_headless_chromium(quick_demo, tmp_path):
+    chromium, driver_path, webdriver, Options, Service = _chrome()
+    from selenium.webdriver.common.by import By
+
+    opts = Options()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1000"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        drv.get((quick_demo / "report.html").as_uri())
+        assert "critbatch" in drv.title
+        errors = [e for e in drv.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+        assert errors == [], errors
+        figures = drv.find_elements(By.CSS_SELECTOR, "figure")
+        expected = read_json(quick_demo / "summary.json")["figures"]
+        assert len(figures) == len(expected) >= 3
+        for f in figures:
+            drv.execute_script("arguments[0].scrollIntoView()", f)
+            assert f.is_displayed()
+            svg = f.find_element(By.TAG_NAME, "svg")
+            assert svg.rect["width"] > 300 and svg.rect["height"] > 150, (f.get_attribute("id"), svg.rect)
+            shot = f.screenshot_as_png
+            assert _png_nonblank_fraction(shot) > 0.02, f.get_attribute("id")  # something is drawn
+        page = drv.get_screenshot_as_png()
+        (tmp_path / "page.png").write_bytes(page)
+        assert _png_nonblank_fraction(page) > 0.01
+    finally:
+        drv.quit()
