@@ -74,7 +74,7 @@ def main() -> None:
     from critbatch.train.loop import _peak_flops
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny", help="size preset of the base run and its branches")
+    ap.add_argument("--preset", default="demo", help="size preset of the base run and its branches (the demo's)")
     ap.add_argument("--out", default="runs/gpu-sweep")
     ap.add_argument("--quick", action="store_true", help="short base run and windows: a smoke test")
     ap.add_argument("--per-gpu", default="1,4", help="branches per GPU to compare (comma-separated)")
@@ -100,7 +100,8 @@ def main() -> None:
     waves = a.waves
     out = Path(a.out)
     for old in [out / "base", *out.glob("per_gpu_*")]:  # fresh work: finished branches would be skipped
-        shutil.rmtree(old)
+        if old.exists():
+            shutil.rmtree(old)
 
     base_cfg = presets.get(a.preset)
     B, T = base_cfg.batch_seqs, base_cfg.model.seq_len
