@@ -17,24 +17,7 @@ import subprocess
 import sys
 import time
 
-
-def matmul_peak(device: str) -> float:
-    import torch
-
-    n = 2048
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    for _ in range(2):
-        a @ b
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    reps = 5 if device == "cpu" else 50
-    for _ in range(reps):
-        a @ b
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+from critbatch.perf import matmul_flops
 
 
 def one(spec: dict) -> dict:
@@ -58,7 +41,7 @@ def one(spec: dict) -> dict:
            "flops_per_token": res["flops_per_token"]}
     if spec["device"] == "cuda":
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        out["mfu"] = out["tokens_per_s"] * res["flops_per_token"] / (t.peak_flops or matmul_peak("cuda"))
+        out["mfu"] = out["tokens_per_s"] * res["flops_per_token"] / (t.peak_flops or matmul_flops("cuda"))
     else:
         # Whole-process peak RSS (Python + torch + data pages touched), comparable across rows.
         out["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
@@ -87,7 +70,7 @@ def main() -> None:
     scale = 0.05 if a.quick else 1.0
     rows = []
     for dev in devices:
-        peak = matmul_peak(dev)
+        peak = matmul_flops(dev)
         print(f"\n== {dev}: measured fp32 2048^2 matmul {peak / 1e9:.1f} GFLOP/s"
               + (" (MFU below is against this, not a vendor peak)" if dev == "cpu" else ""))
         if dev == "cpu":

@@ -5,7 +5,7 @@ branch sweep from two copies of it: with 1 branch per GPU (``jobs`` = GPUs) and 
 (``jobs`` = 4 x GPUs; ``_worker_env`` gives slot s the GPU s mod GPUs). For each it prints the
 sweep's tokens/s per GPU — all branch tokens over the sweep's wall time, process start-up included,
 divided by the GPUs — and the MFU that is, against the GPU's dense bf16 peak
-(``critbatch.train.loop._peak_flops``; ``CRITBATCH_PEAK_FLOPS`` overrides). Both sweeps compute the
+(``critbatch.perf.peak_flops``; ``CRITBATCH_PEAK_FLOPS`` overrides). Both sweeps compute the
 same branches, so their losses must agree (bitwise on CPU; GPU kernels need not be bitwise
 deterministic, so there it fails only beyond 1% relative). Figures go to ``OUT/bench.json``.
 
@@ -31,29 +31,6 @@ import time
 from pathlib import Path
 
 
-def matmul_peak(device: str, threads: int) -> float:
-    """FLOP/s of a 2048^2 fp32 matmul (CPU: on ``threads`` threads): the CPU stand-in for a peak."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        n = 2048
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        reps = 5 if device == "cpu" else 50
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return 2 * n**3 * reps / (time.perf_counter() - t)
-    finally:
-        torch.set_num_threads(old)
-
-
 def branch_tokens(run: Path) -> tuple[int, float]:
     """(tokens trained, summed training-loop seconds) over the run's branches."""
     tokens, loop_s = 0, 0.0
@@ -71,7 +48,7 @@ def main() -> None:
     from critbatch.branch import SweepConfig, run_sweep
     from critbatch.config import merge
     from critbatch.train import train
-    from critbatch.train.loop import _peak_flops
+    from critbatch.perf import matmul_flops, peak_flops
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="demo", help="size preset of the base run and its branches (the demo's)")
@@ -124,11 +101,11 @@ def main() -> None:
         torch.cuda.empty_cache()  # the branches get the GPUs; this process keeps only its context
     fpt = base["flops_per_token"]
     if cuda:
-        peak, peak_note = _peak_flops(torch.device("cuda")), "dense bf16 peak"
+        peak, peak_note = peak_flops(torch.device("cuda")), "dense bf16 peak"
         if peak is None:
-            peak, peak_note = matmul_peak("cuda", a.threads), "measured fp32 matmul (unknown GPU)"
+            peak, peak_note = matmul_flops("cuda", a.threads), "measured fp32 matmul (unknown GPU)"
     else:
-        peak, peak_note = matmul_peak("cpu", a.threads), f"measured fp32 matmul on {a.threads} thread(s)"
+        peak, peak_note = matmul_flops("cpu", a.threads), f"measured fp32 matmul on {a.threads} thread(s)"
     print(f"branches: {len(ks) * replicates} (k {', '.join(f'{k:g}' for k in ks)} x {replicates} replicates), "
           f"window {window:,} tokens; MFU against {peak / 1e12:.3g} TFLOP/s per {'GPU' if cuda else 'slot'} "
           f"({peak_note})\n")

@@ -44,6 +44,32 @@ def cfg_factory(data_dir):
     return lambda **over: small_cfg(data_dir, **over)
 
 
+from critbatch.train import Callback  # noqa: E402
+
+
+class StreamRecorder(Callback):
+    """Wraps the trainer's sequence stream: ``reads`` holds (step, start, n) for every read."""
+
+    name = "stream-recorder"
+
+    def __init__(self):
+        self.reads: list[list[int]] = []
+
+    def on_train_start(self, trainer):
+        orig = trainer.stream.batch
+
+        def batch(start, n):
+            self.reads.append([trainer.state["step"], start, n])
+            return orig(start, n)
+
+        trainer.stream.batch = batch
+
+    @property
+    def positions(self) -> list[int]:
+        """Every stream position read, in order."""
+        return [p for _, start, n in self.reads for p in range(start, start + n)]
+
+
 def strip_perf(records):
     """Metrics without wall-clock fields (those differ between identical runs)."""
     out = []

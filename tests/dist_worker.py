@@ -9,25 +9,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import small_cfg  # noqa: E402
+from conftest import StreamRecorder, small_cfg  # noqa: E402
 
 from critbatch.train import Callback, Trainer  # noqa: E402
-
-
-class Positions(Callback):
-    name = "positions"
-
-    def __init__(self):
-        self.pos = []
-
-    def on_train_start(self, trainer):
-        orig = trainer.stream.batch
-
-        def batch(start, n):
-            self.pos.append([trainer.state["step"], start, n])
-            return orig(start, n)
-
-        trainer.stream.batch = batch
 
 
 class SignalRank1(Callback):
@@ -86,7 +70,7 @@ def main():
     signal_at = over.pop("_sigusr1_rank1_at_step", None)
     syncs = CountSyncs() if over.pop("_count_syncs", False) else None
     cfg = small_cfg(data_dir, **over)
-    cb = Positions()
+    cb = StreamRecorder()
     callbacks = [cb]
     if gns:
         from critbatch.gns import NoiseScaleCallback
@@ -104,7 +88,7 @@ def main():
         (out / f"syncs_rank{rank}.json").write_text(json.dumps(syncs.seen))
     if t.stop_signal is not None:
         (out / f"stopped_rank{rank}.json").write_text(json.dumps({"signal": t.stop_signal, "tokens": t.tokens}))
-    (out / f"positions_rank{rank}_{len(list(out.glob(f'positions_rank{rank}_*')))}.json").write_text(json.dumps(cb.pos))
+    (out / f"positions_rank{rank}_{len(list(out.glob(f'positions_rank{rank}_*')))}.json").write_text(json.dumps(cb.reads))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -4,13 +4,13 @@ import shutil
 
 import pytest
 
-from conftest import small_cfg
+from conftest import StreamRecorder, small_cfg
 from critbatch.branch import SweepConfig, plan_sweep, run_branch_dir, run_sweep
 from critbatch.branch.sweep import branch_spec, ensure_branch
 from critbatch.errors import ConfigError, DataError
 from critbatch.io import read_json, read_jsonl
 from critbatch.optim import lr_rule_multiplier, lr_schedule_factor
-from critbatch.train import Callback, train
+from critbatch.train import train
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +60,6 @@ def test_grid_sweep_writes_curve(parent, tmp_path):
     assert c["cost"]["branches"] == 10 and c["cost"]["branch_tokens"] == 10 * 512
 
 
-class Positions(Callback):
-    name = "positions"
-
-    def __init__(self):
-        self.pos = []
-
-    def on_train_start(self, trainer):
-        orig = trainer.stream.batch
-
-        def batch(start, n):
-            self.pos.extend(range(start, start + n))
-            return orig(start, n)
-
-        trainer.stream.batch = batch
-
-
 def test_each_branch_lr_and_sequences(parent, tmp_path):
     run = fresh_parent(parent, tmp_path)
     plan = plan_sweep(sweep_cfg(run, window_tokens=16 * 24, lr_rule="sqrt"))  # 24 seqs: not a multiple of 16
@@ -84,9 +68,9 @@ def test_each_branch_lr_and_sequences(parent, tmp_path):
     for k in (0.25, 1, 2, 16 / 4 * 1.5):  # 0.25 -> 1 seq, 6 -> 24 seqs (one step), 1.5*4=6
         spec = branch_spec(plan, plan.points[1], k, 0)
         d = ensure_branch(run, spec)
-        rec = Positions()
+        rec = StreamRecorder()
         res = run_branch_dir(d, callbacks=[rec])
-        seen[k] = rec.pos
+        seen[k] = rec.positions
         assert res["tokens"] - res["start_tokens"] == 16 * 24  # exactly the window, whatever k
         steps = [r for r in read_jsonl(d / "metrics.jsonl") if "train/loss" in r]
         assert res["steps"] == len(steps) == -(-24 // spec["batch_seqs"])

@@ -6,30 +6,19 @@ import math
 import pytest
 import torch
 
-from conftest import strip_perf
+from conftest import StreamRecorder, strip_perf
 from critbatch.io import read_jsonl
 from critbatch.optim import lr_rule_multiplier, lr_schedule_factor
-from critbatch.train import Callback, Trainer, list_checkpoints, load_checkpoint, train
+from critbatch.train import Trainer, list_checkpoints, load_checkpoint, train
 from critbatch.train.checkpoint import copy_checkpoint_state
 
 
-class RecordPositions(Callback):
-    """Records the stream positions every step reads (by wrapping the trainer's stream)."""
-
-    name = "record"
+class RecordPositions(StreamRecorder):
+    """The stream positions every step reads, and each step's full gradient."""
 
     def __init__(self):
-        self.positions = []
+        super().__init__()
         self.grads = []
-
-    def on_train_start(self, trainer):
-        orig = trainer.stream.batch
-
-        def batch(start, n):
-            self.positions.extend(range(start, start + n))
-            return orig(start, n)
-
-        trainer.stream.batch = batch
 
     def on_before_optim_step(self, trainer, record):
         self.grads.append(torch.cat([p.grad.flatten() for p in trainer.params]).clone())

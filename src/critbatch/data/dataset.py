@@ -9,7 +9,6 @@ state is ``offset``, the number of sequences consumed: a step of batch B reads s
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,15 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .prepare import FORMAT
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from .prepare import FORMAT, _sha256
 
 
 class TokenData:

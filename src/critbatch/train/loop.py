@@ -35,6 +35,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..io import JsonlWriter, read_json, truncate_jsonl, write_json_atomic
 from ..model import GPT, count_params, flops_per_token
 from ..optim import build_optimizer, lr_schedule_factor
+from ..perf import peak_flops
 from ..schedules import BatchSchedule
 from .callbacks import Callback
 from .checkpoint import (check_model_matches, copy_checkpoint_state, list_checkpoints, load_checkpoint,
@@ -45,21 +46,6 @@ NON_DEFINING = ("device", "compile", "parallel", "log_interval_steps", "save_int
 EMA_ALPHA = 0.5  # Merrill et al. 2025: training loss smoothed by an EMA with alpha = 0.5
 # Slurm's preemption and time-limit signals (SIGTERM; SIGUSR1/SIGUSR2 through --signal, submitit's USR2)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of known accelerators (for MFU); ``CRITBATCH_PEAK_FLOPS`` overrides."""
-    env = os.environ.get("CRITBATCH_PEAK_FLOPS")
-    if env:
-        return float(env)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 125e12),
-                      ("4090", 165e12), ("3090", 71e12)):
-        if key in name:
-            return peak
-    return None
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -321,7 +307,7 @@ class Trainer:
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.n_params = count_params(c.model)
         self.flops_per_token = flops_per_token(c.model)
-        self.peak_flops = _peak_flops(self.device)
+        self.peak_flops = peak_flops(self.device)
 
     @property
     def tokens(self) -> int:
