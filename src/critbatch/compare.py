@@ -201,7 +201,13 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
         dirs.append(write_job(out / "runs" / name, configs[name], callbacks=["gns"] if cfg.gns else []))
     jobs = cfg.jobs or min(3, default_jobs(cfg.threads_per_job, cfg.device))
     t0 = time.time()
-    run_jobs(dirs, jobs, cfg.threads_per_job, cfg.launcher, nproc_per_job=cfg.nproc_per_job, slurm=cfg.slurm)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(dirs), desc="comparison runs", unit="run", disable=True if progress is False else None,
+               dynamic_ncols=True)
+    run_jobs(dirs, jobs, cfg.threads_per_job, cfg.launcher, on_done=lambda d: bar.update(1),
+             nproc_per_job=cfg.nproc_per_job, slurm=cfg.slurm)
+    bar.close()
     comp = summarize(out, facts, configs)
     comp["wall_time_s"] = time.time() - t0
     comp["schedule"] = sched.to_dict()
