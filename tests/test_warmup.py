@@ -287,9 +287,10 @@ def test_schedule_cli_from_a_real_sweep(tmp_path, capsys, data_dir):
     assert doc["derived_from"]["source"] == "measured" and "megatron_step_batch_size_schedule" in doc["exports"]
     assert main(["schedule", "--sweep", str(tmp_path), "--out", str(tmp_path / "t.json")]) == 2
     assert "no cbs.json" in capsys.readouterr().err
-    # the schedule drives a training run as it is
-    assert main(["train", "--preset", "tiny", "--data", str(data_dir), "--out", str(tmp_path / "w"), "--total-tokens",
-                 "4k", "--eval-seqs", "8", "--no-progress", "--batch-schedule", str(tmp_path / "s.json")]) == 0
+    # the schedule drives a training run of the same model as it is
+    (tmp_path / "m.json").write_text(json.dumps({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 16}}))
+    assert main(["train", "--config", str(tmp_path / "m.json"), "--data", str(data_dir), "--out", str(tmp_path / "w"),
+                 "--total-tokens", "4k", "--eval-seqs", "8", "--no-progress", "--batch-schedule", str(tmp_path / "s.json")]) == 0
     saved = read_json(tmp_path / "w" / "config.json")
     assert saved["batch_schedule"] == [[p["start_tokens"], p["batch_seqs"]] for p in doc["phases"]]
     assert saved["lr_ref_batch_seqs"] == doc["ref_batch_seqs"] and saved["optim"]["lr_rule"] == doc["rule"]
