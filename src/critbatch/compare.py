@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import TrainConfig, from_dict, load_config_file, merge
+from .config import TrainConfig, load_config_file, merge
 from .errors import ConfigError
 from .io import read_json, read_jsonl, write_json_atomic, write_text_atomic
 from .schedules import BatchSchedule
@@ -215,10 +215,6 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
     write_text_atomic(out / "comparison.md", markdown_table(comp))
     plot_comparison({n: read_jsonl(out / "runs" / n / "metrics.jsonl") for n in RUNS}, comp, out / "loss_vs_tokens")
     return comp
-
-
-def load_configs(out: Path) -> dict[str, TrainConfig]:
-    return {n: from_dict(TrainConfig, read_json(out / "runs" / n / "config.json")) for n in RUNS}
 
 
 __all__ = ["CompareConfig", "run_compare", "build_configs", "summarize", "markdown_table"]

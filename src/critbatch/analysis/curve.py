@@ -67,15 +67,11 @@ def build_curve(plan, branches: dict[int, dict[float, list[Path]]], decide_fn: C
         extra = {"branch_tokens": spent, "branch_seconds": secs, "branches": sum(len(v) for v in by_k.values()),
                  "steps": [[r["steps"] for r in res[k]] for k in ks]}
         if cfg.search == "adaptive":
-            lattice = round((plan.k_max - plan.k_min) / plan.resolution) + 1
-            doubling = []
-            k = plan.k_min
-            while k < plan.k_max:
-                doubling.append(k)
-                k *= 2
-            lattice_ks = {round(plan.k_min + i * plan.resolution, 9) for i in range(lattice)} | set(doubling)
-            extra["full_grid_branch_tokens"] = len(lattice_ks) * cfg.replicates * plan.window_tokens
-            extra["full_grid_ks"] = len(lattice_ks)
+            from ..branch.search import AdaptiveSearch
+
+            grid = AdaptiveSearch(plan.k_min, plan.k_max, plan.resolution, decide_fn).full_grid()
+            extra["full_grid_branch_tokens"] = len(grid) * cfg.replicates * plan.window_tokens
+            extra["full_grid_ks"] = len(grid)
         rec = point_record(p.tokens, p.ckpt.requested_tokens, p.base_batch_seqs, plan.seq_len, ks, losses, div,
                            cfg.decide_by, decide_fn, extra)
         points.append(rec)

@@ -36,6 +36,12 @@ class AdaptiveSearch:
         ks.append(self.k_max)
         return ks
 
+    def full_grid(self) -> list[float]:
+        """Every k the search could probe: the doubling points and the resolution lattice. On a
+        monotone curve the full grid over these decides the same k* (the tests check it)."""
+        n = round((self.k_max - self.k_min) / self.resolution) + 1
+        return sorted({round(self.k_min + i * self.resolution, 9) for i in range(n)} | set(self.doubling()))
+
     def next_probe(self, results: dict[float, list[float]]) -> float | None:
         """The next k to measure given ``results`` (k -> replicate losses), or None when done."""
         probed = sorted(results)
