@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from critbatch.analysis import decide_eps, decide_ttest
+from critbatch.analysis import decide, decide_eps, decide_noninf
+from critbatch.analysis.decision import needed_samples, paired_eval_noise
 from critbatch.analysis.fit import fit_cbs_curve, saturating_power_law
 from critbatch.branch.search import AdaptiveSearch
 from critbatch.errors import ConfigError
@@ -62,46 +63,111 @@ def test_eps_uses_replicate_means_and_rejects_bad_eps():
         decide_eps([2, 1], one([1, 1]))
 
 
-def test_ttest_pairs_replicates():
+def test_noninf_pairs_replicates():
     rng = np.random.default_rng(0)
     window_noise = rng.normal(0, 0.05, size=5)  # shared by every k: pairing cancels it
     base = 3.0 + window_noise
-    losses = [base + rng.normal(0, 0.002, 5), base + rng.normal(0, 0.002, 5), base + 0.02 + rng.normal(0, 0.002, 5)]
-    d = decide_ttest([1, 2, 4], [list(x) for x in losses], confidence=0.95)
-    assert d.passes == [True, True, False] and d.k_star == 2
-    # unpaired, the same difference would drown in the window noise (means differ by 0.02 << 0.05)
+    losses = [base + rng.normal(0, 0.002, 5), base + rng.normal(0, 0.002, 5), base + 0.03 + rng.normal(0, 0.002, 5)]
+    d = decide_noninf([1, 2, 4], [list(x) for x in losses], eps=0.01, confidence=0.95)
+    assert d.status == ["pass", "pass", "fail"] and d.k_star == 2 and d.k_next == 4 and d.settled
+    # unpaired, the same difference would drown in the window noise (means differ by 0.03 < 0.05)
     with pytest.raises(ConfigError, match="replicates"):
-        decide_ttest([1, 2], one([3.0, 3.0]))
+        decide_noninf([1, 2], one([3.0, 3.0]))
+    with pytest.raises(ConfigError, match="replaced by 'noninf'"):
+        decide([1, 2], [[3.0, 3.0], [3.0, 3.0]], rule="ttest")
 
 
-def _false_worse_rate(R, n_k, trials, rng):
-    worse = 0
+def test_noninf_refuses_a_consistently_worse_batch():
+    """The case that doubled a CBS under the old t-test: k=16 worse than k=2 in all three windows by
+    0.047 nats (4.7 eps) passed because the difference was not *significant*. Now it is shown worse."""
+    k2 = [3.10, 3.20, 3.15]
+    k16 = [x + 0.047 + e for x, e in zip(k2, (0.01, -0.012, 0.004))]
+    d = decide_noninf([2, 16], [k2, k16], eps=0.01)
+    assert d.status == ["pass", "fail"] and d.k_star == 2 and d.k_next == 16
+    # noisier: a mean gap of 4.7 eps that the data cannot tell from eps is undetermined, never a pass
+    k16_noisy = [x + g for x, g in zip(k2, (0.11, -0.03, 0.061))]
+    d2 = decide_noninf([2, 16], [k2, k16_noisy], eps=0.01)
+    assert d2.status[1] == "undetermined" and not d2.passes[1] and d2.k_next is None
+    assert d2.undetermined == [16] and d2.replicates_needed[1] > 3 and not d2.settled
+
+
+def _pass_rate(gap, R, sd, trials, rng, eps=0.01, n_k=2):
+    passes = fails = 0
     for _ in range(trials):
-        win = rng.normal(0, 0.05, size=R)
-        losses = [list(3.0 + win + rng.normal(0, 0.01, R)) for _ in range(n_k)]  # every k equally good
-        d = decide_ttest(list(range(1, n_k + 1)), losses, confidence=0.95)
-        worse += not d.passes[-1]
-    return worse / trials
+        win = rng.normal(0, 0.05, size=R)  # window noise, shared by every k of a replicate
+        losses = [list(3.0 + win + rng.normal(0, sd, R)) for _ in range(n_k - 1)]
+        losses.append(list(3.0 + win + gap + rng.normal(0, sd, R)))
+        d = decide_noninf(list(range(1, n_k + 1)), losses, eps=eps, confidence=0.95)
+        passes += d.status[-1] == "pass"
+        fails += d.status[-1] == "fail"
+    return passes / trials, fails / trials
 
 
-@pytest.mark.parametrize("R,n_k", [(2, 2), (3, 2), (4, 4), (8, 6)])
-def test_ttest_calibration_false_worse_rate_at_most_5pct(R, n_k):
-    rng = np.random.default_rng(R * 10 + n_k)
-    trials = 3000
-    rate = _false_worse_rate(R, n_k, trials, rng)
+@pytest.mark.parametrize("R", [2, 3, 5, 8])
+def test_noninf_passes_a_2eps_gap_at_most_5pct(R):
+    rng = np.random.default_rng(R)
+    trials = 2000
     se = math.sqrt(0.05 * 0.95 / trials)
-    assert rate <= 0.05 + 2 * se, rate  # the test calls an equally good k worse at most ~5% of the time
+    for sd in (0.003, 0.01, 0.02):
+        rate, _ = _pass_rate(0.02, R, sd, trials, rng)
+        assert rate <= 0.05 + 2 * se, (sd, rate)
+    # at the boundary gap = eps the test is exact: about 5% (Student t, normal differences)
+    rate, _ = _pass_rate(0.01, R, 0.01, trials, rng)
+    assert rate <= 0.05 + 2 * se, rate
 
 
-def test_ttest_has_power_against_a_real_degradation():
-    rng = np.random.default_rng(1)
-    hits = 0
-    for _ in range(300):
-        win = rng.normal(0, 0.05, size=4)
-        a = 3.0 + win + rng.normal(0, 0.01, 4)
-        b = 3.0 + win + 0.04 + rng.normal(0, 0.01, 4)
-        hits += not decide_ttest([1, 2], [list(a), list(b)]).passes[1]
-    assert hits / 300 > 0.9
+@pytest.mark.parametrize("R,n_k", [(2, 2), (3, 3), (5, 4), (8, 6)])
+def test_noninf_calls_an_equally_good_batch_worse_at_most_5pct(R, n_k):
+    rng = np.random.default_rng(100 + R)
+    trials = 2000
+    _, fail = _pass_rate(0.01, R, 0.01, trials, rng, n_k=n_k)  # true gap exactly eps: not worse than eps
+    assert fail <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / trials), fail
+
+
+@pytest.mark.parametrize("R,sd", [(3, 0.003), (5, 0.005), (8, 0.01)])
+def test_noninf_power_at_zero_gap_matches_the_noncentral_t(R, sd):
+    """Power (probability of passing a batch that is truly as good) at a true gap of 0: the
+    Monte-Carlo rate equals 1 − F_nct(t_0.95; R−1, ε√R/σ_d), σ_d = √2·sd (the docs quote it)."""
+    from scipy.stats import nct
+    from scipy.stats import t as student
+
+    rng = np.random.default_rng(R)
+    trials = 3000
+    rate, _ = _pass_rate(0.0, R, sd, trials, rng)
+    sigma_d = math.sqrt(2) * sd
+    power = 1 - nct.cdf(student.ppf(0.95, R - 1), R - 1, 0.01 * math.sqrt(R) / sigma_d)
+    assert abs(rate - power) <= 3 * math.sqrt(power * (1 - power) / trials) + 0.005, (rate, power)
+
+
+def test_replicates_needed_settle_the_question():
+    """Planted: true gap 0; n from the variance gives 80% power at 95% confidence."""
+    rng = np.random.default_rng(7)
+    d = decide_noninf([1, 2], [[3.0, 3.01, 2.99], [3.004, 3.0, 2.993]], eps=0.01)
+    assert d.status[1] in ("undetermined", "pass")
+    # large n: the normal approximation of method.md §7, ((z_a + z_b) sd / |eps - gap|)^2
+    assert needed_samples(0.1, 0.0, 0.01, 0.95) == pytest.approx(((1.6449 + 0.8416) * 10) ** 2, rel=0.02)
+    for sd in (0.004, 0.008):
+        n = needed_samples(math.sqrt(2) * sd, 0.0, 0.01, 0.95)
+        rate, _ = _pass_rate(0.0, n, sd, 2000, rng)
+        assert 0.8 - 0.03 <= rate <= 0.8 + 0.1, (n, rate)  # the smallest n with 80% power: just above 80%
+
+
+def test_eps_rule_with_the_held_out_sets_sampling_error():
+    """One replicate: the eval set's paired sampling error makes a reading near eps undetermined and
+    says how many held-out sequences would settle it."""
+    rng = np.random.default_rng(3)
+    n = 512
+    common = rng.normal(1.5, 0.4, n)  # per-sequence losses shared by both models
+    a = common + rng.normal(0, 0.05, n)
+    b = common + 0.011 + rng.normal(0, 0.05, n)  # true gap 1.1 eps, paired se ~ 0.003
+    c = common + 0.05 + rng.normal(0, 0.05, n)  # 5 eps: clearly worse
+    se, sd = paired_eval_noise([[a], [b], [c]])
+    assert se[1][0] == pytest.approx(np.std(b - a, ddof=1) / math.sqrt(n))
+    d = decide([1, 2, 4], [[a.mean()], [b.mean()], [c.mean()]], rule="eps", diff_se=se, diff_sd=sd)
+    assert d.status == ["pass", "undetermined", "fail"] and d.details["eval_seqs_needed"][1] > n
+    plain = decide([1, 2, 4], [[a.mean()], [b.mean()], [c.mean()]], rule="eps")
+    assert plain.status[1] == ("fail" if b.mean() - a.mean() > 0.01 else "pass")  # the bare point reading
+    assert "not measured with one replicate" in plain.details["uncertainty"]
 
 
 def _monotone_losses(k_true, noise=0.0, rng=None):

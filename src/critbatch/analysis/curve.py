@@ -7,10 +7,14 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import Callable
 
 from ..errors import ConfigError
 from ..io import write_json_atomic, write_text_atomic
+from .decision import Decision
+
+
+EVAL_SE_FRACTION = 4
+"""The held-out set's paired sampling error counts as "well below eps" at eps / 4 or less."""
 
 
 def _geomean(a: float, b: float | None) -> float | None:
@@ -18,22 +22,26 @@ def _geomean(a: float, b: float | None) -> float | None:
 
 
 def point_record(tokens: int, requested: int, base_batch_seqs: int, seq_len: int, ks: list[float],
-                 losses: dict[str, list[list[float]]], diverged: list[list[bool]], decide_by: str,
-                 decide_fn: Callable, extra: dict | None = None) -> dict:
-    """Decide one branch point and describe it in sequences and tokens."""
-    dec = decide_fn(ks, losses[decide_by])
+                 losses: dict[str, list[list[float]]], diverged: list[list[bool]], decide_by: str, dec: Decision,
+                 eps: float, extra: dict | None = None) -> dict:
+    """One decided branch point, described in sequences and tokens."""
     B, T = base_batch_seqs, seq_len
     lo, hi = dec.interval(B)
     clo, chi = dec.interval(B, conservative=True)
-    if dec.below_grid:
-        lo_eff = 0.0  # only the smallest k passed, vacuously: the CBS may be anywhere below k_2·B
-    else:
-        lo_eff = lo
+    lo_eff = 0.0 if dec.below_grid else lo  # only the reference k passed, vacuously: the CBS may lie below it
+    needed = [n for n in dec.replicates_needed if n]
+    se_tab = dec.details.get("diff_se")
+    max_pair_se = max((max(r) for r in se_tab), default=0.0) if se_tab else None
     rec = {
         "tokens": tokens, "requested_tokens": requested, "base_batch_seqs": B, "seq_len": T,
         "ks": ks, "batch_seqs": [k * B for k in ks], "decide_by": decide_by, "rule": dec.rule,
         "losses": losses, "mean_loss": {m: [sum(v) / len(v) for v in vals] for m, vals in losses.items()},
-        "diverged": diverged, "passes": dec.passes,
+        "diverged": diverged, "status": dec.status, "passes": dec.passes,
+        "undetermined_ks": dec.undetermined, "settled": dec.settled,
+        "replicates_needed": max(needed) if needed else None,
+        "eval_seqs_needed": max((n for n in dec.details.get("eval_seqs_needed", []) if n), default=None),
+        "max_paired_eval_se": max_pair_se,
+        "eval_noise_ok": None if max_pair_se is None else max_pair_se <= eps / EVAL_SE_FRACTION,
         "k_star": dec.k_star, "k_next": dec.k_next,
         "cbs_low_seqs": lo_eff, "cbs_high_seqs": hi,
         "cbs_low_tokens": lo_eff * T, "cbs_high_tokens": hi * T if hi is not None else None,
@@ -47,49 +55,6 @@ def point_record(tokens: int, requested: int, base_batch_seqs: int, seq_len: int
     if extra:
         rec.update(extra)
     return rec
-
-
-def build_curve(plan, branches: dict[int, dict[float, list[Path]]], decide_fn: Callable, wall_time_s: float) -> dict:
-    from ..branch.sweep import branch_losses
-
-    cfg = plan.cfg
-    points = []
-    total_tokens = total_branches = 0
-    branch_seconds = 0.0
-    for p in plan.points:
-        by_k = branches[p.tokens]
-        ks = sorted(by_k)
-        res = {k: [branch_losses(d) for d in by_k[k]] for k in ks}
-        losses = {m: [[r[m] for r in res[k]] for k in ks] for m in ("eval", "train-ema")}
-        div = [[r["diverged"] for r in res[k]] for k in ks]
-        spent = sum(r["tokens"] for k in ks for r in res[k])
-        secs = sum(r["wall_time_s"] for k in ks for r in res[k])
-        extra = {"branch_tokens": spent, "branch_seconds": secs, "branches": sum(len(v) for v in by_k.values()),
-                 "steps": [[r["steps"] for r in res[k]] for k in ks]}
-        if cfg.search == "adaptive":
-            from ..branch.search import AdaptiveSearch
-
-            grid = AdaptiveSearch(plan.k_min, plan.k_max, plan.resolution, decide_fn).full_grid()
-            extra["full_grid_branch_tokens"] = len(grid) * cfg.replicates * plan.window_tokens
-            extra["full_grid_ks"] = len(grid)
-        rec = point_record(p.tokens, p.ckpt.requested_tokens, p.base_batch_seqs, plan.seq_len, ks, losses, div,
-                           cfg.decide_by, decide_fn, extra)
-        points.append(rec)
-        total_tokens += spent
-        total_branches += extra["branches"]
-        branch_seconds += secs
-    curve = {
-        "sweep_id": plan.sweep_id, "run": str(plan.run_dir), "search": cfg.search, "decide_by": cfg.decide_by,
-        "rule": plan.rule, "eps": cfg.eps, "confidence": cfg.confidence, "margin": cfg.margin,
-        "lr_rule": plan.lr_rule, "replicates": cfg.replicates, "window_tokens": plan.window_tokens,
-        "seq_len": plan.seq_len, "points": points,
-        "cost": {"branches": total_branches, "branch_tokens": total_tokens, "branch_seconds": branch_seconds,
-                 "wall_time_s": wall_time_s},
-    }
-    if cfg.search == "adaptive":
-        curve["cost"]["full_grid_branch_tokens"] = sum(p["full_grid_branch_tokens"] for p in points)
-    curve["fit"] = fit_or_none(points)
-    return curve
 
 
 def fit_or_none(points: list[dict]) -> dict | None:

@@ -1,19 +1,38 @@
-"""Local critical batch size decisions from a table of branch losses (method.md §2.5–2.6).
+"""Local critical batch size decisions from a table of branch losses (docs/method.md §2 and §7).
 
 Input for one branch point: the grid of multipliers ``k`` (sorted ascending) and, for each, the
-losses of its replicates (``inf`` for a diverged branch). Pure functions, no I/O.
+losses of its replicates (``inf`` for a diverged branch); replicate r of every k reads the same
+data window, so differences between two k are *paired*. Optionally ``diff_se[i][j]``: the standard
+error of the mean difference L_i − L_j that the replicates cannot see — the sampling error of the
+fixed held-out set, which every replicate shares (computed from per-sequence eval losses).
+Pure functions, no I/O.
 
-* **Paper rule** (Merrill et al. 2025): k* = the largest k such that L_k <= L_k' + eps for every
-  smaller grid value k'. The smallest k passes vacuously.
-* **Conservative reading** (ours): the largest k such that every grid value up to it passes.
-* **Statistical rule** (ours, needs >= 2 replicates): k "is worse" than a smaller k' when a one-sided
-  paired t-test on the per-replicate differences L_k - L_k' rejects "mean difference <= margin" at
-  the chosen confidence; the level is split over the smaller k' (Bonferroni), so the chance of
-  calling an equally good k worse is at most 1 - confidence.
+Every k gets one of three statuses against every smaller k' (the smallest k is the reference and
+passes vacuously):
 
-The interval is [k*·B, k_next·B] with k_next the next grid value above k*; when k* is the largest
-grid value the CBS is only bounded below (``high`` is ``None``); when only the smallest k passes
-(vacuously) the CBS may lie below the grid (``below_grid``).
+* ``pass`` — the data show L_k ≤ L_k' + ε for every smaller k';
+* ``fail`` — the data show L_k > L_k' + ε for some smaller k';
+* ``undetermined`` — neither: the noise is too large for this ε, and ``replicates_needed`` (or,
+  with one replicate, ``eval_seqs_needed``) says how much more data would settle it.
+
+Rules:
+
+* ``eps`` — Merrill et al. 2025: a point reading on the replicate means, pass iff
+  mean_k ≤ mean_k' + ε for all k' < k. With ``diff_se`` (the held-out set's sampling error) a
+  comparison whose reading would flip within ``z·se`` of ε is undetermined. With one replicate the
+  noise of the data window is not measured at all; the decision says so.
+* ``noninf`` — non-inferiority (ours, needs ≥ 2 replicates): per smaller k' the paired differences
+  d_r = L_k,r − L_k',r give an upper confidence bound UCB = d̄ + t·se; k passes iff UCB ≤ ε for
+  every k' (an intersection–union test: the chance of passing a k whose true gap to some k' is ε or
+  more is at most 1 − confidence, no multiplicity correction needed); it fails iff for some k' the
+  lower bound d̄ − t'·se exceeds ε, at Bonferroni level (1 − confidence)/(number of smaller k), so
+  an equally good k is called worse at most 1 − confidence of the time; otherwise undetermined.
+  se² = sd²/R + diff_se² (replicate noise plus the held-out set's shared sampling error).
+
+Readings: the paper's k* is the largest passing k; the conservative k* the largest k whose whole
+prefix passes. The interval is [k*·B, k_next·B] with k_next the smallest k above k* that *fails*
+(undetermined k in between widen it); with no failing k above, the CBS is bounded below only
+(``high`` is ``None``). When only the reference k passes, the CBS may lie below the grid.
 """
 
 from __future__ import annotations
@@ -25,34 +44,55 @@ import numpy as np
 
 from ..errors import ConfigError
 
+RULES = ("eps", "noninf")
+PASS, FAIL, UNDETERMINED = "pass", "fail", "undetermined"
+POWER = 0.8
+"""Power assumed when saying how many replicates would settle an undetermined k."""
+
 
 @dataclass
 class Decision:
     rule: str
-    """``eps`` (the paper's rule on replicate means) or ``ttest``."""
+    """``eps`` (the paper's point reading on replicate means) or ``noninf``."""
     ks: list[float]
+    status: list[str]
+    """Per k: ``pass``, ``fail`` or ``undetermined`` (see the module docstring)."""
     passes: list[bool]
-    """Per k: no worse than every smaller k (the paper's per-k condition)."""
+    """Per k: status is ``pass``."""
     k_star: float
     """The paper's reading: the largest passing k."""
     k_star_conservative: float
     """The largest k whose whole prefix passes."""
     k_next: float | None
+    """The smallest k above ``k_star`` that fails; ``None``: none does (bounded below only)."""
     k_next_conservative: float | None
     readings_disagree: bool
     bounded_above: bool
-    """False when even the largest k passes: the CBS is only bounded below."""
+    """False when no k above k* was shown to fail: the CBS is only bounded below."""
     below_grid: bool
     """True when only the smallest k passes (vacuously): the CBS may be below the grid."""
     means: list[float]
+    undetermined: list[float] = field(default_factory=list)
+    """The k whose status is undetermined."""
+    replicates_needed: list[int | None] = field(default_factory=list)
+    """Per k: paired replicates that would settle an undetermined k at the rule's confidence with
+    80% power, from the measured variance and mean gap (``None``: settled, or not estimable)."""
     details: dict = field(default_factory=dict)
 
     def interval(self, base_batch_seqs: float, conservative: bool = False) -> tuple[float, float | None]:
         k, kn = (self.k_star_conservative, self.k_next_conservative) if conservative else (self.k_star, self.k_next)
         return k * base_batch_seqs, (kn * base_batch_seqs if kn is not None else None)
 
+    @property
+    def settled(self) -> bool:
+        """No k between k* and k_next (or above k*, when unbounded) is undetermined."""
+        hi = self.k_next if self.k_next is not None else math.inf
+        return not any(self.k_star < k < hi for k in self.undetermined)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["settled"] = self.settled
+        return d
 
 
 def _clean(losses: list[list[float]]) -> list[np.ndarray]:
@@ -65,17 +105,24 @@ def _clean(losses: list[list[float]]) -> list[np.ndarray]:
     return out
 
 
-def _finish(rule: str, ks: list[float], passes: list[bool], means: list[float], details: dict) -> Decision:
+def _finish(rule: str, ks: list[float], status: list[str], means: list[float], needed: list[int | None],
+            details: dict) -> Decision:
     n = len(ks)
+    status = [PASS] + list(status[1:])  # the reference passes vacuously
+    passes = [s == PASS for s in status]
     paper = max(i for i in range(n) if passes[i])
     cons = 0
     while cons + 1 < n and passes[cons + 1]:
         cons += 1
-    nxt = lambda i: ks[i + 1] if i + 1 < n else None  # noqa: E731
+
+    def first_fail_above(i: int) -> float | None:
+        return next((ks[j] for j in range(i + 1, n) if status[j] == FAIL), None)
+
     return Decision(
-        rule=rule, ks=list(ks), passes=list(passes), k_star=ks[paper], k_star_conservative=ks[cons],
-        k_next=nxt(paper), k_next_conservative=nxt(cons), readings_disagree=paper != cons,
-        bounded_above=paper < n - 1, below_grid=paper == 0, means=means, details=details,
+        rule=rule, ks=list(ks), status=status, passes=passes, k_star=ks[paper], k_star_conservative=ks[cons],
+        k_next=first_fail_above(paper), k_next_conservative=first_fail_above(cons), readings_disagree=paper != cons,
+        bounded_above=first_fail_above(paper) is not None, below_grid=paper == 0, means=means,
+        undetermined=[k for k, s in zip(ks, status) if s == UNDETERMINED], replicates_needed=needed, details=details,
     )
 
 
@@ -86,73 +133,187 @@ def _check_grid(ks: list[float], losses: list) -> None:
         raise ConfigError(f"k grid {ks} must be strictly increasing")
 
 
-def decide_eps(ks: list[float], losses: list[list[float]], eps: float = 0.01) -> Decision:
-    """The paper's fixed-tolerance rule on the mean loss of each k's replicates."""
-    if eps < 0 or not math.isfinite(eps):
-        raise ConfigError(f"eps={eps} must be >= 0")
+def _check_confidence(confidence: float) -> None:
+    if not (isinstance(confidence, (int, float)) and 0.5 <= confidence < 1):
+        raise ConfigError(f"confidence={confidence} must be in [0.5, 1)")
+
+
+def _check_eps(eps: float) -> None:
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ConfigError(f"eps={eps} must be a number >= 0")
+
+
+def _se_table(diff_se, n: int) -> np.ndarray:
+    if diff_se is None:
+        return np.zeros((n, n))
+    a = np.array([[0.0 if v is None else float(v) for v in row] for row in diff_se], dtype=float)
+    if a.shape != (n, n) or np.any(~np.isfinite(a)) or np.any(a < 0):
+        raise ConfigError(f"diff_se must be an {n}x{n} table of standard errors >= 0")
+    return a
+
+
+def paired_eval_noise(per_seq: list[list]) -> tuple[list[list[float]], list[list[float]]]:
+    """The held-out set's sampling error of every mean difference L_i − L_j.
+
+    ``per_seq[i][r]``: the per-sequence eval losses of k_i's replicate r on the shared held-out set
+    (``None`` if unknown, e.g. diverged). Per sequence s, δ_s = mean_r(ℓ_i,r,s − ℓ_j,r,s); returns
+    (se, sd) tables with se = sd(δ)/√n — paired, so what the two models share cancels. Unknown
+    pairs get 0 (no information, the rule reads them as exact)."""
+    n_k = len(per_seq)
+    se = [[0.0] * n_k for _ in range(n_k)]
+    sd = [[0.0] * n_k for _ in range(n_k)]
+    for i in range(n_k):
+        for j in range(n_k):
+            if i == j:
+                continue
+            a, b = per_seq[i], per_seq[j]
+            if not a or not b or len(a) != len(b) or any(x is None for x in (*a, *b)):
+                continue
+            A, B = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+            if A.shape != B.shape or A.shape[-1] < 2:
+                continue
+            delta = (A - B).mean(axis=0)
+            s = float(delta.std(ddof=1))
+            sd[i][j], se[i][j] = s, s / math.sqrt(delta.size)
+    return se, sd
+
+
+def needed_samples(sd: float, gap: float, eps: float, confidence: float, power: float = POWER) -> int | None:
+    """The smallest n whose one-sided t bound settles "is the true gap within ε?" with the given
+    power when the true gap is the measured one: power(n) = 1 − F_nct(t_conf,n−1; n−1, |ε − gap|·√n/sd)
+    (method.md §7 gives the normal approximation n ≈ ((z_α + z_β)·sd / |ε − gap|)²)."""
+    from scipy.stats import nct
+    from scipy.stats import t as student
+
+    if not (math.isfinite(sd) and math.isfinite(gap)) or sd <= 0 or abs(eps - gap) < 1e-15:
+        return None
+    delta = abs(eps - gap) / sd
+
+    def pw(n: int) -> float:
+        return float(1 - nct.cdf(student.ppf(confidence, n - 1), n - 1, delta * math.sqrt(n)))
+
+    lo, hi = 2, 2
+    while pw(hi) < power:
+        lo, hi = hi, hi * 2
+        if hi > 10**8:
+            return None
+    while lo < hi:  # smallest n in [lo, hi] with enough power
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if pw(mid) < power else (lo, mid)
+    return lo
+
+
+def decide_eps(ks: list[float], losses: list[list[float]], eps: float = 0.01, *, diff_se=None,
+               confidence: float = 0.95, diff_sd=None) -> Decision:
+    """The paper's fixed-tolerance rule on the mean loss of each k's replicates.
+
+    ``diff_se``/``diff_sd``: the held-out set's sampling error of each mean difference and the sd of
+    its per-sequence differences; a comparison within ``z·se`` of ε is then undetermined and
+    ``details['eval_seqs_needed']`` says how many held-out sequences would settle it."""
+    from scipy.stats import norm
+
+    _check_eps(eps)
+    _check_confidence(confidence)
     _check_grid(ks, losses)
     arr = _clean(losses)
+    se = _se_table(diff_se, len(ks))
+    sd = _se_table(diff_sd, len(ks)) if diff_sd is not None else None
+    z = norm.ppf(confidence)
     means = [float(a.mean()) for a in arr]  # inf if any replicate diverged
-    passes = []
-    for i, m in enumerate(means):
-        ok = math.isfinite(m) and all(m <= means[j] + eps + 1e-12 for j in range(i))  # 1e-12: float slack
-        passes.append(ok or i == 0)
-    return _finish("eps", ks, passes, means, {"eps": eps})
+    status, eval_needed = [PASS], [None]
+    for i, m in enumerate(means[1:], start=1):
+        if not math.isfinite(m):
+            status.append(FAIL)
+            eval_needed.append(None)
+            continue
+        s, need = PASS, None
+        for j in range(i):
+            if not math.isfinite(means[j]):
+                continue  # a diverged smaller batch: nothing to compare with
+            d = m - means[j]
+            lo, hi = d - z * se[i, j], d + z * se[i, j]
+            if lo > eps + 1e-12:
+                s = FAIL
+                need = None
+                break
+            if hi > eps + 1e-12:  # 1e-12: float slack; lo <= eps < hi needs se > 0
+                s = UNDETERMINED
+                if sd is not None:
+                    need = max(need or 0, needed_samples(sd[i, j], d, eps, confidence) or 0) or None
+        status.append(s)
+        eval_needed.append(need if s == UNDETERMINED else None)
+    R = min(a.size for a in arr)
+    details = {"eps": eps, "confidence": confidence, "replicates": R, "eval_seqs_needed": eval_needed,
+               "uncertainty": ("the data window's noise is not measured with one replicate (a point reading, as in "
+                               "the paper); use --replicates >= 2 and --rule noninf for a stated confidence")
+               if R < 2 else "replicate means; the replicates' spread is not used by this rule"}
+    if diff_se is not None:
+        details["diff_se"] = se.tolist()
+    return _finish("eps", ks, status, means, [None] * len(ks), details)
 
 
-def decide_ttest(ks: list[float], losses: list[list[float]], confidence: float = 0.95, margin: float = 0.0) -> Decision:
-    """One-sided paired t-tests: k fails if it is significantly worse than any smaller k.
+def decide_noninf(ks: list[float], losses: list[list[float]], eps: float = 0.01, confidence: float = 0.95, *,
+                  diff_se=None) -> Decision:
+    """Non-inferiority over paired replicates: pass iff UCB(L_k − L_k') ≤ ε for every smaller k'."""
+    from scipy.stats import t as student
 
-    Replicate r of every k must share its data window (pairing removes the window's noise)."""
-    if not 0.5 <= confidence < 1:
-        raise ConfigError(f"confidence={confidence} must be in [0.5, 1)")
-    if margin < 0:
-        raise ConfigError(f"margin={margin} must be >= 0")
+    _check_eps(eps)
+    _check_confidence(confidence)
     _check_grid(ks, losses)
     arr = _clean(losses)
     R = {a.size for a in arr}
-    if len(R) != 1 or R.pop() < 2:
-        raise ConfigError("the t-test rule needs the same number (>= 2) of replicates for every k")
+    if len(R) != 1 or (R := R.pop()) < 2:
+        raise ConfigError("the noninf rule needs the same number (>= 2) of replicates for every k")
+    se_eval = _se_table(diff_se, len(ks))
     means = [float(a.mean()) for a in arr]
-    passes, pvals = [True], [[]]
+    alpha = 1 - confidence
+    t_pass = student.ppf(confidence, R - 1)
+    status, needed, ucb_rows, lcb_rows = [PASS], [None], [[]], [[]]
     for i in range(1, len(ks)):
         if not np.all(np.isfinite(arr[i])):
-            passes.append(False)
-            pvals.append([0.0] * i)
+            status.append(FAIL)
+            needed.append(None)
+            ucb_rows.append([math.inf] * i)
+            lcb_rows.append([math.inf] * i)
             continue
-        alpha = (1 - confidence) / i  # Bonferroni over the i smaller grid values
-        row, worse = [], False
+        t_fail = student.ppf(1 - alpha / i, R - 1)  # Bonferroni over the i smaller grid values
+        all_within, any_worse, need, ucbs, lcbs = True, False, None, [], []
         for j in range(i):
-            if not np.all(np.isfinite(arr[j])):
-                row.append(1.0)  # a diverged smaller batch: nothing to be worse than
+            if not np.all(np.isfinite(arr[j])):  # a diverged smaller batch: nothing to compare with
+                ucbs.append(None)
+                lcbs.append(None)
                 continue
-            d = arr[i] - arr[j] - margin
-            p = paired_one_sided_p(d)
-            row.append(p)
-            worse |= p < alpha
-        passes.append(not worse)
-        pvals.append(row)
-    return _finish("ttest", ks, passes, means, {"confidence": confidence, "margin": margin, "p_values": pvals,
-                                                "correction": "bonferroni"})
-
-
-def paired_one_sided_p(d: np.ndarray) -> float:
-    """p-value of H0: mean(d) <= 0 against H1: mean(d) > 0 (Student t, n-1 d.o.f.)."""
-    from scipy import stats
-
-    d = np.asarray(d, dtype=float)
-    n = d.size
-    sd = d.std(ddof=1)
-    if sd == 0:
-        return 0.0 if d.mean() > 0 else 1.0
-    t = d.mean() / (sd / math.sqrt(n))
-    return float(stats.t.sf(t, n - 1))
+            d = arr[i] - arr[j]
+            mean, sd = float(d.mean()), float(d.std(ddof=1))
+            se = math.sqrt(sd ** 2 / R + se_eval[i, j] ** 2)
+            ucb, lcb = mean + t_pass * se, mean - t_fail * se
+            ucbs.append(ucb)
+            lcbs.append(lcb)
+            if lcb > eps:
+                any_worse = True
+            if ucb > eps:
+                all_within = False
+                n = needed_samples(math.sqrt(sd ** 2 + R * se_eval[i, j] ** 2), mean, eps, confidence)
+                need = None if n is None else max(need or 0, n)
+        s = FAIL if any_worse else (PASS if all_within else UNDETERMINED)
+        status.append(s)
+        needed.append(need if s == UNDETERMINED else None)
+        ucb_rows.append(ucbs)
+        lcb_rows.append(lcbs)
+    details = {"eps": eps, "confidence": confidence, "replicates": R, "ucb": ucb_rows, "lcb": lcb_rows,
+               "fail_correction": "bonferroni", "power_for_replicates_needed": POWER}
+    if diff_se is not None:
+        details["diff_se"] = se_eval.tolist()
+    return _finish("noninf", ks, status, means, needed, details)
 
 
 def decide(ks: list[float], losses: list[list[float]], rule: str = "eps", eps: float = 0.01,
-           confidence: float = 0.95, margin: float = 0.0) -> Decision:
+           confidence: float = 0.95, *, diff_se=None, diff_sd=None) -> Decision:
     if rule == "eps":
-        return decide_eps(ks, losses, eps)
+        return decide_eps(ks, losses, eps, diff_se=diff_se, diff_sd=diff_sd, confidence=confidence)
+    if rule == "noninf":
+        return decide_noninf(ks, losses, eps, confidence, diff_se=diff_se)
     if rule == "ttest":
-        return decide_ttest(ks, losses, confidence, margin)
-    raise ConfigError(f"decision rule {rule!r} is not one of eps, ttest")
+        raise ConfigError("rule 'ttest' was replaced by 'noninf' (non-inferiority: k passes only when the data show "
+                          "it within eps of the smaller batches)")
+    raise ConfigError(f"decision rule {rule!r} is not one of {', '.join(RULES)}")
