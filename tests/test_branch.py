@@ -23,6 +23,12 @@ def parent(data_dir, tmp_path_factory):
     return run
 
 
+def read_cfg(run):
+    from critbatch.config import TrainConfig, from_dict
+
+    return from_dict(TrainConfig, read_json(run / "config.json"))
+
+
 def fresh_parent(parent, tmp_path):
     """A private copy of the parent (sweeps write into the run directory)."""
     dst = tmp_path / "run"
@@ -62,39 +68,84 @@ def test_grid_sweep_writes_curve(parent, tmp_path):
 
 def test_each_branch_lr_and_sequences(parent, tmp_path):
     run = fresh_parent(parent, tmp_path)
-    plan = plan_sweep(sweep_cfg(run, window_tokens=16 * 24, lr_rule="sqrt"))  # 24 seqs: not a multiple of 16
+    # batches 1, 4, 8 and 24 sequences: the window of 40 sequences is rounded up to 48, their lcm's multiple
+    plan = plan_sweep(sweep_cfg(run, window_tokens=16 * 40, lr_rule="sqrt", k=[0.25, 1, 2, 6], cooldown_fraction=0))
+    assert plan.window_tokens == 16 * 48 and "rounded up from 640 to 768 tokens" in plan.notes[0]
     parent_cfg = plan.parent
     seen = {}
-    for k in (0.25, 1, 2, 16 / 4 * 1.5):  # 0.25 -> 1 seq, 6 -> 24 seqs (one step), 1.5*4=6
+    for k in (0.25, 1, 2, 6):
         spec = branch_spec(plan, plan.points[1], k, 0)
         d = ensure_branch(run, spec)
         rec = StreamRecorder()
         res = run_branch_dir(d, callbacks=[rec])
         seen[k] = rec.positions
-        assert res["tokens"] - res["start_tokens"] == 16 * 24  # exactly the window, whatever k
+        assert res["tokens"] - res["start_tokens"] == 16 * 48  # exactly the window, whatever k
         steps = [r for r in read_jsonl(d / "metrics.jsonl") if "train/loss" in r]
-        assert res["steps"] == len(steps) == -(-24 // spec["batch_seqs"])
+        assert res["steps"] == len(steps) == 48 // spec["batch_seqs"]  # whole steps only
+        assert all(r["train/batch_seqs"] == spec["batch_seqs"] for r in steps)
         for r in steps:
             start = r["tokens"] - r["train/batch_tokens"]
             eta = parent_cfg.optim.lr * lr_schedule_factor(parent_cfg.lr_schedule, start)  # parent's LR at this token
             assert r["optim/lr"] == pytest.approx(lr_rule_multiplier("sqrt", k, 1) * eta, rel=1e-12)
     ck_offset = plan.points[1].ckpt.meta["offset_seqs"]
     for k, pos in seen.items():
-        assert pos == list(range(ck_offset, ck_offset + 24)), k  # the same sequences as the k = 1 branch
+        assert pos == list(range(ck_offset, ck_offset + 48)), k  # the same sequences as the k = 1 branch
 
 
-def test_fractional_k_and_partial_last_step(parent, tmp_path):
+def test_cooldown_probe_decays_the_lr_over_the_windows_end(parent, tmp_path):
+    """With cooldown_fraction f every branch multiplies the parent's LR by a linear decay to 0 over
+    the last f of its window; before that its LR is the plain continuation's."""
+    run = fresh_parent(parent, tmp_path)
+    plan = plan_sweep(sweep_cfg(run, window_tokens=16 * 32, k=[1, 2], cooldown_fraction=0.5))
+    W, start = plan.window_tokens, plan.points[1].tokens
+    for k in (1, 2):
+        spec = branch_spec(plan, plan.points[1], k, 0)
+        assert spec["config"]["lr_schedule"]["cooldown_tokens"] == W // 2
+        d = ensure_branch(run, spec)
+        run_branch_dir(d)
+        for r in (r for r in read_jsonl(d / "metrics.jsonl") if "train/loss" in r):
+            t0 = r["tokens"] - r["train/batch_tokens"]
+            eta = plan.parent.optim.lr * lr_schedule_factor(plan.parent.lr_schedule, t0) * lr_rule_multiplier("sqrt", k, 1)
+            decay = min(1.0, (start + W - t0) / (W // 2))
+            assert r["optim/lr"] == pytest.approx(eta * decay, rel=1e-12)
+    with pytest.raises(ConfigError, match="cooldown_fraction=1.5"):
+        plan_sweep(sweep_cfg(run, cooldown_fraction=1.5))
+
+
+def test_plain_k1_branch_is_the_parents_own_continuation(parent, tmp_path):
+    """Without a cooldown, a k = 1 branch from 1024 tokens that ends at the parent's 4096 checkpoint
+    computes exactly what the parent computed: the same held-out loss, bit for bit."""
+    import torch
+
+    from critbatch.train import kept_checkpoints
+
+    run = tmp_path / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the branch workers run: float sums depend on the thread count
+    try:
+        train(read_cfg(parent), run, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    res = run_sweep(sweep_cfg(run, at=[1024], k=[1, 2], window_tokens=4096 - 1024, cooldown_fraction=0,
+                              eval_seqs=None), progress=False)
+    ck = next(c for c in kept_checkpoints(run) if c.tokens == 4096)
+    assert res.curve["points"][0]["losses"]["eval"][0] == [ck.meta["eval_loss"]]
+
+
+def test_fractional_k_and_whole_step_windows(parent, tmp_path):
+    """Every branch ends on a whole optimizer step: the window is rounded up to a multiple of the
+    largest batch (here 8 sequences), so no final partial step runs at full LR."""
     run = fresh_parent(parent, tmp_path)
     plan = plan_sweep(sweep_cfg(run, window_tokens=16 * 10, k=[0.5, 1, 2]))
+    assert plan.window_tokens == 16 * 16 and plan.window_tokens_requested == 160
     spec = branch_spec(plan, plan.points[0], 0.5, 0)  # 2 seqs of 16 tokens
-    d = ensure_branch(run, spec)
-    res = run_branch_dir(d)
-    assert spec["batch_seqs"] == 2 and res["steps"] == 5
-    spec = branch_spec(plan, plan.points[0], 1, 0)  # 4 seqs: 10 = 4 + 4 + 2 (a partial last step)
+    res = run_branch_dir(ensure_branch(run, spec))
+    assert spec["batch_seqs"] == 2 and res["steps"] == 8
+    spec = branch_spec(plan, plan.points[0], 1, 0)  # 4 seqs: 16 = 4 x 4, no partial step
     res = run_branch_dir(ensure_branch(run, spec))
     steps = [r for r in read_jsonl(run / "branches" / spec["id"] / "metrics.jsonl") if "train/loss" in r]
-    assert [r["train/batch_seqs"] for r in steps] == [4, 4, 2]
-    assert res["steps"] == 3 and res["tokens"] == 1024 + 160
+    assert [r["train/batch_seqs"] for r in steps] == [4, 4, 4, 4]
+    assert res["steps"] == 4 and res["tokens"] == 1024 + 256
     # no resume checkpoints are left behind by a finished branch
     assert not (run / "branches" / spec["id"] / "ckpt").exists()
 
@@ -149,14 +200,14 @@ def test_sweep_killed_mid_branch_resumes_to_the_same_curve(parent, tmp_path):
     ref = fresh_parent(parent, tmp_path / "ref")
     killed = fresh_parent(parent, tmp_path / "killed")
     exe = str(Path(sys.executable).parent / "critbatch")
-    args = ["branch", "--at", "1024", "--k", "1,2", "--window-tokens", "8k", "--eval-seqs", "16", "--no-progress"]
+    args = ["branch", "--at", "1024", "--k", "1,2", "--window-tokens", "16k", "--eval-seqs", "16", "--no-progress",
+            "--jobs", "1"]  # one branch at a time: the kill lands inside the first
     r = subprocess.run([exe, *args, "--run", str(ref)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     p = subprocess.Popen([exe, *args, "--run", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list((killed / "branches").glob("*/ckpt/resume_tok_*/meta.json")):
-        time.sleep(0.05)
-    time.sleep(0.2)
+        time.sleep(0.01)
     p.send_signal(signal.SIGKILL)
     p.wait()
     time.sleep(0.5)  # the worker dies with its parent (PR_SET_PDEATHSIG)
@@ -176,8 +227,16 @@ def test_adaptive_sweep_and_its_cost(parent, tmp_path):
     c = res.curve
     p = c["points"][0]
     assert p["ks"][0] == 0.25 and set(p["ks"]) >= {0.25}
-    assert c["cost"]["full_grid_branch_tokens"] == 16 * 512  # 0.25..4 step 0.25 = 16 values
+    # the lattice 0.25..4 step 0.25, but only batches (k x 4 sequences) that divide the 32-sequence window
+    assert p["full_grid_ks"] == 5 and c["cost"]["full_grid_branch_tokens"] == 5 * 512  # batches 1, 2, 4, 8, 16
     assert c["cost"]["branch_tokens"] == len(p["ks"]) * 512
+    # without a resolution: every batch that divides the window (48 sequences: 1, 2, 3, 4, 6, 8, 12, 16 <= 4 x 4)
+    run2 = fresh_parent(parent, tmp_path / "b")
+    res = run_sweep(sweep_cfg(run2, at=[4096], search="adaptive", k_min=0.25, k_max=4, window_tokens=768),
+                    progress=False)
+    p = res.curve["points"][0]
+    assert res.plan.candidates == [0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4] and p["full_grid_ks"] == 8
+    assert all(48 % b == 0 for b in p["batch_seqs"])  # every branch ends on a whole step
 
 
 def test_diverging_branch_is_a_failed_batch(parent, tmp_path, monkeypatch):
@@ -192,7 +251,8 @@ def test_diverging_branch_is_a_failed_batch(parent, tmp_path, monkeypatch):
 
     monkeypatch.setattr(gpt.GPT, "forward", forward)
     run = fresh_parent(parent, tmp_path)
-    res = run_sweep(sweep_cfg(run, at=[4096], k=[0.5, 1, 2, 4]), progress=False)
+    # eps = 1 nat: only divergence can fail a batch here
+    res = run_sweep(sweep_cfg(run, at=[4096], k=[0.5, 1, 2, 4], eps=1.0), progress=False)
     p = res.curve["points"][0]
     assert p["diverged"] == [[False], [False], [True], [True]]
     assert p["passes"] == [True, True, False, False] and p["k_star"] == 1 and p["cbs_high_seqs"] == 8
@@ -207,7 +267,8 @@ BAD = [
     (dict(window_tokens=100), ConfigError, "the minimum window is 256"),
     (dict(eps=-0.01), ConfigError, "eps=-0.01"),
     (dict(k=[0.3, 1]), ConfigError, "k=0.3 at base batch 4 gives 1.2 sequences"),
-    (dict(rule="ttest"), ConfigError, "--replicates 2"),
+    (dict(rule="noninf"), ConfigError, "--replicates 2"),
+    (dict(rule="ttest"), ConfigError, "replaced by 'noninf'"),
 ]
 
 

@@ -133,8 +133,29 @@ def test_eval_set_is_fixed_and_checked(data_dir):
     import torch
 
     assert torch.equal(eval_sequences(d, 16, 32), eval_sequences(d, 16, 64)[:32])
+    assert torch.equal(eval_sequences(d, 16, 32, seed=0), eval_sequences(d, 16, 32))
     with pytest.raises(DataError, match="eval_seqs"):
         eval_sequences(d, 16, 10**9)
+
+
+def test_eval_set_is_sampled_across_the_whole_held_out_split(data_dir):
+    """Not the first sequences in file order (one or two documents): a seeded sample of the split."""
+    import numpy as np
+    import torch
+
+    from critbatch.data.dataset import _SplitIndex
+
+    d = open_data(data_dir, verify=False)
+    idx = _SplitIndex(d.shards("val"), 16)
+    every = torch.from_numpy(idx.gather(np.arange(idx.n)))
+    ev = eval_sequences(d, 16, 256)
+    rows = {tuple(r.tolist()): i for i, r in enumerate(every)}
+    pos = sorted(rows[tuple(r.tolist())] for r in ev)
+    assert len(set(pos)) == 256  # distinct held-out sequences
+    assert pos[0] < idx.n * 0.05 and pos[-1] > idx.n * 0.95  # spread over the split, not its start
+    assert pos != list(range(256))
+    other = eval_sequences(d, 16, 256, seed=1)
+    assert not torch.equal(ev, other)  # another eval seed draws another sample
 
 
 def test_embedded_cache_is_reused(tmp_path, monkeypatch):

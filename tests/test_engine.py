@@ -170,7 +170,9 @@ def test_checkpoints_kept_at_requested_tokens_and_evaluated(cfg_factory, tmp_pat
     kept = [c for c in list_checkpoints(tmp_path / "r") if c.kept]
     assert [(c.requested_tokens, c.tokens) for c in kept] == [(0, 0), (1000, 1024), (2048, 2048)]
     for c in kept:
-        assert set(p.name for p in c.path.iterdir()) == {"model.pt", "optim.pt", "state.pt", "meta.json"}
+        # evaluated kept checkpoints also hold their per-sequence held-out losses
+        assert set(p.name for p in c.path.iterdir()) == {"model.pt", "optim.pt", "state.pt", "meta.json",
+                                                          "eval_seq_losses.npy"}
         assert c.meta["offset_seqs"] * 16 == c.tokens and c.meta["eval_loss"] is not None
     recs = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert all("step" in r and "tokens" in r for r in recs)
@@ -234,3 +236,56 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(data_dir, tmp_path):
     pa, pb = params_of(tmp_path / "ref"), params_of(tmp_path / "k")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert strip_perf(read_jsonl(tmp_path / "ref" / "metrics.jsonl")) == strip_perf(read_jsonl(tmp_path / "k" / "metrics.jsonl"))
+
+
+def test_eval_loss_has_its_standard_error_and_per_sequence_losses(cfg_factory, tmp_path):
+    import math
+
+    import numpy as np
+
+    from critbatch.train import kept_checkpoints
+
+    res = train(cfg_factory(eval_seqs=64, checkpoint_tokens=[2048]), tmp_path / "r", progress=False)
+    per = np.load(tmp_path / "r" / "eval_seq_losses.npy")
+    assert per.shape == (64,) and res["eval_seqs"] == 64
+    assert res["final_eval_loss"] == pytest.approx(per.mean(), rel=1e-12)
+    assert res["final_eval_loss_se"] == pytest.approx(per.std(ddof=1) / math.sqrt(64), rel=1e-9)
+    evals = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "eval/loss" in r]
+    assert all(r["eval/loss_se"] > 0 for r in evals)
+    ck = kept_checkpoints(tmp_path / "r")[0]
+    at = np.load(ck.path / "eval_seq_losses.npy")
+    assert ck.meta["eval_loss"] == pytest.approx(at.mean(), rel=1e-12) and ck.meta["eval_loss_se"] > 0
+
+
+def test_adam_sde_rule_follows_the_batch(cfg_factory, tmp_path):
+    """Malladi et al.'s rule: at k = B/B_ref, 1 - beta scales by k and eps by 1/sqrt(k); 'sde-beta2'
+    leaves beta1. The LR rule is applied as before."""
+    import math
+
+    from critbatch.errors import ConfigError
+    from critbatch.train import Callback, Trainer
+
+    class Seen(Callback):
+        name = "seen"
+
+        def __init__(self):
+            self.rows = []
+
+        def on_step_end(self, trainer, rec):
+            g = trainer.optimizer.param_groups[0]
+            self.rows.append((rec["train/batch_seqs"], g["betas"], g["eps"], g["lr"]))
+
+    for rule, b1_scaled in (("sde", True), ("sde-beta2", False)):
+        seen = Seen()
+        cfg = cfg_factory(batch_schedule=[[0, 2], [1024, 8]], total_tokens=2048, optim={"adam_rule": rule},
+                          lr_schedule={"kind": "constant", "warmup_tokens": 0})
+        Trainer(cfg, None, callbacks=[seen], progress=False).run()
+        for b, (b1, b2), eps, lr in seen.rows:
+            k = b / 2
+            assert b2 == pytest.approx(1 - k * (1 - cfg.optim.beta2))
+            assert b1 == pytest.approx(1 - k * (1 - cfg.optim.beta1) if b1_scaled else cfg.optim.beta1)
+            assert eps == pytest.approx(cfg.optim.eps / math.sqrt(k))
+            assert lr == pytest.approx(cfg.optim.lr * math.sqrt(k))
+        assert {b for b, *_ in seen.rows} == {2, 8}
+    with pytest.raises(ConfigError, match="beta1 < 0"):  # k = 16: 16 x (1 - 0.9) > 1
+        Trainer(cfg_factory(batch_schedule=[[0, 2], [1024, 32]], optim={"adam_rule": "sde"}), None)

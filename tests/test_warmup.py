@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,39 +37,87 @@ def inverse(b_max, t_s, c, y):
     return t_s * (y / (b_max - y)) ** (1 / c)
 
 
-def test_fit_thresholds_are_where_the_curve_reaches_the_next_batch():
-    curve = fit_curve(256, 1e6, 0.8)
-    d = derive_schedule(curve, 8, source="fit", max_seqs=64)
-    assert [b for _, b in d.schedule.phases] == [8, 16, 32, 64]
-    for (t, b) in d.schedule.phases[1:]:
-        exact = inverse(256, 1e6, 0.8, b)
-        assert exact <= t < exact + T + 1  # rounded up to whole sequences
-    assert d.source == "fit" and any("capped" in n for n in d.notes)
+def batch_at(sched, t):
+    return sched.batch_seqs_at(t)
+
+
+def test_measured_source_steps_only_at_measured_points():
+    """The rule: never above the lower bound of the last measured point at or before t (nor of any
+    later point). Nothing is interpolated between points or extrapolated after the last."""
+    curve = measured_curve([(100_000, 8, 16), (400_000, 32, 64), (1_600_000, 64, 128)])
+    d = derive_schedule(curve, 8, source="measured")
+    assert d.schedule.phases == ((0, 8), (400_000, 32), (1_600_000, 64))  # two doublings at once at 400k
+    assert d.allowed == [(100_000, 8), (400_000, 32), (1_600_000, 64)]
     lr = [ph["lr_multiplier"] for ph in d.schedule.to_dict()["phases"]]
-    assert lr == pytest.approx([1, math.sqrt(2), 2, 2 * math.sqrt(2)])
-    # the plateau is 256: 128 is reached, 256 never (no cap note without a cap that binds)
-    free = derive_schedule(curve, 8, source="fit")
-    assert [b for _, b in free.schedule.phases] == [8, 16, 32, 64, 128] and not any("capped" in n for n in free.notes)
+    assert lr == pytest.approx([1, 2, 2 * math.sqrt(2)])
+
+
+def test_fit_can_only_delay_a_step():
+    """Where the fit is below the measured bound it decides (a step between points); where it is
+    above, the step waits for a measured point."""
+    curve = measured_curve([(100_000, 32, 64), (1_000_000, 128, 256), (10_000_000, 128, 256)])
+    curve["fit"] = {"b_max": 256 * T, "t_s": 3e6, "c": 0.8}
+    d = derive_schedule(curve, 8, source="fit", max_seqs=64)
+    (t1, b1), (t2, b2), (t3, b3) = d.schedule.phases[1:]
+    # 16 and 32: the fit is the lower bound (it reaches them after the 100k point allowed 32)
+    assert b1 == 16 and inverse(256, 3e6, 0.8, 16) <= t1 < inverse(256, 3e6, 0.8, 16) + T + 1
+    assert b2 == 32 and inverse(256, 3e6, 0.8, 32) <= t2 < inverse(256, 3e6, 0.8, 32) + T + 1
+    # 64: the fit reaches it at ~759k, but until the 1M point only 32 is measured to be safe
+    assert inverse(256, 3e6, 0.8, 64) < 1_000_000 and (t3, b3) == (1_000_000, 64)
+    assert d.source == "fit" and any("capped" in n for n in d.notes)
+    plain = derive_schedule(curve, 8, source="measured", max_seqs=64)
+    assert plain.schedule.phases == ((0, 8), (100_032, 32), (1_000_000, 64))  # the fit only delayed
+
+
+def test_the_demo_overshoot_cannot_happen():
+    """The demo's fit put batch 32 at 273k tokens where 16 had failed at 200k: the measured lower
+    bound (8 at 200k) now caps it until the next point."""
+    curve = {"seq_len": T, "lr_rule": "sqrt", "decide_by": "eval", "rule": "eps",
+             "fit": {"b_max": 200 * T, "t_s": 3e5, "c": 1.5},
+             "points": [{"tokens": 20_000, "cbs_low_seqs": 0, "cbs_high_seqs": 8},
+                        {"tokens": 60_000, "cbs_low_seqs": 8, "cbs_high_seqs": 16},
+                        {"tokens": 200_000, "cbs_low_seqs": 8, "cbs_high_seqs": 16},
+                        {"tokens": 600_000, "cbs_low_seqs": 80, "cbs_high_seqs": 96}]}
+    for source in ("fit", "measured"):
+        d = derive_schedule(curve, 8, source=source, until_tokens=1_000_000)
+        assert all(t >= 600_000 for t, _ in d.schedule.phases[1:]), (source, d.schedule.phases)
+        assert batch_at(d.schedule, 599_999) == 8 and batch_at(d.schedule, 600_000) == 64
+    assert any("below the start batch 8 at 20,000" in n for n in d.notes)
+
+
+def test_a_later_point_caps_an_earlier_one():
+    curve = measured_curve([(60_000, 16, 32), (200_000, 8, 16), (600_000, 80, 96)])
+    d = derive_schedule(curve, 8, source="measured")
+    assert d.schedule.phases == ((0, 8), (600_000, 64))
+    assert d.allowed[0] == (60_000, 8) and any("capped at 8 by a later point" in n for n in d.notes)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_never_above_a_measured_point_on_random_curves(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 6))
+    ts = sorted(rng.choice(np.arange(1, 100) * 10_000, n, replace=False).tolist())
+    pts = []
+    for t in ts:
+        lo = float(rng.choice([0, 4, 8, 12, 16, 24, 32, 64, 96, 128]))
+        pts.append((int(t), lo, (lo or 4) * 2))
+    curve = measured_curve(pts)
+    curve["fit"] = {"b_max": float(rng.uniform(10, 500)) * T, "t_s": float(rng.uniform(1e4, 1e6)),
+                    "c": float(rng.uniform(0.3, 3))}
+    for source in ("measured", "fit"):
+        for safety in (1.0, 1.5):
+            d = derive_schedule(curve, 8, source=source, safety=safety, until_tokens=2_000_000)
+            for t, b in d.schedule.phases[1:]:
+                later = [lo for tp, lo, _ in pts if tp >= max((tp2 for tp2, _, _ in pts if tp2 <= t), default=0)]
+                assert any(tp <= t for tp, _, _ in pts) and safety * b <= min(later) + 1e-9, (pts, d.schedule.phases)
 
 
 def test_safety_factor_delays_steps():
-    curve = fit_curve(256, 1e6, 0.8)
-    a = derive_schedule(curve, 8, source="fit", max_seqs=32)
-    b = derive_schedule(curve, 8, source="fit", max_seqs=32, safety=2.0)
-    assert b.schedule.phases[1][0] == pytest.approx(inverse(256, 1e6, 0.8, 32), abs=T + 1)
-    assert all(tb > ta for (ta, _), (tb, _) in zip(a.schedule.phases[1:], b.schedule.phases[1:]))
-
-
-def test_measured_low_bound_interpolated_in_log_log():
-    curve = measured_curve([(100_000, 8, 16), (400_000, 32, 64), (1_600_000, 64, 128)])
-    d = derive_schedule(curve, 8, source="measured")
-    # 16 is reached halfway (in log space) between 100k (8) and 400k (32): at 200k tokens
-    (t1, b1), (t2, b2) = d.schedule.phases[1:3]
-    assert b1 == 16 and 200_000 <= t1 <= 200_000 + T  # found by bisection, rounded up to a sequence
-    assert b2 == 32 and 400_000 <= t2 <= 400_000 + T
-    assert d.schedule.phases[3][1] == 64 and abs(d.schedule.phases[3][0] - 1_600_000) <= T
-    g = derive_schedule(curve, 8, source="measured", bound="geomean")
-    assert g.schedule.phases[1][0] < d.schedule.phases[1][0]  # the middle of the intervals is reached earlier
+    curve = measured_curve([(100_000, 16, 32), (400_000, 32, 64), (1_600_000, 64, 128)])
+    a = derive_schedule(curve, 8, source="measured")
+    b = derive_schedule(curve, 8, source="measured", safety=2.0)
+    assert a.schedule.phases == ((0, 8), (100_032, 16), (400_000, 32), (1_600_000, 64))
+    assert b.schedule.phases == ((0, 8), (400_000, 16), (1_600_000, 32))
 
 
 def test_no_warmup_when_the_cbs_never_exceeds_b0():
@@ -86,16 +135,31 @@ def test_cbs_already_above_b0_at_the_first_point_jumps_there():
 
 
 def test_cap_and_granularity():
-    curve = measured_curve([(100_000, 8, 16), (400_000, 32, 64), (1_600_000, 64, 128)])
+    curve = measured_curve([(100_000, 16, 32), (400_000, 32, 64), (1_600_000, 64, 128)])
     d = derive_schedule(curve, 8, source="measured", max_seqs=32)
     assert [b for _, b in d.schedule.phases] == [8, 16, 32] and any("capped" in n for n in d.notes)
     g = derive_schedule(curve, 8, source="measured", granularity=8)
-    bs = [b for _, b in g.schedule.phases]
-    assert bs == [8, 16, 24, 32, 40, 48, 56, 64] and all(b % 8 == 0 for b in bs)
+    assert g.schedule.phases == ((0, 8), (100_032, 16), (400_000, 32), (1_600_000, 64))
+    g = derive_schedule(measured_curve([(100_000, 24, 32), (400_000, 56, 64)]), 8, source="measured", granularity=8)
+    assert g.schedule.phases == ((0, 8), (100_032, 24), (400_000, 56))  # the largest multiple of g allowed
     with pytest.raises(ConfigError, match="granularity 3 must be positive and divide the start batch 8"):
         derive_schedule(curve, 8, granularity=3)
     with pytest.raises(ConfigError, match="max batch 4 is below the start batch 8"):
         derive_schedule(curve, 8, max_seqs=4)
+    with pytest.raises(ConfigError, match="safety -1 must be a number > 0"):
+        derive_schedule(curve, 8, safety=-1)
+
+
+def test_adam_rule_travels_with_the_schedule():
+    curve = measured_curve([(100_000, 16, 32)])
+    d = derive_schedule(curve, 8, source="measured", adam_rule="sde")
+    doc = schedule_document(d.schedule)
+    assert doc["adam_rule"] == "sde"
+    back = BatchSchedule.parse(json.loads(json.dumps(doc)), seq_len=T)
+    assert back.adam_rule == "sde"
+    b1, b2, eps = back.adam_at(100_032, 0.9, 0.95, 1e-8)
+    assert (b1, b2, eps) == pytest.approx((1 - 2 * 0.1, 1 - 2 * 0.05, 1e-8 / math.sqrt(2)))
+    assert back.adam_at(0, 0.9, 0.95, 1e-8) == (0.9, 0.95, 1e-8)
 
 
 def test_exports_match_their_documented_forms():
@@ -214,12 +278,12 @@ def test_comparison_runs_and_reports(data_dir, tmp_path, monkeypatch):
     # the large control's LR is the rule applied to its batch: sqrt(8/2) = 2x
     from critbatch.io import read_jsonl
 
-    mid = [r for r in read_jsonl(out / "runs" / "large" / "metrics.jsonl") if "optim/lr" in r and r["tokens"] == 1024 + 128]
-    mid_small = [r for r in read_jsonl(out / "runs" / "small" / "metrics.jsonl") if "optim/lr" in r and r["tokens"] == 1024 + 32]
+    mid = [r for r in read_jsonl(out / "runs" / "s0" / "large" / "metrics.jsonl") if "optim/lr" in r and r["tokens"] == 1024 + 128]
+    mid_small = [r for r in read_jsonl(out / "runs" / "s0" / "small" / "metrics.jsonl") if "optim/lr" in r and r["tokens"] == 1024 + 32]
     assert mid[0]["optim/lr"] == pytest.approx(2 * mid_small[0]["optim/lr"], rel=1e-9)
     # the anneal takes every run's LR linearly to 0 at the end (the LR of a step is set at its start)
     for n in runs:
-        recs = [r for r in read_jsonl(out / "runs" / n / "metrics.jsonl") if "optim/lr" in r]
+        recs = [r for r in read_jsonl(out / "runs" / "s0" / n / "metrics.jsonl") if "optim/lr" in r]
         peak = max(r["optim/lr"] for r in recs)
         for r in recs:
             start = r["tokens"] - r["train/batch_tokens"]
@@ -227,14 +291,44 @@ def test_comparison_runs_and_reports(data_dir, tmp_path, monkeypatch):
                 assert r["optim/lr"] == pytest.approx(peak * (5120 - start) / 1024, rel=1e-9)
     md = (out / "comparison.md").read_text()
     assert md.startswith("| run | batch (sequences) |") and "steps saved" in md and "over the last 416 tokens before 4,096" in md
+    assert "held-out sample" in md  # one seed: the gap's ± is only the eval sample's paired error
+    gap = runs["warmup"]["gap_to_small"]["final_eval_loss"]
+    assert gap["mean"] == pytest.approx(runs["warmup"]["final_eval_loss"] - runs["small"]["final_eval_loss"])
+    assert gap["se"] is None and gap["eval_sample_se"] > 0
     assert read_json(out / "comparison.json")["runs"]["warmup"]["optimizer_steps"] == 72
     assert (out / "loss_vs_tokens.png").is_file() and (out / "loss_vs_tokens.svg").is_file()
     # running again is a no-op; a different comparison into the same directory is refused
-    stamp = (out / "runs" / "small" / "result.json").stat().st_mtime_ns
+    stamp = (out / "runs" / "s0" / "small" / "result.json").stat().st_mtime_ns
     run_compare(compare_cfg(data_dir, out))
-    assert (out / "runs" / "small" / "result.json").stat().st_mtime_ns == stamp
+    assert (out / "runs" / "s0" / "small" / "result.json").stat().st_mtime_ns == stamp
     with pytest.raises(ConfigError, match="different comparison"):
         run_compare(compare_cfg(data_dir, out, total_tokens=2048))
+
+
+def test_seeds_anneal_steps_and_token_weighted_averages(data_dir, tmp_path):
+    from critbatch.compare import _mean_loss, run_compare, run_dir
+    from critbatch.io import read_json
+
+    out = tmp_path / "cmp"
+    comp = run_compare(compare_cfg(data_dir, out, anneal_tokens=0, anneal_steps=4, seeds=[0, 1], total_tokens=2048,
+                                   schedule="0:2,1024:4"))
+    assert comp["anneal_tokens_per_run"] == {"warmup": 4 * 4 * 16, "small": 4 * 2 * 16, "large": 4 * 4 * 16}
+    for seed in (0, 1):
+        cfgs = {n: read_json(run_dir(out, seed, n) / "config.json") for n in ("warmup", "small", "large")}
+        assert {c["seed"] for c in cfgs.values()} == {seed} and {c["data"]["order_seed"] for c in cfgs.values()} == {seed}
+        res = {n: read_json(run_dir(out, seed, n) / "result.json") for n in cfgs}
+        assert res["small"]["tokens"] == 2048 + 128 and res["warmup"]["tokens"] == 2048 + 256
+    a, b = (read_json(run_dir(out, s, "small") / "result.json")["final_eval_loss"] for s in (0, 1))
+    assert a != b  # another init and data order
+    g = comp["runs"]["warmup"]["gap_to_small"]["final_eval_loss"]
+    assert g["n_seeds"] == 2 and len(g["per_seed"]) == 2 and g["se"] > 0
+    assert g["mean"] == pytest.approx(sum(g["per_seed"]) / 2)
+    per = comp["per_seed"]
+    assert g["per_seed"][1] == pytest.approx(per["1"]["warmup"]["final_eval_loss"] - per["1"]["small"]["final_eval_loss"])
+    assert "Mean over 2 seeds" in (out / "comparison.md").read_text()
+    # a step of 4 sequences weighs twice a step of 2 in the averaged training loss
+    recs = [{"tokens": 32, "train/loss": 1.0, "train/batch_tokens": 32}, {"tokens": 96, "train/loss": 4.0, "train/batch_tokens": 64}]
+    assert _mean_loss(recs, 0, 96) == pytest.approx((1 * 32 + 4 * 64) / 96)
 
 
 def test_resume_in_the_middle_of_a_warmup_phase(data_dir, tmp_path):
@@ -243,7 +337,7 @@ def test_resume_in_the_middle_of_a_warmup_phase(data_dir, tmp_path):
     from critbatch.train import Trainer, list_checkpoints, load_checkpoint, train
 
     configs, _, _ = build_configs(compare_cfg(data_dir, tmp_path / "x"))
-    cfg = configs["warmup"]
+    cfg = configs[0]["warmup"]
     full = train(cfg, tmp_path / "full", progress=False)
     assert Trainer(cfg, tmp_path / "cut", stop_after_tokens=1024 + 5 * 64).run() is None  # inside the 4-seq phase
     again = train(cfg, tmp_path / "cut", progress=False)
@@ -259,7 +353,10 @@ def test_resume_in_the_middle_of_a_warmup_phase(data_dir, tmp_path):
     ({"schedule": "0:2,8000:4"}, "no batch change before 4,096 tokens"),
     ({"schedule": "0:2,1024:3", "micro_batch_seqs": 2}, "warmup run: batch 3 sequences of phase 1"),
     ({"total_tokens": 4100}, "whole 16-token sequences"),
-    ({"anneal_tokens": -16}, "anneal tokens -16 must be >= 0"),
+    ({"anneal_tokens": -16}, "anneal tokens -16 and anneal steps 0 must be >= 0"),
+    ({"anneal_tokens": 16, "anneal_steps": 2}, "not both"),
+    ({"schedule": "0:4,1024:2"}, "is not a warmup"),
+    ({"seeds": [1, 1]}, "must be distinct"),
 ])
 def test_compare_bad_input(data_dir, tmp_path, over, needle):
     from critbatch.compare import run_compare
@@ -277,13 +374,12 @@ def test_schedule_cli_from_a_real_sweep(tmp_path, capsys, data_dir):
 
     run = tmp_path / "run"
     train(small_cfg(data_dir, total_tokens=8192, batch_seqs=4, checkpoint_tokens=[1024, 4096]), run, progress=False)
-    sw = run_sweep(SweepConfig(run=str(run), at=[1024, 4096], k=[0.5, 1, 2, 4], window_tokens=256,
+    sw = run_sweep(SweepConfig(run=str(run), at=[1024, 4096], k=[0.5, 1, 2, 4], window_tokens=512,
                                launcher="inprocess", eval_seqs=16), progress=False)
     assert main(["schedule", "--sweep", str(sw.sweep_dir), "--out", str(tmp_path / "s.json"), "--source", "measured",
                  "--max-seqs", "16"]) == 0
     doc = read_json(tmp_path / "s.json")
-    assert doc["phases"][0] == {"start_tokens": 0, "batch_seqs": 4, "batch_tokens": 64, "lr_multiplier": 1.0,
-                                "extrapolated": False}
+    assert doc["phases"][0] == {"start_tokens": 0, "batch_seqs": 4, "batch_tokens": 64, "lr_multiplier": 1.0}
     assert doc["derived_from"]["source"] == "measured" and "megatron_step_batch_size_schedule" in doc["exports"]
     assert main(["schedule", "--sweep", str(tmp_path), "--out", str(tmp_path / "t.json")]) == 2
     assert "no cbs.json" in capsys.readouterr().err

@@ -26,6 +26,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-schedule", help="FILE.json or inline START:BATCH,... (e.g. 0:32,50M:64)")
     p.add_argument("--lr", type=float, help="peak learning rate at the reference batch")
     p.add_argument("--lr-rule", choices=["sqrt", "linear", "none"], help="LR-batch coupling rule")
+    p.add_argument("--adam-rule", choices=["none", "sde", "sde-beta2"],
+                   help="how Adam's betas and eps follow the batch (Malladi et al. 2022; default none)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine", "wsd"], help="LR schedule over tokens")
     p.add_argument("--warmup-tokens", help="linear LR warmup length in tokens")
     p.add_argument("--decay-tokens", help="wsd: length of the final linear anneal")
@@ -67,6 +69,7 @@ def _train_overrides(a: argparse.Namespace) -> dict:
     put("micro_batch_seqs", a.micro_batch_seqs)
     put("optim.lr", a.lr)
     put("optim.lr_rule", a.lr_rule)
+    put("optim.adam_rule", a.adam_rule)
     put("optim.name", a.optimizer)
     put("lr_schedule.kind", a.lr_schedule)
     put("lr_schedule.warmup_tokens", a.warmup_tokens)
@@ -232,7 +235,7 @@ def cmd_branch(a: argparse.Namespace) -> int:
         window_tokens=parse_count(a.window_tokens, "--window-tokens"), lr_rule=a.lr_rule,
         replicates=a.replicates, search=a.search,
         k_min=a.k_min, k_max=a.k_max, resolution=a.resolution, decide_by=a.decide_by, rule=a.rule, eps=a.eps,
-        confidence=a.confidence, margin=a.margin,
+        confidence=a.confidence, adam_rule=a.adam_rule,
         micro_batch_seqs=parse_count(a.micro_batch_seqs, "--micro-batch-seqs") if a.micro_batch_seqs else None,
         eval_seqs=parse_count(a.eval_seqs, "--eval-seqs") if a.eval_seqs else None, device=a.device,
         threads_per_branch=a.threads_per_branch, jobs=a.jobs, launcher=a.launcher,
@@ -287,17 +290,18 @@ def cmd_schedule(a: argparse.Namespace) -> int:
     start = parse_count(a.start_seqs, "--start-seqs") if a.start_seqs else curve["points"][0]["base_batch_seqs"]
     d = derive_schedule(curve, start, max_seqs=parse_count(a.max_seqs, "--max-seqs") if a.max_seqs else None,
                         granularity=parse_count(a.granularity, "--granularity") if a.granularity else None,
-                        safety=a.safety, source=a.source, bound=a.bound, rule=a.lr_rule or curve["lr_rule"],
+                        safety=a.safety, source=a.source, rule=a.lr_rule or curve["lr_rule"],
+                        adam_rule=a.adam_rule or curve.get("adam_rule", "none"),
                         until_tokens=parse_count(a.until_tokens, "--until-tokens") if a.until_tokens else None)
-    doc = schedule_document(d.schedule, notes=d.notes, extrapolated=d.extrapolated, derived_from={
-        "sweep": str(Path(a.sweep)), "source": d.source, "bound": d.bound, "safety": a.safety,
+    doc = schedule_document(d.schedule, notes=d.notes, derived_from={
+        "sweep": str(Path(a.sweep)), "source": d.source, "safety": a.safety,
         "granularity": a.granularity, "start_seqs": start, "max_seqs": a.max_seqs,
-        "decide_by": curve["decide_by"], "rule": curve["rule"]})
+        "decide_by": curve["decide_by"], "rule": curve["rule"], "allowed": d.allowed})
     write_json_atomic(a.out, doc)
-    print(f"{a.out}: CBS from the {d.source}" + (f" ({d.bound} bound of the intervals)" if d.bound else ""))
+    print(f"{a.out}: bounded by the measured lower bounds" + (" and the fit" if d.source == "fit" else ""))
     for ph in doc["phases"]:
         print(f"  from {ph['start_tokens']:>12,} tokens: {ph['batch_seqs']:>6,} seqs ({ph['batch_tokens']:,} tokens), "
-              f"LR x {ph['lr_multiplier']:.3f}" + ("  (extrapolated)" if ph.get("extrapolated") else ""))
+              f"LR x {ph['lr_multiplier']:.3f}")
     for n in d.notes:
         print(f"  note: {n}")
     print(f"  Megatron-LM: --step-batch-size-schedule \"{doc['exports']['megatron_step_batch_size_schedule']}\" "
@@ -307,11 +311,13 @@ def cmd_schedule(a: argparse.Namespace) -> int:
 
 def cmd_compare(a: argparse.Namespace) -> int:
     from .compare import CompareConfig, markdown_table, run_compare
-    from .units import parse_count
+    from .units import parse_count, parse_count_list
 
     cfg = CompareConfig(out=a.out, schedule=a.schedule, preset=a.preset, config=a.config, data=a.data,
                         total_tokens=parse_count(a.total_tokens, "--total-tokens") if a.total_tokens else None,
                         anneal_tokens=parse_count(a.anneal_tokens, "--anneal-tokens") if a.anneal_tokens else 0,
+                        anneal_steps=parse_count(a.anneal_steps, "--anneal-steps") if a.anneal_steps else 0,
+                        seeds=parse_count_list(a.seeds, "--seeds") if a.seeds else [0], adam_rule=a.adam_rule,
                         avg_tokens=parse_count(a.avg_tokens, "--avg-tokens") if a.avg_tokens else None,
                         eval_seqs=parse_count(a.eval_seqs, "--eval-seqs") if a.eval_seqs else None,
                         micro_batch_seqs=parse_count(a.micro_batch_seqs, "--micro-batch-seqs") if a.micro_batch_seqs else None,
@@ -357,11 +363,14 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr-rule", choices=["sqrt", "linear", "none"], help="f(k) (default: the parent's rule)")
     sp.add_argument("--decide-by", choices=["eval", "train-ema"], default="eval",
                     help="held-out eval loss (default, less noisy here) or the paper's EMA training loss")
-    sp.add_argument("--rule", choices=["eps", "ttest"], help="eps (paper) or ttest (needs --replicates >= 2)")
+    sp.add_argument("--rule", choices=["eps", "noninf"],
+                    help="eps (the paper's point reading) or noninf (non-inferiority over --replicates >= 2: k passes "
+                         "only when shown within eps)")
     sp.add_argument("--eps", type=float, default=0.01, help="tolerance in nats (eps rule)")
     sp.add_argument("--replicates", type=int, default=1, help="branches per k on different data windows")
-    sp.add_argument("--confidence", type=float, default=0.95, help="confidence of the ttest rule")
-    sp.add_argument("--margin", type=float, default=0.0, help="ttest: tolerated loss increase in nats")
+    sp.add_argument("--confidence", type=float, default=0.95, help="confidence of the noninf bounds")
+    sp.add_argument("--adam-rule", choices=["none", "sde", "sde-beta2"],
+                    help="how Adam's betas and eps follow k (default: the parent's)")
     sp.add_argument("--search", choices=["grid", "adaptive"], default="grid")
     sp.add_argument("--k-min", type=float, help="adaptive: first probe")
     sp.add_argument("--k-max", type=float, help="adaptive: largest probe")
@@ -403,10 +412,11 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-seqs", help="cap on the batch")
     sp.add_argument("--granularity", help="step to multiples of g (micro-batch x ranks) instead of doublings")
     sp.add_argument("--safety", type=float, default=1.0, help="step up when the CBS reaches safety x next batch")
-    sp.add_argument("--source", choices=["auto", "fit", "measured"], default="auto",
-                    help="the fitted curve (auto when there is one) or the measured intervals")
-    sp.add_argument("--bound", choices=["low", "geomean"], default="low",
-                    help="which value of a measured interval (default low: the CBS is known to be at least this)")
+    sp.add_argument("--source", choices=["auto", "fit", "measured"], default="measured",
+                    help="measured (default): step at measured points up to their lower bounds; fit: also stay under "
+                         "the fitted curve (it can only delay a step); auto: fit when there is one")
+    sp.add_argument("--adam-rule", choices=["none", "sde", "sde-beta2"],
+                    help="how Adam's betas and eps follow the batch (default: the sweep's)")
     sp.add_argument("--until-tokens", help="derive thresholds up to this many tokens (default 4x the last point)")
     sp.add_argument("--lr-rule", choices=["sqrt", "linear", "none"], help="default: the sweep's")
     sp.set_defaults(func=cmd_schedule)
@@ -419,6 +429,9 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data")
     sp.add_argument("--total-tokens")
     sp.add_argument("--anneal-tokens", help="then anneal the LR linearly to 0 over this many tokens")
+    sp.add_argument("--anneal-steps", help="or over this many optimizer steps at each run's final batch")
+    sp.add_argument("--seeds", help="comma-separated seeds of init and data order (default 0); gaps get ± over seeds")
+    sp.add_argument("--adam-rule", choices=["none", "sde", "sde-beta2"], help="default: the schedule's")
     sp.add_argument("--avg-tokens", help="final train loss = mean over the last N tokens (default 10%%)")
     sp.add_argument("--eval-seqs")
     sp.add_argument("--micro-batch-seqs")

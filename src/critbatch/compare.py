@@ -1,20 +1,30 @@
 """``critbatch compare``: does batch-size warmup keep the loss while saving optimizer steps?
 
 Three runs from scratch with the same data order and the same LR schedule shape over tokens
-(method.md §4, Table 1): the warmup schedule; a small-batch control at its first batch B0; a
+(docs/method.md §4, Table 1): the warmup schedule; a small-batch control at its first batch B0; a
 large-batch control at its final batch (the LR scaled by the rule). The base LR applies at B0 in all
-three. Optionally each run then anneals the LR linearly to 0 over M more tokens at its final batch.
-Every run consumes exactly the same sequences in the same order (exact token totals).
+three. Optionally each run then anneals the LR linearly to 0 at its final batch, over M more tokens
+(``anneal_tokens``: the same tokens for all three) or over S more optimizer steps (``anneal_steps``:
+the same steps, so a run at a larger batch anneals on more tokens). Every run of one seed consumes
+the same sequences in the same order.
 
-Output in ``DIR``: ``compare.json`` (the spec), ``runs/{warmup,small,large}/`` (run directories),
-``comparison.json``, ``comparison.md`` and ``loss_vs_tokens.png|svg``.
+With several ``seeds`` (each sets the initialisation and the data order) the three runs are repeated
+per seed, and the loss gap of each run to the small-batch control is reported as mean ± standard
+error over seeds. Every eval loss is on one held-out sample shared by all runs, so within a seed a
+gap also has a paired standard error from the per-sequence losses.
+
+Output in ``DIR``: ``compare.json`` (the spec), ``runs/s<seed>/{warmup,small,large}/`` (run
+directories), ``comparison.json``, ``comparison.md`` and ``loss_vs_tokens.png|svg``.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .config import TrainConfig, load_config_file, merge
 from .errors import ConfigError
@@ -22,6 +32,7 @@ from .io import read_json, read_jsonl, write_json_atomic, write_text_atomic
 from .schedules import BatchSchedule
 
 RUNS = ("warmup", "small", "large")
+GAPS = ("final_eval_loss", "anneal_eval_loss", "final_train_loss", "anneal_train_loss")
 
 
 @dataclass
@@ -40,16 +51,22 @@ class CompareConfig:
     """Pretraining tokens of each run (default: the preset's)."""
     anneal_tokens: int = 0
     """Then anneal the LR linearly to 0 over this many tokens at each run's final batch."""
+    anneal_steps: int = 0
+    """Or: anneal over this many optimizer steps at each run's final batch (tokens then differ)."""
     avg_tokens: int | None = None
-    """final_train_loss is the mean training loss over the last ``avg_tokens`` of a phase (default:
-    10% of the pretraining tokens; the paper averaged over the last 10B of 608B)."""
+    """final_train_loss is the token-weighted mean training loss over the last ``avg_tokens`` of a
+    phase (default: 10% of the pretraining tokens; the paper averaged over the last 10B of 608B)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds of the initialisation and the data order; the three runs are repeated for each."""
+    adam_rule: str | None = None
+    """How Adam's betas and epsilon follow the batch in all three runs (default: the schedule's)."""
     eval_seqs: int | None = None
     micro_batch_seqs: int | None = None
     device: str = "auto"
     jobs: int | None = None
     threads_per_job: int = 1
     launcher: str = "local"
-    """Where the three runs train: ``local`` worker processes, ``inprocess``, ``slurm`` or ``submitit-local``."""
+    """Where the runs train: ``local`` worker processes, ``inprocess``, ``slurm`` or ``submitit-local``."""
     nproc_per_job: int = 1
     """Data-parallel ranks per run (torchrun in the local pool; Slurm tasks on Slurm)."""
     slurm: dict | None = None
@@ -58,8 +75,8 @@ class CompareConfig:
     """Log the online noise scale in each run."""
 
 
-def build_configs(cfg: CompareConfig) -> tuple[dict[str, TrainConfig], BatchSchedule, dict]:
-    """The three run configs (validated against the data, nothing written) and facts about them."""
+def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]], BatchSchedule, dict]:
+    """The run configs per seed (validated against the data, nothing written) and facts about them."""
     from . import presets
     from .train import Trainer
 
@@ -80,47 +97,63 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[str, TrainConfig], BatchSche
 
     check_single_process("a comparison")
     check_launch(cfg.launcher, cfg.nproc_per_job, cfg.slurm)
-    if cfg.anneal_tokens < 0:
-        raise ConfigError(f"anneal tokens {cfg.anneal_tokens} must be >= 0")
+    if cfg.anneal_tokens < 0 or cfg.anneal_steps < 0:
+        raise ConfigError(f"anneal tokens {cfg.anneal_tokens} and anneal steps {cfg.anneal_steps} must be >= 0")
+    if cfg.anneal_tokens and cfg.anneal_steps:
+        raise ConfigError("give anneal tokens or anneal steps, not both")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or any(s < 0 for s in cfg.seeds):
+        raise ConfigError(f"seeds {cfg.seeds} must be distinct whole numbers >= 0")
     N = cfg.total_tokens or base.total_tokens
     if N <= 0:
         raise ConfigError(f"total tokens {N} must be positive")
     T = base.model.seq_len
     if N % T or cfg.anneal_tokens % T:
         raise ConfigError(f"total ({N}) and anneal ({cfg.anneal_tokens}) tokens must be whole {T}-token sequences")
-    sched = BatchSchedule.parse(cfg.schedule, T, base.optim.lr_rule)
+    sched = BatchSchedule.parse(cfg.schedule, T, base.optim.lr_rule, adam_rule=cfg.adam_rule)
     used = [(s, b) for s, b in sched.phases if s < N]
     B0, B1 = used[0][1], used[-1][1]
     if len(used) < 2:
         raise ConfigError(f"the schedule has no batch change before {N:,} tokens: nothing to compare "
                           f"(its phases start at {', '.join(str(s) for s, _ in sched.phases)})")
-    if B1 == B0:
-        raise ConfigError("the schedule ends at its starting batch: the controls would be identical")
+    if any(b <= a for (_, a), (_, b) in zip(used, used[1:])):
+        raise ConfigError(f"the schedule {' -> '.join(str(b) for _, b in used)} is not a warmup: every phase must "
+                          f"have a larger batch than the one before")
     avg = cfg.avg_tokens or max(-(-N // 10 // T) * T, T)  # 10%, in whole sequences
-    common = {
-        "total_tokens": N + cfg.anneal_tokens, "exact_total_tokens": True, "lr_ref_batch_seqs": B0,
-        "optim": {"lr_rule": sched.rule}, "checkpoint_tokens": [N],
-        "lr_schedule": {"horizon_tokens": N, "anneal_tokens": cfg.anneal_tokens},
-    }
-    configs = {
-        "warmup": merge(base, {**common, "batch_schedule": [list(p) for p in used]}),
-        "small": merge(base, {**common, "batch_schedule": [[0, B0]]}),
-        "large": merge(base, {**common, "batch_schedule": [[0, B1]]}),
-    }
-    for name, c in configs.items():
+    anneal = {n: (cfg.anneal_steps * b * T if cfg.anneal_steps else cfg.anneal_tokens)
+              for n, b in (("warmup", B1), ("small", B0), ("large", B1))}
+    configs: dict[int, dict[str, TrainConfig]] = {}
+    for seed in cfg.seeds:
+        per = {}
+        for name, phases in (("warmup", [list(p) for p in used]), ("small", [[0, B0]]), ("large", [[0, B1]])):
+            per[name] = merge(base, {
+                "total_tokens": N + anneal[name], "exact_total_tokens": True, "lr_ref_batch_seqs": B0,
+                "optim": {"lr_rule": sched.rule, "adam_rule": sched.adam_rule}, "checkpoint_tokens": [N],
+                "lr_schedule": {"horizon_tokens": N, "anneal_tokens": anneal[name]},
+                "batch_schedule": phases, "seed": seed, "data": {"order_seed": seed},
+            })
+        configs[seed] = per
+    for name, c in configs[cfg.seeds[0]].items():
         try:
             Trainer(c, None, quiet=True)  # validates divisibility, data capacity, eval set; writes nothing
         except ConfigError as e:
             raise ConfigError(f"{name} run: {e}") from None
-    facts = {"pretrain_tokens": N, "anneal_tokens": cfg.anneal_tokens, "avg_tokens": avg, "b0_seqs": B0,
-             "final_seqs": B1, "seq_len": T, "rule": sched.rule,
-             "ignored_phases": [list(p) for p in sched.phases if p[0] >= N]}
+    facts = {"pretrain_tokens": N, "anneal_tokens": cfg.anneal_tokens, "anneal_steps": cfg.anneal_steps,
+             "anneal_tokens_per_run": anneal, "avg_tokens": avg, "b0_seqs": B0, "final_seqs": B1, "seq_len": T,
+             "rule": sched.rule, "adam_rule": sched.adam_rule, "seeds": list(cfg.seeds),
+             "eval_seqs": base.eval_seqs, "ignored_phases": [list(p) for p in sched.phases if p[0] >= N]}
     return configs, sched, facts
 
 
+def run_dir(out: Path, seed: int, name: str) -> Path:
+    return Path(out) / "runs" / f"s{seed}" / name
+
+
 def _mean_loss(recs: list[dict], lo: int, hi: int) -> float | None:
-    xs = [r["train/loss"] for r in recs if lo < r["tokens"] <= hi]
-    return sum(xs) / len(xs) if xs else None
+    """Token-weighted mean training loss of the steps that end in (lo, hi]: a step of a larger batch
+    counts for its tokens, so the average does not drift when a batch change falls in the window."""
+    xs = [(r["train/loss"], r.get("train/batch_tokens", 1)) for r in recs if lo < r["tokens"] <= hi]
+    w = sum(b for _, b in xs)
+    return sum(x * b for x, b in xs) / w if w else None
 
 
 def _eval_at(recs: list[dict], tokens: int) -> tuple[int, float] | None:
@@ -128,58 +161,141 @@ def _eval_at(recs: list[dict], tokens: int) -> tuple[int, float] | None:
     return (ev[0]["tokens"], ev[0]["eval/loss"]) if ev else None
 
 
-def summarize(out: Path, facts: dict, configs: dict[str, TrainConfig]) -> dict:
-    N, M, avg = facts["pretrain_tokens"], facts["anneal_tokens"], facts["avg_tokens"]
-    rows = {}
+def _per_seq(d: Path, pretrain_tokens: int) -> dict[str, np.ndarray | None]:
+    """Per-sequence held-out losses before the anneal (the kept checkpoint at N) and at the end."""
+    from .train.checkpoint import kept_checkpoints
+    from .train.loop import EVAL_LOSSES_FILE
+
+    out: dict[str, np.ndarray | None] = {"pre": None, "end": None}
+    for ck in kept_checkpoints(d):
+        if ck.requested_tokens == pretrain_tokens and (ck.path / EVAL_LOSSES_FILE).is_file():
+            out["pre"] = np.load(ck.path / EVAL_LOSSES_FILE, allow_pickle=False)
+    if (d / EVAL_LOSSES_FILE).is_file():
+        out["end"] = np.load(d / EVAL_LOSSES_FILE, allow_pickle=False)
+    return out
+
+
+def _row(d: Path, facts: dict, cfg: TrainConfig) -> dict:
+    N, avg = facts["pretrain_tokens"], facts["avg_tokens"]
+    res = read_json(d / "result.json")
+    recs = read_jsonl(d / "metrics.jsonl")
+    steps_recs = [r for r in recs if "train/loss" in r]
+    ev_pre = _eval_at(recs, N)
+    end = res["tokens"]
+    row = {
+        "batch_schedule": cfg.batch_schedule,
+        "final_train_loss": _mean_loss(steps_recs, N - avg, N),
+        "final_eval_loss": ev_pre[1] if ev_pre else None,
+        "final_eval_tokens": ev_pre[0] if ev_pre else None,
+        "optimizer_steps": res["steps"],
+        "optimizer_steps_pretrain": sum(1 for r in steps_recs if r["tokens"] <= N),
+        "tokens": end,
+        "wall_time_s": res["wall_time_s"],
+        "diverged": res["diverged"],
+    }
+    if end > N:
+        a = min(avg, end - N)
+        row["anneal_train_loss"] = _mean_loss(steps_recs, end - a, end)
+        row["anneal_eval_loss"] = res["final_eval_loss"]
+    return row
+
+
+def _gap_stats(per_seed: dict[int, dict], name: str, key: str, paired_se: dict) -> dict | None:
+    gaps = [rows[name][key] - rows["small"][key] for rows in per_seed.values()
+            if rows[name].get(key) is not None and rows["small"].get(key) is not None]
+    if not gaps:
+        return None
+    n = len(gaps)
+    mean = sum(gaps) / n
+    se = (np.std(gaps, ddof=1) / math.sqrt(n)) if n > 1 else None
+    out = {"mean": mean, "se": None if se is None else float(se), "n_seeds": n, "per_seed": gaps}
+    pse = [paired_se.get((s, name, key)) for s in per_seed]
+    if all(v is not None for v in pse) and pse:
+        # the held-out sample's share of the uncertainty (paired, per seed; averaged over seeds)
+        out["eval_sample_se"] = float(math.sqrt(sum(v * v for v in pse)) / len(pse))
+    return out
+
+
+def summarize(out: Path, facts: dict, configs: dict[int, dict[str, TrainConfig]]) -> dict:
+    per_seed: dict[int, dict] = {}
+    paired: dict = {}
+    for seed, cfgs in configs.items():
+        rows = {name: _row(run_dir(out, seed, name), facts, cfgs[name]) for name in RUNS}
+        small = rows["small"]["optimizer_steps"]
+        for r in rows.values():
+            r["steps_saved_pct"] = 100.0 * (1 - r["optimizer_steps"] / small)
+        per_seed[seed] = rows
+        seqs = {name: _per_seq(run_dir(out, seed, name), facts["pretrain_tokens"]) for name in RUNS}
+        for name in ("warmup", "large"):
+            for key, when in (("final_eval_loss", "pre"), ("anneal_eval_loss", "end")):
+                a, b = seqs[name][when], seqs["small"][when]
+                if a is not None and b is not None and a.shape == b.shape and a.size > 1:
+                    paired[(seed, name, key)] = float(np.std(a - b, ddof=1) / math.sqrt(a.size))
+    runs = {}
     for name in RUNS:
-        d = out / "runs" / name
-        res = read_json(d / "result.json")
-        recs = read_jsonl(d / "metrics.jsonl")
-        steps_recs = [r for r in recs if "train/loss" in r]
-        steps_pre = sum(1 for r in steps_recs if r["tokens"] <= N)
-        ev_pre = _eval_at(recs, N)
-        row = {
-            "batch_schedule": configs[name].batch_schedule,
-            "final_train_loss": _mean_loss(steps_recs, N - avg, N),
-            "final_eval_loss": ev_pre[1] if ev_pre else None,
-            "final_eval_tokens": ev_pre[0] if ev_pre else None,
-            "optimizer_steps": res["steps"],
-            "optimizer_steps_pretrain": steps_pre,
-            "wall_time_s": res["wall_time_s"],
-            "diverged": res["diverged"],
-        }
-        if M:
-            a = min(avg, M)
-            row["anneal_train_loss"] = _mean_loss(steps_recs, N + M - a, N + M)
-            row["anneal_eval_loss"] = res["final_eval_loss"]
-        rows[name] = row
-    small = rows["small"]["optimizer_steps"]
-    for r in rows.values():
-        r["steps_saved_pct"] = 100.0 * (1 - r["optimizer_steps"] / small)
-    return {**facts, "runs": rows,
-            "final_train_loss_definition": f"mean training loss over the last {avg:,} tokens before {N:,}"
-            + (f"; after the anneal, over the last {min(avg, M):,} tokens" if M else "")}
+        rows = [per_seed[s][name] for s in configs]
+        agg = {"batch_schedule": rows[0]["batch_schedule"], "diverged": any(r["diverged"] for r in rows)}
+        for key in (*GAPS, "optimizer_steps", "optimizer_steps_pretrain", "wall_time_s", "steps_saved_pct", "tokens"):
+            vals = [r[key] for r in rows if r.get(key) is not None]
+            agg[key] = (sum(vals) / len(vals)) if vals else None
+        if name != "small":
+            agg["gap_to_small"] = {key: _gap_stats(per_seed, name, key, paired) for key in GAPS}
+        runs[name] = agg
+    N, avg = facts["pretrain_tokens"], facts["avg_tokens"]
+    return {**facts, "runs": runs, "per_seed": {str(s): rows for s, rows in per_seed.items()},
+            "final_train_loss_definition": f"token-weighted mean training loss over the last {avg:,} tokens before "
+                                           f"{N:,}" + ("; after the anneal, over its last tokens (at most as many)"
+                                                       if any(facts["anneal_tokens_per_run"].values()) else "")}
+
+
+def _pm(g: dict | None) -> str:
+    if not g:
+        return "—"
+    if g.get("se") is not None:
+        return f"{g['mean']:+.4f} ± {g['se']:.4f}"
+    if g.get("eval_sample_se") is not None:
+        return f"{g['mean']:+.4f} (± {g['eval_sample_se']:.4f} held-out sample)"
+    return f"{g['mean']:+.4f}"
+
+
+def table(c: dict) -> tuple[list[str], list[list[str]], str]:
+    """The comparison as (headers, rows, footnote): Merrill et al.'s Table 1 plus the gaps."""
+    annealed = any((c.get("anneal_tokens_per_run") or {}).values()) or c.get("anneal_tokens")
+    S = len(c.get("seeds", [0]))
+    head = ["run", "batch (sequences)", "train loss", "eval loss", "eval gap to small"]
+    if annealed:
+        head += ["eval after anneal", "gap after anneal"]
+    head += ["optimizer steps", "steps saved", "wall time"]
+    f = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = []
+    for name in RUNS:
+        r = c["runs"][name]
+        gaps = r.get("gap_to_small") or {}
+        sched = " → ".join(f"{b}" + (f" at {s:,}" if s else "") for s, b in r["batch_schedule"])
+        cells = [name, sched, f(r["final_train_loss"]), f(r["final_eval_loss"]),
+                 _pm(gaps.get("final_eval_loss")) if name != "small" else "0"]
+        if annealed:
+            cells += [f(r.get("anneal_eval_loss")), _pm(gaps.get("anneal_eval_loss")) if name != "small" else "0"]
+        cells += [f"{r['optimizer_steps']:,.0f}", f"{r['steps_saved_pct']:.0f}%", f"{r['wall_time_s']:.0f}s"]
+        rows.append(cells)
+    anneal = ""
+    if c.get("anneal_steps"):
+        anneal = f" + an anneal of {c['anneal_steps']:,} optimizer steps at each run's final batch"
+    elif c.get("anneal_tokens"):
+        anneal = f" + {c['anneal_tokens']:,} anneal tokens"
+    note = (f"Train loss: {c['final_train_loss_definition']}. Tokens: {c['pretrain_tokens']:,} pretraining" + anneal
+            + f"; sequences of {c['seq_len']} tokens; LR rule {c['rule']}, Adam rule {c.get('adam_rule', 'none')}. "
+            + (f"Mean over {S} seeds (init and data order); gaps ± their standard error over seeds."
+               if S > 1 else "One seed: the ± is the held-out sample's paired sampling error only, not the run-to-run "
+                             "noise (use several seeds)."))
+    return head, rows, note
 
 
 def markdown_table(c: dict) -> str:
-    M = c["anneal_tokens"]
-    head = "| run | batch (sequences) | train loss | eval loss |" + (" train loss after anneal | eval loss after anneal |" if M else "") \
-        + " optimizer steps | steps saved | wall time |"
-    sep = "|" + " --- |" * (head.count("|") - 1)
-    lines = [head, sep]
-    f = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
-    for name in RUNS:
-        r = c["runs"][name]
-        sched = " → ".join(f"{b}" + (f" at {s:,}" if s else "") for s, b in r["batch_schedule"])
-        cells = [name, sched, f(r["final_train_loss"]), f(r["final_eval_loss"])]
-        if M:
-            cells += [f(r.get("anneal_train_loss")), f(r.get("anneal_eval_loss"))]
-        cells += [f"{r['optimizer_steps']:,}", f"{r['steps_saved_pct']:.0f}%", f"{r['wall_time_s']:.0f}s"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(f"Train loss: {c['final_train_loss_definition']}. Tokens: {c['pretrain_tokens']:,} pretraining"
-                 + (f" + {M:,} anneal" if M else "") + f"; sequences of {c['seq_len']} tokens; LR rule {c['rule']}.")
-    return "\n".join(lines) + "\n"
+    head, rows, note = table(c)
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines + ["", note]) + "\n"
 
 
 def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
@@ -196,10 +312,9 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
             raise ConfigError(f"{out} holds a different comparison; use another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "compare.json", spec)
-    dirs = []
-    for name in RUNS:
-        dirs.append(write_job(out / "runs" / name, configs[name], callbacks=["gns"] if cfg.gns else []))
-    jobs = cfg.jobs or min(3, default_jobs(cfg.threads_per_job, cfg.device))
+    dirs = [write_job(run_dir(out, seed, name), configs[seed][name], callbacks=["gns"] if cfg.gns else [])
+            for seed in cfg.seeds for name in RUNS]
+    jobs = cfg.jobs or min(len(dirs), default_jobs(cfg.threads_per_job, cfg.device))
     t0 = time.time()
     from tqdm.auto import tqdm
 
@@ -213,8 +328,9 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
     comp["schedule"] = sched.to_dict()
     write_json_atomic(out / "comparison.json", comp)
     write_text_atomic(out / "comparison.md", markdown_table(comp))
-    plot_comparison({n: read_jsonl(out / "runs" / n / "metrics.jsonl") for n in RUNS}, comp, out / "loss_vs_tokens")
+    s0 = cfg.seeds[0]
+    plot_comparison({n: read_jsonl(run_dir(out, s0, n) / "metrics.jsonl") for n in RUNS}, comp, out / "loss_vs_tokens")
     return comp
 
 
-__all__ = ["CompareConfig", "run_compare", "build_configs", "summarize", "markdown_table"]
+__all__ = ["CompareConfig", "run_compare", "build_configs", "summarize", "markdown_table", "table", "run_dir"]

@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .units import parse_count
 
 LR_RULES = ("sqrt", "linear", "none")
+ADAM_RULES = ("none", "sde", "sde-beta2")
 LR_SCHEDULES = ("constant", "cosine", "wsd")
 OPTIMIZERS = ("adamw", "sgd")
 TOKENIZERS = ("bytes", "bpe")
@@ -59,6 +60,10 @@ class OptimConfig:
     """Peak learning rate at the reference batch ``TrainConfig.lr_ref_batch_seqs``."""
     lr_rule: str = "sqrt"
     """How the base LR follows the batch: ``sqrt`` (Adam family), ``linear`` (SGD) or ``none``."""
+    adam_rule: str = "none"
+    """How Adam's betas and epsilon follow the batch: ``none`` (the paper: only the LR changes),
+    ``sde`` (Malladi et al. 2022: 1 − β1 and 1 − β2 times k, ε / √k for k = batch / reference) or
+    ``sde-beta2`` (only β2 and ε). Valid while k·(1 − β) < 1."""
     beta1: float = 0.9
     """Adam first-moment decay."""
     beta2: float = 0.95
@@ -92,6 +97,11 @@ class LRScheduleConfig:
     anneal_tokens: int = 0
     """After the horizon, fall linearly from the schedule's final value to 0 over this many tokens
     (the anneal phase of ``critbatch compare --anneal-tokens``)."""
+    cooldown_tokens: int = 0
+    """Multiply the schedule by a linear decay to 0 over the run's last this-many tokens, ending at
+    ``cooldown_end_tokens`` (a branch's cooldown probe; the schedule's shape before it is unchanged)."""
+    cooldown_end_tokens: int | None = None
+    """Where the cooldown ends; ``None`` means the run's ``total_tokens``."""
 
 
 @dataclass
@@ -113,6 +123,9 @@ class DataConfig:
     """Allow a run to consume more sequences than the training split holds (more than one epoch)."""
     verify: bool = True
     """Check the sha256 of every shard against ``meta.json`` before training."""
+    eval_seed: int = 0
+    """Seed of the held-out evaluation sample (``eval_seqs`` sequences drawn across the whole
+    held-out split). Runs compared with each other must share it."""
     stream_shift_seqs: int = 0
     """Read the stream this many sequences ahead of the token count: branch replicates use it to
     train on different data windows from the same checkpoint. The LR schedule still follows tokens."""
@@ -289,6 +302,9 @@ def validate(cfg: TrainConfig) -> None:
     _require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive")
     _require(o.name in OPTIMIZERS, f"optim.name={o.name!r} is not one of {', '.join(OPTIMIZERS)}")
     _require(o.lr_rule in LR_RULES, f"optim.lr_rule={o.lr_rule!r} is not one of {', '.join(LR_RULES)}")
+    _require(o.adam_rule in ADAM_RULES, f"optim.adam_rule={o.adam_rule!r} is not one of {', '.join(ADAM_RULES)}")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim betas ({o.beta1}, {o.beta2}) must be in [0, 1)")
+    _require(o.eps >= 0, f"optim.eps={o.eps} must be >= 0")
     _require(math.isfinite(o.lr) and o.lr > 0, f"learning rate {o.lr!r} must be a positive number")
     _require(o.max_grad_norm is None or o.max_grad_norm > 0, f"optim.max_grad_norm={o.max_grad_norm} must be positive or null")
     _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
@@ -311,6 +327,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(cfg.parallel in PARALLEL, f"parallel={cfg.parallel!r} is not one of {', '.join(PARALLEL)}")
     if s.horizon_tokens is not None:
         _require(s.horizon_tokens > 0, f"lr_schedule.horizon_tokens={s.horizon_tokens} must be positive")
+    _require(s.cooldown_tokens >= 0, f"lr_schedule.cooldown_tokens={s.cooldown_tokens} must be >= 0")
     if s.kind == "wsd":
         horizon = s.horizon_tokens or cfg.total_tokens
         _require(s.decay_tokens > 0, "lr_schedule.decay_tokens must be positive for the wsd schedule")

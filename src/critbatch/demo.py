@@ -33,11 +33,14 @@ class DemoConfig:
     """A short version (tests, a first look): a smaller run, fewer points, short windows."""
     total_tokens: int = 1_000_000
     points: list[int] = field(default_factory=lambda: [20_000, 60_000, 200_000, 600_000])
-    window_tokens: int = 102_400
+    window_tokens: int = 98_304
+    """6 steps of the largest batch (k_max·B = 256 sequences): the adaptive search bisects over the
+    batches dividing it, 1.5 apart (4, 6, 8, 12, 16, 24, ... sequences)."""
     k_min: float = 0.5
     k_max: float = 32.0
-    resolution: float = 2.0
-    eval_seqs: int = 512
+    resolution: float | None = None
+    cooldown_fraction: float = 0.25
+    eval_seqs: int = 2048
     gns_b_big: int = 64
     gns_batches: int = 32
     anneal_tokens: int = 102_400
@@ -49,8 +52,8 @@ class DemoConfig:
     @classmethod
     def make(cls, out: str, quick: bool = False, **over) -> "DemoConfig":
         if quick:
-            base = dict(total_tokens=120_000, points=[5_000, 20_000, 80_000], window_tokens=8_192, k_min=0.5,
-                        k_max=8.0, resolution=2.0, eval_seqs=64, gns_b_big=16, gns_batches=4, anneal_tokens=8_192,
+            base = dict(total_tokens=120_000, points=[5_000, 20_000], window_tokens=8_192, k_min=0.5,
+                        k_max=8.0, eval_seqs=256, gns_b_big=16, gns_batches=4, anneal_tokens=8_192,
                         launcher="inprocess")
             base.update(over)
             over = base
@@ -148,6 +151,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     def sweep():
         res = run_sweep(SweepConfig(run=str(out / "base"), at=cfg.points, window_tokens=cfg.window_tokens,
                                     search="adaptive", k_min=cfg.k_min, k_max=cfg.k_max, resolution=cfg.resolution,
+                                    cooldown_fraction=cfg.cooldown_fraction,
                                     eval_seqs=cfg.eval_seqs, jobs=cfg.jobs, launcher=cfg.launcher,
                                     threads_per_branch=_threads(cfg)), progress=None)
         st.artifact("sweep_dir", str(res.sweep_dir.relative_to(out)))
@@ -158,11 +162,13 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     def schedule():
         curve = read_json(out / st.artifact("sweep_dir") / "cbs.json")
-        d = derive_schedule(curve, tcfg.batch_seqs, rule=curve["lr_rule"], until_tokens=cfg.total_tokens)
-        doc = schedule_document(d.schedule, notes=d.notes, extrapolated=d.extrapolated,
-                                derived_from={"sweep": st.artifact("sweep_dir"), "source": d.source, "bound": d.bound,
-                                              "safety": 1.0, "granularity": None, "start_seqs": tcfg.batch_seqs,
-                                              "max_seqs": None, "decide_by": curve["decide_by"], "rule": curve["rule"]})
+        d = derive_schedule(curve, tcfg.batch_seqs, rule=curve["lr_rule"], adam_rule=curve.get("adam_rule", "none"),
+                            until_tokens=cfg.total_tokens)
+        doc = schedule_document(d.schedule, notes=d.notes,
+                                derived_from={"sweep": st.artifact("sweep_dir"), "source": d.source, "safety": 1.0,
+                                              "granularity": None, "start_seqs": tcfg.batch_seqs, "max_seqs": None,
+                                              "decide_by": curve["decide_by"], "rule": curve["rule"],
+                                              "allowed": d.allowed})
         write_json_atomic(out / "schedule.json", doc)
 
     st.run("schedule", schedule)

@@ -64,6 +64,16 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
+def write_npy_atomic(path: str | Path, array) -> None:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    write_bytes_atomic(path, buf.getvalue())
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 

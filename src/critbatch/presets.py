@@ -91,7 +91,8 @@ def demo() -> TrainConfig:
         total_tokens=1_000_000,
         batch_seqs=8,
         checkpoint_tokens=[20_000, 60_000, 200_000, 600_000],
-        eval_seqs=512,
+        eval_seqs=2048,
+        eval_interval_tokens=100_000,
     )
 
 

@@ -22,16 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ..config import TrainConfig, config_hash, from_dict, merge, to_dict
+import math as _math
+
+from ..analysis.decision import RULES
+from ..config import ADAM_RULES, TrainConfig, config_hash, from_dict, merge, to_dict
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import read_json, write_json_atomic
-from ..optim import lr_rule_multiplier
+from ..optim import adam_hparams, lr_rule_multiplier
 from ..train.checkpoint import CheckpointInfo, kept_checkpoints, load_checkpoint
 from ..units import fmt_count
 
 BRANCH_FORMAT = 1
 DECIDE_BY = ("eval", "train-ema")
-RULES = ("eps", "ttest")
 SEARCHES = ("grid", "adaptive")
 
 
@@ -46,9 +48,15 @@ class SweepConfig:
     k: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
     """Batch multipliers of the full grid (``search='grid'``); fractional values work."""
     window_tokens: int = 100_000
-    """Tokens every branch trains (rounded up to whole sequences)."""
+    """Tokens every branch trains, rounded up so that it is a whole number of optimizer steps at
+    every batch the sweep can probe: a multiple of the least common multiple of the grid's batches
+    k·B (adaptive search: of its doubling points, the largest batch among them). No branch ends on
+    a partial step."""
     lr_rule: str | None = None
     """LR–batch rule f(k): ``sqrt``, ``linear`` or ``none``; ``None`` takes the parent's."""
+    adam_rule: str | None = None
+    """How Adam's betas and epsilon follow k: ``none``, ``sde`` or ``sde-beta2`` (see
+    :func:`critbatch.optim.adam_hparams`); ``None`` takes the parent's."""
     replicates: int = 1
     """Branches per k on different data windows: replicate r reads the stream r windows ahead."""
     search: str = "grid"
@@ -58,21 +66,27 @@ class SweepConfig:
     k_max: float | None = None
     """Adaptive: the largest probe (default: the largest grid k)."""
     resolution: float | None = None
-    """Adaptive: stop bisecting when the failing and passing k differ by at most this (default k_min)."""
+    """Adaptive: bisect over the lattice k_min + i·resolution (only k whose batch divides the
+    window); ``None`` (default): over every k between k_min and k_max whose batch divides the window."""
+    cooldown_fraction: float = 0.25
+    """Every branch ends with a linear LR decay to 0 over this fraction of its window (a cooldown
+    probe), so the decision compares how far each batch got, not its noise level: at a constant
+    LR a larger batch sits lower on its noise floor and looks better than it trained (docs/LOG.md,
+    the warmup study). 0: the paper's plain continuation of the parent's schedule."""
     decide_by: str = "eval"
     """Which loss decides: ``eval`` (held-out loss at the window's end) or ``train-ema`` (the
     paper's EMA-smoothed training loss, alpha 0.5). See docs/LOG.md for why eval is the default."""
     rule: str | None = None
-    """``eps`` (the paper's tolerance) or ``ttest`` (one-sided paired test); ``None``: eps for one
-    replicate, ttest for more."""
+    """``eps`` (the paper's point reading) or ``noninf`` (non-inferiority over paired replicates: k
+    passes only when the data show it within eps of every smaller k at ``confidence``);
+    ``None``: eps for one replicate, noninf for more."""
     eps: float = 0.01
-    """Tolerance in nats for the eps rule."""
+    """Tolerance in nats: a batch passes when its loss is within this of the smaller batches'."""
     confidence: float = 0.95
-    """Confidence of the t-test rule."""
-    margin: float = 0.0
-    """The t-test rule calls k worse only if its loss exceeds a smaller k's by more than this."""
+    """Confidence of the noninf rule's bounds, and of the held-out set's sampling error under eps."""
     micro_batch_seqs: int | None = None
-    """Micro-batch of the branches (default: the parent's); reduced to a divisor of k·B as needed."""
+    """Micro-batch of the branches (default: the parent's); reduced to a divisor of k·B as needed
+    (it changes no number, only memory)."""
     eval_seqs: int | None = None
     """Held-out sequences evaluated at each branch's end (default: the parent's)."""
     device: str = "auto"
@@ -104,6 +118,8 @@ class BranchPoint:
     base_batch_seqs: int
     base_lr: float
     """The parent's LR multiplier at this point times its base LR (the branch's η before f(k))."""
+    base_adam: tuple[float, float, float] = (0.9, 0.95, 1e-8)
+    """The parent's Adam (beta1, beta2, eps) at this point (its adam rule applied to B)."""
 
     @property
     def tokens(self) -> int:
@@ -125,6 +141,11 @@ class SweepPlan:
     k_min: float | None = None
     k_max: float | None = None
     resolution: float | None = None
+    adam_rule: str = "none"
+    window_tokens_requested: int = 0
+    candidates: list[float] | None = None
+    """Adaptive: the k the bisection may probe (each batch divides the window)."""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def seq_len(self) -> int:
@@ -157,15 +178,20 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     if cfg.decide_by not in DECIDE_BY:
         raise ConfigError(f"decide-by {cfg.decide_by!r} is not one of {', '.join(DECIDE_BY)}")
     check_launch(cfg.launcher, cfg.nproc_per_job, cfg.slurm)
-    rule = cfg.rule or ("eps" if cfg.replicates == 1 else "ttest")
+    rule = cfg.rule or ("eps" if cfg.replicates == 1 else "noninf")
+    if rule == "ttest":
+        raise ConfigError("rule 'ttest' was replaced by 'noninf' (non-inferiority: k passes only when the data show "
+                          "it within eps of the smaller batches)")
     if rule not in RULES:
         raise ConfigError(f"rule {rule!r} is not one of {', '.join(RULES)}")
     if cfg.eps < 0 or not math.isfinite(cfg.eps):
         raise ConfigError(f"eps={cfg.eps} must be >= 0")
     if cfg.replicates < 1:
         raise ConfigError(f"replicates={cfg.replicates} must be >= 1")
-    if rule == "ttest" and cfg.replicates < 2:
-        raise ConfigError("the ttest rule needs --replicates 2 or more")
+    if not (isinstance(cfg.cooldown_fraction, (int, float)) and 0 <= cfg.cooldown_fraction <= 1):
+        raise ConfigError(f"cooldown_fraction={cfg.cooldown_fraction} must be in [0, 1]")
+    if rule == "noninf" and cfg.replicates < 2:
+        raise ConfigError("the noninf rule needs --replicates 2 or more")
     if not 0.5 <= cfg.confidence < 1:
         raise ConfigError(f"confidence={cfg.confidence} must be in [0.5, 1)")
     if cfg.jobs is None:
@@ -175,6 +201,9 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     lr_rule = cfg.lr_rule or parent.optim.lr_rule
     if lr_rule not in ("sqrt", "linear", "none"):
         raise ConfigError(f"lr rule {lr_rule!r} is not one of sqrt, linear, none")
+    adam_rule = cfg.adam_rule or parent.optim.adam_rule
+    if adam_rule not in ADAM_RULES:
+        raise ConfigError(f"adam rule {adam_rule!r} is not one of {', '.join(ADAM_RULES)}")
     ks = sorted({_round_k(k) for k in cfg.k})
     if not ks or any(k <= 0 or not math.isfinite(k) for k in ks):
         raise ConfigError(f"every k must be > 0 (got {', '.join(f'{k:g}' for k in cfg.k)})")
@@ -195,43 +224,70 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
         except CheckpointError as e:
             raise DataError(f"parent run {run_dir} is corrupt: {e}") from None
         B = int(ck.meta["batch_seqs"])
-        eta = parent.optim.lr * lr_rule_multiplier(parent.optim.lr_rule, B, parent.lr_ref_batch_seqs or B)
-        points.append(BranchPoint(ck, B, eta))
+        ref = parent.lr_ref_batch_seqs or B
+        eta = parent.optim.lr * lr_rule_multiplier(parent.optim.lr_rule, B, ref)
+        o = parent.optim
+        adam = adam_hparams(o.adam_rule, B, ref, o.beta1, o.beta2, o.eps) if o.name == "adamw" else (o.beta1, o.beta2, o.eps)
+        points.append(BranchPoint(ck, B, eta, adam))
 
     T = parent.model.seq_len
-    window = -(-cfg.window_tokens // T) * T  # whole sequences
     if cfg.window_tokens <= 0:
         raise ConfigError(f"window_tokens={cfg.window_tokens} must be positive")
-
     k_min = k_max = res = None
     if cfg.search == "adaptive":
         k_max = _round_k(cfg.k_max if cfg.k_max is not None else ks[-1])
         k_min = _round_k(cfg.k_min if cfg.k_min is not None else next((k for k in ks if k >= 1), ks[0]))
-        res = _round_k(cfg.resolution if cfg.resolution is not None else k_min)
+        res = None if cfg.resolution is None else _round_k(cfg.resolution)
         if not 0 < k_min < k_max:
             raise ConfigError(f"adaptive search needs 0 < k_min < k_max (got {k_min:g}, {k_max:g})")
-        if res <= 0:
+        if res is not None and res <= 0:
             raise ConfigError(f"resolution={res} must be > 0")
-        candidate_ks = [k_min, k_max, res]
+        from .search import AdaptiveSearch
+
+        step_ks = AdaptiveSearch(k_min, k_max, None, None, candidates=[]).doubling()
     else:
-        candidate_ks = ks
+        step_ks = ks
     for p in points:
-        for k in candidate_ks:
+        for k in step_ks:
             kb = k * p.base_batch_seqs
             if abs(kb - round(kb)) > 1e-9 or round(kb) < 1:
                 raise ConfigError(f"k={k:g} at base batch {p.base_batch_seqs} gives {kb:g} sequences; k·B must be a "
                                   f"whole number >= 1")
-    k_top = k_max if cfg.search == "adaptive" else ks[-1]
-    largest = max(round(k_top * p.base_batch_seqs) for p in points) * T
-    if window < largest:
+    # whole optimizer steps at every batch the sweep can probe: the window is a multiple of their lcm
+    unit = _math.lcm(*{int(round(k * p.base_batch_seqs)) for p in points for k in step_ks})
+    want = -(-cfg.window_tokens // T)  # sequences
+    k_top = step_ks[-1]
+    largest = max(int(round(k_top * p.base_batch_seqs)) for p in points)
+    if want < largest:
         raise ConfigError(f"window {cfg.window_tokens} tokens is shorter than one step of the largest batch "
-                          f"(k={k_top:g}: {largest} tokens); the minimum window is {largest}")
+                          f"(k={k_top:g}: {largest * T} tokens); the minimum window is {largest * T}")
+    window_seqs = -(-want // unit) * unit
+    window = window_seqs * T
+    notes: list[str] = []
+    if window != cfg.window_tokens:
+        notes.append(f"window rounded up from {cfg.window_tokens:,} to {window:,} tokens ({window_seqs // unit} x "
+                     f"{unit} sequences): every branch trains whole optimizer steps at every batch it can probe")
+    candidates = None
+    if cfg.search == "adaptive":
+        Bs = {p.base_batch_seqs for p in points}
+        cand = []
+        for b in range(1, window_seqs + 1):  # batches of the first point that divide the window
+            if window_seqs % b:
+                continue
+            k = _round_k(b / min(Bs))
+            if not (k_min - 1e-12 <= k <= k_max + 1e-12):
+                continue
+            if res is not None and abs((k - k_min) / res - round((k - k_min) / res)) > 1e-6:
+                continue
+            if all(abs(k * B - round(k * B)) < 1e-9 and window_seqs % int(round(k * B)) == 0 for B in Bs):
+                cand.append(k)
+        candidates = cand
     # every replicate window must fit the training split
     from ..data import open_data
     from ..data.dataset import SequenceStream
 
     stream = SequenceStream(open_data(parent.data.path, verify=False), T, parent.data.order_seed)
-    need = max(p.ckpt.meta["offset_seqs"] for p in points) + cfg.replicates * (window // T)
+    need = max(p.ckpt.meta["offset_seqs"] for p in points) + cfg.replicates * window_seqs
     if need > stream.n_seqs and not parent.data.allow_repeat:
         raise DataError(f"the sweep reads up to sequence {need:,} but the training split holds {stream.n_seqs:,}; "
                         f"use a shorter window, fewer replicates or earlier branch points")
@@ -239,13 +295,13 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     parent_hash = config_hash(_defining_parent(parent))
     spec = {k: v for k, v in to_dict(cfg).items() if k not in NON_DEFINING}
     spec.update(run=None, at=[p.tokens for p in points], k=ks, window_tokens=window, rule=rule, lr_rule=lr_rule,
-                k_min=k_min, k_max=k_max, resolution=res, parent=parent_hash)
+                adam_rule=adam_rule, k_min=k_min, k_max=k_max, resolution=res, parent=parent_hash)
     if cfg.search == "adaptive":
         spec["k"] = None
     sweep_id = config_hash(spec)
     cfg = dataclasses.replace(cfg, k=ks)  # jobs resolved above
     return SweepPlan(cfg, run_dir, parent, parent_hash, points, window, rule, lr_rule, sweep_id,
-                     run_dir / "sweeps" / sweep_id, k_min, k_max, res)
+                     run_dir / "sweeps" / sweep_id, k_min, k_max, res, adam_rule, cfg.window_tokens, candidates, notes)
 
 
 def _defining_parent(parent: TrainConfig) -> dict:
@@ -275,10 +331,13 @@ def branch_spec(plan: SweepPlan, point: BranchPoint, k: float, replicate: int) -
     shift = replicate * (plan.window_tokens // T)
     cfg = merge(plan.parent, {
         "batch_schedule": [[0, kb]], "batch_seqs": kb, "lr_ref_batch_seqs": B,
-        "optim": {"lr": point.base_lr, "lr_rule": plan.lr_rule},
+        "optim": {"lr": point.base_lr, "lr_rule": plan.lr_rule, "adam_rule": plan.adam_rule,
+                  "beta1": point.base_adam[0], "beta2": point.base_adam[1], "eps": point.base_adam[2]},
         "total_tokens": point.tokens + plan.window_tokens, "exact_total_tokens": True,
         "checkpoint_tokens": [], "save_interval_tokens": max(plan.window_tokens // 4, T),
         "eval_interval_tokens": 10**18, "micro_batch_seqs": micro,
+        "lr_schedule": {"cooldown_tokens": int(round(plan.cfg.cooldown_fraction * plan.window_tokens)),
+                        "cooldown_end_tokens": None},
         "eval_seqs": plan.cfg.eval_seqs or plan.parent.eval_seqs, "device": plan.cfg.device,
         "data": {"stream_shift_seqs": shift},
     })
@@ -314,11 +373,84 @@ def run_branch_dir(branch_dir: str | Path, threads: int | None = None, callbacks
 
 
 def branch_losses(branch_dir: Path) -> dict:
+    """A finished branch's numbers; ``eval_per_seq``: its per-sequence held-out losses (``None`` for
+    a diverged branch or one trained before they were saved)."""
+    import numpy as np
+
+    from ..train.loop import EVAL_LOSSES_FILE
+
     r = read_json(branch_dir / "result.json")
+    per_seq = None
+    if not r["diverged"] and (branch_dir / EVAL_LOSSES_FILE).is_file():
+        per_seq = np.load(branch_dir / EVAL_LOSSES_FILE, allow_pickle=False)
     return {"eval": r["final_eval_loss"] if not r["diverged"] else float("inf"),
             "train-ema": r["final_train_loss"] if not r["diverged"] else float("inf"),
+            "eval_se": r.get("final_eval_loss_se"), "eval_per_seq": per_seq,
             "diverged": bool(r["diverged"]), "steps": r["steps"], "tokens": r["tokens"] - r["start_tokens"],
             "wall_time_s": r["wall_time_s"]}
+
+
+def decide_point(plan: SweepPlan, ks: list[float], recs: list[list[dict]]):
+    """The decision at one branch point from its branches' records (``recs[i]``: k_i's replicates).
+    Decided by eval loss, the held-out set's paired sampling error enters the decision."""
+    from ..analysis.decision import decide, paired_eval_noise
+
+    cfg = plan.cfg
+    losses = [[r[cfg.decide_by] for r in reps] for reps in recs]
+    se = sd = None
+    if cfg.decide_by == "eval":
+        se, sd = paired_eval_noise([[r["eval_per_seq"] for r in reps] for reps in recs])
+    return decide(ks, losses, plan.rule, cfg.eps, cfg.confidence, diff_se=se, diff_sd=sd)
+
+
+def build_curve(plan: SweepPlan, results: dict[int, dict[float, list[dict]]], wall_time_s: float) -> dict:
+    """cbs.json's content: every point decided, described in sequences and tokens, with its cost."""
+    from ..analysis.curve import fit_or_none, point_record
+
+    cfg = plan.cfg
+    points = []
+    total_tokens = total_branches = 0
+    branch_seconds = 0.0
+    for p in plan.points:
+        by_k = results[p.tokens]
+        ks = sorted(by_k)
+        recs = [by_k[k] for k in ks]
+        dec = decide_point(plan, ks, recs)
+        losses = {m: [[r[m] for r in reps] for reps in recs] for m in ("eval", "train-ema")}
+        div = [[r["diverged"] for r in reps] for reps in recs]
+        spent = sum(r["tokens"] for reps in recs for r in reps)
+        secs = sum(r["wall_time_s"] for reps in recs for r in reps)
+        extra = {"branch_tokens": spent, "branch_seconds": secs, "branches": sum(len(v) for v in recs),
+                 "steps": [[r["steps"] for r in reps] for reps in recs],
+                 "eval_se": [[r["eval_se"] for r in reps] for reps in recs]}
+        if cfg.search == "adaptive":
+            grid = _search(plan, None).full_grid()
+            extra["full_grid_branch_tokens"] = len(grid) * cfg.replicates * plan.window_tokens
+            extra["full_grid_ks"] = len(grid)
+        points.append(point_record(p.tokens, p.ckpt.requested_tokens, p.base_batch_seqs, plan.seq_len, ks, losses,
+                                   div, cfg.decide_by, dec, cfg.eps, extra))
+        total_tokens += spent
+        total_branches += extra["branches"]
+        branch_seconds += secs
+    curve = {
+        "sweep_id": plan.sweep_id, "run": str(plan.run_dir), "search": cfg.search, "decide_by": cfg.decide_by,
+        "rule": plan.rule, "eps": cfg.eps, "confidence": cfg.confidence, "lr_rule": plan.lr_rule,
+        "adam_rule": plan.adam_rule, "replicates": cfg.replicates, "window_tokens": plan.window_tokens,
+        "window_tokens_requested": plan.window_tokens_requested, "eval_seqs": cfg.eval_seqs or plan.parent.eval_seqs,
+        "seq_len": plan.seq_len, "notes": list(plan.notes), "points": points,
+        "cost": {"branches": total_branches, "branch_tokens": total_tokens, "branch_seconds": branch_seconds,
+                 "wall_time_s": wall_time_s},
+    }
+    if cfg.search == "adaptive":
+        curve["cost"]["full_grid_branch_tokens"] = sum(p["full_grid_branch_tokens"] for p in points)
+    curve["fit"] = fit_or_none(points)
+    return curve
+
+
+def _search(plan: SweepPlan, decide_fn):
+    from .search import AdaptiveSearch
+
+    return AdaptiveSearch(plan.k_min, plan.k_max, plan.resolution, decide_fn, candidates=plan.candidates)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,31 +468,35 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
     """Plan, run the missing branches, decide, and write cbs.json / cbs.csv / plots."""
     from tqdm.auto import tqdm
 
-    from ..analysis.curve import build_curve, write_curve
-    from ..analysis.decision import decide
+    from ..analysis.curve import write_curve
     from ..launch import run_jobs
-    from .search import AdaptiveSearch
 
     plan = plan_sweep(cfg)
     cfg = plan.cfg
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     spec = {**{k: v for k, v in to_dict(plan.cfg).items()}, "run": str(plan.run_dir), "sweep_id": plan.sweep_id,
             "window_tokens_effective": plan.window_tokens, "rule": plan.rule, "lr_rule": plan.lr_rule,
-            "k_min": plan.k_min, "k_max": plan.k_max, "resolution": plan.resolution,
-            "points": [p.tokens for p in plan.points]}
+            "adam_rule": plan.adam_rule, "k_min": plan.k_min, "k_max": plan.k_max, "resolution": plan.resolution,
+            "candidates": plan.candidates, "points": [p.tokens for p in plan.points]}
     write_json_atomic(plan.sweep_dir / "sweep.json", spec)
     R = cfg.replicates
     t0 = time.time()
-    decide_fn = lambda ks, losses: decide(ks, losses, plan.rule, cfg.eps, cfg.confidence, cfg.margin)  # noqa: E731
     disable = True if progress is False else None
     bar = tqdm(desc=f"sweep {plan.sweep_id}", unit="branch", disable=disable, dynamic_ncols=True)
 
-    branches: dict[int, dict[float, list[Path]]] = {p.tokens: {} for p in plan.points}
+    dirs_of: dict[int, dict[float, list[Path]]] = {p.tokens: {} for p in plan.points}
+    results: dict[int, dict[float, list[dict]]] = {p.tokens: {} for p in plan.points}
 
     def make(point: BranchPoint, k: float) -> list[Path]:
         dirs = [ensure_branch(plan.run_dir, branch_spec(plan, point, k, r)) for r in range(R)]
-        branches[point.tokens][_round_k(k)] = dirs
+        dirs_of[point.tokens][_round_k(k)] = dirs
         return dirs
+
+    def collect() -> None:
+        for t, by_k in dirs_of.items():
+            for k, dirs in by_k.items():
+                if k not in results[t]:
+                    results[t][k] = [branch_losses(d) for d in dirs]
 
     def done(_d: Path) -> None:
         bar.update(1)
@@ -371,23 +507,22 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
         run_jobs(dirs, cfg.jobs, cfg.threads_per_branch, cfg.launcher, done, nproc_per_job=cfg.nproc_per_job,
                  slurm=cfg.slurm)
     else:
-        searches = {p.tokens: AdaptiveSearch(plan.k_min, plan.k_max, plan.resolution, decide_fn) for p in plan.points}
-        losses: dict[int, dict[float, list[float]]] = {p.tokens: {} for p in plan.points}
+        searches = {p.tokens: _search(plan, lambda ks, recs: decide_point(plan, ks, recs)) for p in plan.points}
         while True:
             round_dirs = []
             for p in plan.points:
-                k = searches[p.tokens].next_probe(losses[p.tokens])
+                k = searches[p.tokens].next_probe(results[p.tokens])
                 if k is not None:
-                    round_dirs += [(p, _round_k(k), d) for d in make(p, k)]
+                    round_dirs += make(p, k)
             if not round_dirs:
                 break
             bar.total = (bar.total or 0) + len(round_dirs)
-            run_jobs([d for _, _, d in round_dirs], cfg.jobs, cfg.threads_per_branch, cfg.launcher, done,
+            run_jobs(round_dirs, cfg.jobs, cfg.threads_per_branch, cfg.launcher, done,
                      nproc_per_job=cfg.nproc_per_job, slurm=cfg.slurm)
-            for p, k, _ in round_dirs:
-                losses[p.tokens][k] = [branch_losses(d)[cfg.decide_by] for d in branches[p.tokens][k]]
+            collect()
     bar.close()
-    curve = build_curve(plan, branches, decide_fn, wall_time_s=time.time() - t0)
+    collect()
+    curve = build_curve(plan, results, wall_time_s=time.time() - t0)
     if (plan.run_dir / "gns.json").is_file():
         from ..analysis.curve import attach_noise_scale
 
@@ -401,8 +536,10 @@ def describe_point(p: dict) -> str:
     lo, hi = p["cbs_low_seqs"], p["cbs_high_seqs"]
     if len(p["ks"]) < 2:
         return f"one batch size only (k={p['ks'][0]:g}): no decision"
+    und = [k * p["base_batch_seqs"] for k in p.get("undetermined_ks", [])]
     if hi is None:
-        s = f"CBS >= {lo:g} seqs ({fmt_count(lo * T)} tokens): even the largest batch passed, bounded below only"
+        s = (f"CBS >= {lo:g} seqs ({fmt_count(lo * T)} tokens): no probed batch was shown to fail, bounded below only"
+             if und else f"CBS >= {lo:g} seqs ({fmt_count(lo * T)} tokens): even the largest batch passed, bounded below only")
     elif p["below_grid"]:
         s = f"CBS <= {hi:g} seqs ({fmt_count(hi * T)} tokens): only the smallest batch passed; it may lie below the grid"
     else:
@@ -410,4 +547,12 @@ def describe_point(p: dict) -> str:
     if p["readings_disagree"]:
         cl, ch = p["conservative_low_seqs"], p["conservative_high_seqs"]
         s += f"; conservative reading [{cl:g}, {ch if ch is not None else 'inf'}] disagrees"
+    if und:
+        s += f"; undetermined: {', '.join(f'{b:g}' for b in und)} seqs"
+        if p.get("replicates_needed"):
+            s += f" (~{p['replicates_needed']} replicates would settle it)"
+        elif p.get("eval_seqs_needed"):
+            s += f" (~{p['eval_seqs_needed']:,} held-out sequences would settle it)"
+    if p.get("eval_noise_ok") is False:
+        s += f"; held-out paired error {p['max_paired_eval_se']:.4f} is not well below eps: raise --eval-seqs"
     return s

@@ -150,10 +150,14 @@ def step_slices(offset: int, batch_seqs: int, micro_batch_seqs: int, rank: int =
     return [(start + i, min(micro_batch_seqs, per_rank - i)) for i in range(0, per_rank, micro_batch_seqs)]
 
 
-def eval_sequences(data: TokenData, seq_len: int, n_seqs: int) -> torch.Tensor:
-    """The fixed held-out set: the first ``n_seqs`` sequences of the val split, in file order."""
+def eval_sequences(data: TokenData, seq_len: int, n_seqs: int, seed: int = 0) -> torch.Tensor:
+    """The fixed held-out set: ``n_seqs`` sequences drawn without replacement, seeded, from the whole
+    held-out split (not its first documents: documents differ in loss by far more than a CBS
+    tolerance, so a set read off the split's start measures one or two documents). The draw is a
+    prefix of one seeded permutation, so a smaller set is the start of a larger one."""
     idx = _SplitIndex(data.shards("val"), seq_len)
     if idx.n < n_seqs:
         raise DataError(f"eval_seqs={n_seqs} but the held-out split of {data.path} holds only {idx.n} sequences "
                         f"of {seq_len + 1} tokens; lower --eval-seqs or prepare with a larger holdout")
-    return torch.from_numpy(idx.gather(np.arange(n_seqs, dtype=np.int64)))
+    ids = np.random.default_rng([seed, 0x5EED]).permutation(idx.n)[:n_seqs]
+    return torch.from_numpy(idx.gather(ids.astype(np.int64)))

@@ -92,6 +92,12 @@ class GPT(nn.Module):
         logits = self(seqs[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(), reduction="sum")
 
+    def seq_loss_sums(self, seqs: torch.Tensor) -> torch.Tensor:
+        """Per-sequence summed next-token cross-entropy of a (B, T+1) batch: shape (B,)."""
+        logits = self(seqs[:, :-1])
+        tok = F.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(), reduction="none")
+        return tok.view(seqs.shape[0], -1).sum(dim=1)
+
 
 def count_params(cfg: ModelConfig, embeddings: bool = True) -> int:
     """Parameters of the model (tied embedding counted once)."""

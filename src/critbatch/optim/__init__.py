@@ -4,10 +4,11 @@ coupling rule (design.md §1.3)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from ..config import LR_RULES, LRScheduleConfig, OptimConfig
+from ..config import ADAM_RULES, LR_RULES, LRScheduleConfig, OptimConfig
 from ..errors import ConfigError
 
 
@@ -25,10 +26,37 @@ def lr_rule_multiplier(rule: str, batch_seqs: float, ref_batch_seqs: float) -> f
     return 1.0
 
 
+def adam_hparams(rule: str, batch_seqs: float, ref_batch_seqs: float, beta1: float, beta2: float,
+                 eps: float) -> tuple[float, float, float]:
+    """Adam's (beta1, beta2, eps) at batch ``batch_seqs`` when they hold at ``ref_batch_seqs``.
+
+    ``none`` (Merrill et al. 2025 change only the LR): unchanged. ``sde`` — the SDE scaling rule of
+    Malladi et al. 2022 (arXiv 2205.10287, Definition 4.x) for k = batch / reference:
+    1 − β1 and 1 − β2 scale by k, ε by 1/√k (beside η·√k from the ``sqrt`` LR rule). ``sde-beta2``:
+    only β2 and ε (β1 unchanged). The rule is valid while k·(1 − β) < 1."""
+    if rule not in ADAM_RULES:
+        raise ConfigError(f"adam rule {rule!r} is not one of {', '.join(ADAM_RULES)}")
+    if rule == "none":
+        return beta1, beta2, eps
+    k = batch_seqs / ref_batch_seqs
+    b1 = 1.0 - k * (1.0 - beta1) if rule == "sde" else beta1
+    b2 = 1.0 - k * (1.0 - beta2)
+    if b1 < 0 or b2 < 0:
+        which = "beta1" if b1 < 0 else "beta2"
+        raise ConfigError(f"adam rule {rule!r} at batch {batch_seqs:g} (k = {k:g} x the reference {ref_batch_seqs:g}) "
+                          f"gives {which} < 0; the rule holds only while k·(1 - {which}) < 1")
+    return b1, b2, eps / math.sqrt(k)
+
+
 def lr_schedule_factor(cfg: LRScheduleConfig, tokens: int | float) -> float:
     """Multiplier in [0, 1] of the peak LR after ``tokens`` tokens (counted in tokens, never steps,
     so a batch change does not alter the schedule's shape). ``cfg.horizon_tokens`` must be resolved."""
     t = float(tokens)
+    if cfg.cooldown_tokens > 0:
+        end = float(cfg.cooldown_end_tokens)
+        cool = min(1.0, max(0.0, (end - t) / cfg.cooldown_tokens))
+        if cool < 1.0:
+            return cool * lr_schedule_factor(replace(cfg, cooldown_tokens=0), tokens)
     H = float(cfg.horizon_tokens)
     if cfg.anneal_tokens > 0 and t > H:
         end = lr_schedule_factor(cfg, H)

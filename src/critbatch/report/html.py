@@ -63,11 +63,14 @@ def _interval_text(p: dict) -> str:
     lo, hi = p["cbs_low_seqs"], p["cbs_high_seqs"]
     if len(p["ks"]) < 2:
         return "no decision (one batch size)"
+    und = ""
+    if p.get("settled") is False:
+        und = " (undetermined: " + ", ".join(f"{k * p['base_batch_seqs']:g}" for k in p.get("undetermined_ks", [])) + ")"
     if hi is None:
-        return f"≥ {lo:g} (even the largest batch passed)"
+        return f"≥ {lo:g}" + (" (no larger batch was shown to fail)" if und else " (even the largest batch passed)") + und
     if p["below_grid"] or lo <= 0:
-        return f"≤ {hi:g} (only the smallest batch passed)"
-    return f"{lo:g} – {hi:g}"
+        return f"≤ {hi:g} (only the smallest batch passed)" + und
+    return f"{lo:g} – {hi:g}" + und
 
 
 def summarize(d: Path) -> dict:
@@ -87,6 +90,9 @@ def summarize(d: Path) -> dict:
             "cbs_low_tokens": p["cbs_low_tokens"], "cbs_high_tokens": p["cbs_high_tokens"],
             "readings_disagree": p["readings_disagree"], "bounded_above": p["bounded_above"],
             "below_grid": p["below_grid"], "interval": _interval_text(p),
+            "settled": p.get("settled", True), "undetermined_ks": p.get("undetermined_ks", []),
+            "replicates_needed": p.get("replicates_needed"), "eval_seqs_needed": p.get("eval_seqs_needed"),
+            "max_paired_eval_se": p.get("max_paired_eval_se"), "eval_noise_ok": p.get("eval_noise_ok"),
             "noise_scale_seqs": (p.get("noise_scale") or {}).get("b_simple_seqs"),
             "noise_scale_ci_seqs": [(p.get("noise_scale") or {}).get("ci_low_seqs"),
                                     (p.get("noise_scale") or {}).get("ci_high_seqs")],
@@ -135,7 +141,25 @@ def conclusions(s: dict) -> list[str]:
             out.append("At some points the paper's reading and the conservative reading disagree (a larger batch "
                        "passed after a smaller one failed); the report shows the paper's.")
         if any(not p["bounded_above"] for p in pts if len(p["probed_k"]) > 1):
-            out.append("Where even the largest probed batch passed, the CBS is only bounded below.")
+            out.append("Where no probed batch was shown to fail, the CBS is only bounded below.")
+        unsettled = [p for p in pts if p.get("settled") is False]
+        if unsettled:
+            need = [p["replicates_needed"] for p in unsettled if p.get("replicates_needed")]
+            out.append(f"Not settled at {', '.join(fmt_count(p['tokens']) for p in unsettled)} tokens: some batches are "
+                       f"undetermined — the data show them neither within ε of the smaller batches nor worse — so the "
+                       f"interval is widened to the first batch shown to fail"
+                       + (f"; about {max(need)} replicates per batch would settle them." if need else
+                          "; more replicates (--replicates, rule noninf) or held-out sequences would settle them."))
+        noisy = [p for p in pts if p.get("eval_noise_ok") is False]
+        if noisy:
+            worst = max(p["max_paired_eval_se"] for p in noisy)
+            out.append(f"The held-out sample's paired sampling error of a loss difference reaches {worst:.4f} nats, not "
+                       f"well below ε = {s['curve']['eps']}: raise --eval-seqs.")
+        elif any(p.get("max_paired_eval_se") is not None for p in pts):
+            worst = max(p["max_paired_eval_se"] for p in pts if p.get("max_paired_eval_se") is not None)
+            out.append(f"The held-out sample's paired sampling error of a loss difference is at most {worst:.4f} nats "
+                       f"(ε = {s['curve']['eps']}); the data-window noise of a single replicate is not measured"
+                       + ("" if s["curve"].get("replicates", 1) > 1 else " (one replicate per batch)") + ".")
         ns = [(p["noise_scale_seqs"], p) for p in pts if p["noise_scale_seqs"] is not None]
         if ns:
             ratios = []
@@ -157,19 +181,25 @@ def conclusions(s: dict) -> list[str]:
                    " — extrapolated: the measured points do not reach it") + ".")
     c = s.get("comparison")
     if c:
+        from ..compare import _pm
+
         w, sm, lg = c["runs"]["warmup"], c["runs"]["small"], c["runs"]["large"]
-        d_eval = (w["final_eval_loss"] or float("nan")) - (sm["final_eval_loss"] or float("nan"))
+        gw, gl = w.get("gap_to_small") or {}, lg.get("gap_to_small") or {}
+        S = len(c.get("seeds", [0]))
+        seeds = f"mean of {S} seeds" if S > 1 else "one seed"
         out.append(f"Batch-size warmup reached a held-out loss of {w['final_eval_loss']:.4f} against "
-                   f"{sm['final_eval_loss']:.4f} for the small-batch control ({d_eval:+.4f} nats) with "
-                   f"{w['steps_saved_pct']:.0f}% fewer optimizer steps; the large-batch control at the final batch from "
-                   f"the start reached {lg['final_eval_loss']:.4f} ({lg['steps_saved_pct']:.0f}% fewer steps).")
-        if c.get("anneal_tokens") and w.get("anneal_eval_loss") is not None:
-            out.append(f"After the {fmt_count(c['anneal_tokens'])}-token anneal: warmup {w['anneal_eval_loss']:.4f}, "
-                       f"small {sm['anneal_eval_loss']:.4f}, large {lg['anneal_eval_loss']:.4f}.")
-        out.append("What this does not show: one seed and one data order per run, a tiny model on a 10 MB corpus, "
-                   "and differences of about 0.01 nats are within the branch-to-branch noise measured in docs/LOG.md; "
-                   "fewer optimizer steps save wall time only where a larger batch runs faster per token (GPUs), not "
-                   "on this CPU.")
+                   f"{sm['final_eval_loss']:.4f} for the small-batch control (gap {_pm(gw.get('final_eval_loss'))} nats, "
+                   f"{seeds}) with {w['steps_saved_pct']:.0f}% fewer optimizer steps; the large-batch control at the "
+                   f"final batch from the start reached {lg['final_eval_loss']:.4f} (gap "
+                   f"{_pm(gl.get('final_eval_loss'))}, {lg['steps_saved_pct']:.0f}% fewer steps).")
+        if w.get("anneal_eval_loss") is not None:
+            how = (f"{c['anneal_steps']:,}-step" if c.get("anneal_steps") else f"{fmt_count(c['anneal_tokens'])}-token")
+            out.append(f"After the {how} anneal: warmup {w['anneal_eval_loss']:.4f}, small {sm['anneal_eval_loss']:.4f} "
+                       f"(gap {_pm(gw.get('anneal_eval_loss'))}), large {lg['anneal_eval_loss']:.4f}.")
+        caveat = ("differences are read against the ± beside them" if S > 1 else
+                  "with one seed the run-to-run noise is not measured (docs/LOG.md has multi-seed numbers)")
+        out.append(f"What this does not show: a tiny model on a 10 MB corpus; {caveat}; fewer optimizer steps save "
+                   "wall time only where a larger batch runs faster per token (GPUs), not on this CPU.")
     elif s.get("compare_skipped"):
         out.append(f"No comparison: {s['compare_skipped']}.")
     return out
@@ -206,9 +236,10 @@ def draw_figures(d: Path, s: dict) -> dict[str, Path]:
                       total_tokens=s["comparison"]["pretrain_tokens"] if s.get("comparison") else None)
         out["schedule"] = fig_dir / "schedule.svg"
     if s.get("comparison"):
-        from ..compare import RUNS
+        from ..compare import RUNS, run_dir
 
-        metrics = {n: read_jsonl(lay["compare"] / "runs" / n / "metrics.jsonl") for n in RUNS}
+        seed = s["comparison"].get("seeds", [0])[0]
+        metrics = {n: read_jsonl(run_dir(lay["compare"], seed, n) / "metrics.jsonl") for n in RUNS}
         plot_comparison(metrics, s["comparison"], fig_dir / "comparison")
         out["comparison"] = fig_dir / "comparison.svg"
     return out
@@ -289,20 +320,12 @@ def render_html(s: dict, figs: dict[str, Path]) -> str:
         parts.append("<h2 id='comparison'>Warmup against small- and large-batch controls</h2>")
         fig("comparison", "Loss against tokens (Merrill et al. Fig. 4)",
             "Training loss (moving average) and held-out loss (dots) of the three runs; dashed: warmup batch changes.")
-        head = ["run", "batch (sequences)", "train loss", "eval loss"]
-        if c["anneal_tokens"]:
-            head += ["train after anneal", "eval after anneal"]
-        head += ["optimizer steps", "steps saved", "wall time"]
-        rows = []
-        for n, r in c["runs"].items():
-            sched = " → ".join(f"{b}" + (f" at {fmt_count(t)}" if t else "") for t, b in r["batch_schedule"])
-            row = [n, sched, _num(r["final_train_loss"]), _num(r["final_eval_loss"])]
-            if c["anneal_tokens"]:
-                row += [_num(r.get("anneal_train_loss")), _num(r.get("anneal_eval_loss"))]
-            row += [f"{r['optimizer_steps']:,}", f"{r['steps_saved_pct']:.0f}%", f"{r['wall_time_s']:.0f}s"]
-            rows.append(row)
-        parts.append("<p>Table 1 (as in Merrill et al.).</p>" + _table(head, rows))
-        parts.append(f"<p class='muted'>{e(c['final_train_loss_definition'])}.</p>")
+        from ..compare import table
+
+        head, rows, note = table(c)
+        parts.append("<p>Table 1 (as in Merrill et al.), with each run's held-out loss gap to the small-batch "
+                     "control.</p>" + _table(head, rows))
+        parts.append(f"<p class='muted'>{e(note)}</p>")
     if s.get("stages"):
         parts.append("<h2 id='costs'>Cost of each stage</h2>")
         parts.append(_table(["stage", "seconds"], [[k, f"{v['seconds']:.1f}"] for k, v in s["stages"].items()]

@@ -38,10 +38,14 @@ def plot_cbs_curve(curve: dict, base: Path, noise_scale: list[dict] | None = Non
     plt = _fig()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     pts = [p for p in curve["points"] if p["tokens"] > 0]
+    drawn = 0
     for p in pts:
         t = p["tokens"]
         lo = p["cbs_low_tokens"]
         hi = p["cbs_high_tokens"]
+        if hi is None and lo <= 0:
+            continue  # nothing shown to pass or to fail: no interval to draw
+        drawn += 1
         if hi is None:
             ax.annotate("", xy=(t, lo * 3), xytext=(t, lo), arrowprops=dict(arrowstyle="->", color="C0"))
             ax.plot([t], [lo], "o", color="C0", mfc="white")
@@ -67,8 +71,11 @@ def plot_cbs_curve(curve: dict, base: Path, noise_scale: list[dict] | None = Non
                               [g["ci_high_tokens"] - g["b_simple_tokens"] for g in ns]],
                         fmt="s", color="C2", label="gradient noise scale B_simple")
     ax.plot([], [], "-", color="C0", lw=3, alpha=0.6, label="local CBS interval")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    if not drawn and not fit:
+        ax.text(0.5, 0.5, "no branch point bounds the CBS", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("critical batch size (tokens)")
     ax.set_title(f"Local critical batch size (decided by {curve['decide_by']}, rule {curve['rule']})")
@@ -95,9 +102,11 @@ def plot_loss_vs_batch(curve: dict, base: Path) -> None:
             ax.plot([b] * len(ys), ys, ".", color="0.6", ms=4)
         if finite:
             ax.plot([b for b, _ in finite], [m for _, m in finite], "o-", color="C0")
-        for b, m, ok in zip(bs, means, p["passes"]):
-            if not ok and m is not None and math.isfinite(m):
-                ax.plot([b], [m], "x", color="C3", ms=9)
+        status = p.get("status") or ["pass" if ok else "fail" for ok in p["passes"]]
+        for b, m, st in zip(bs, means, status):
+            if st != "pass" and m is not None and math.isfinite(m):
+                ax.plot([b], [m], "x" if st == "fail" else "d", color="C3" if st == "fail" else "C4", ms=8,
+                        mfc="none" if st != "fail" else None)
         if p["k_star"] is not None:
             ax.axvline(p["k_star"] * p["base_batch_seqs"], color="C1", ls="--", lw=1)
         ax.set_xscale("log", base=2)
@@ -106,7 +115,8 @@ def plot_loss_vs_batch(curve: dict, base: Path) -> None:
         ax.set_ylabel(f"{metric} loss")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle("Branch loss vs batch size (x: worse than a smaller batch; dashed: CBS)", fontsize=10)
+    fig.suptitle("Branch loss vs batch size (x: shown worse than a smaller batch; ◇: undetermined; dashed: CBS)",
+                 fontsize=10)
     fig.tight_layout()
     save(fig, base)
 
@@ -128,7 +138,8 @@ def plot_comparison(metrics: dict[str, list[dict]], comp: dict, base: Path) -> N
     fig, ax = plt.subplots(figsize=(6.8, 4.2))
     colors = {"warmup": "C0", "small": "C1", "large": "C2"}
     shown: list[float] = []
-    total = comp["pretrain_tokens"] + comp.get("anneal_tokens", 0)
+    total = comp["pretrain_tokens"] + max((comp.get("anneal_tokens_per_run") or {}).values(),
+                                          default=comp.get("anneal_tokens", 0))
     for name, recs in metrics.items():
         st = [r for r in recs if r.get("train/loss") is not None]
         if not st:
@@ -146,7 +157,7 @@ def plot_comparison(metrics: dict[str, list[dict]], comp: dict, base: Path) -> N
         lo, hi = min(shown), max(shown)
         pad = 0.08 * (hi - lo) + 0.02
         ax.set_ylim(lo - pad, hi + pad)
-    if comp.get("anneal_tokens"):
+    if total > comp["pretrain_tokens"]:
         N = comp["pretrain_tokens"]
         ax.axvline(N, color="0.5", ls=":", lw=1)
         ax.text(N, ax.get_ylim()[1], " anneal", va="top", fontsize=8, color="0.4")

@@ -14,7 +14,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import LR_RULES
+from ..config import ADAM_RULES, LR_RULES
 from ..errors import ConfigError
 from ..units import parse_count
 
@@ -29,6 +29,9 @@ class BatchSchedule:
     """LR–batch coupling: ``sqrt``, ``linear`` or ``none``."""
     ref_batch_seqs: int | None = None
     """Batch at which the LR multiplier is 1; ``None`` means the first phase's batch."""
+    adam_rule: str = "none"
+    """How Adam's betas and epsilon follow the batch: ``none``, ``sde`` or ``sde-beta2``
+    (:func:`critbatch.optim.adam_hparams`)."""
 
     def __post_init__(self):
         phases = tuple((int(s), int(b)) for s, b in self.phases)
@@ -47,19 +50,23 @@ class BatchSchedule:
             raise ConfigError(f"seq_len={self.seq_len} must be positive")
         if self.rule not in LR_RULES:
             raise ConfigError(f"LR rule {self.rule!r} is not one of {', '.join(LR_RULES)}")
+        if self.adam_rule not in ADAM_RULES:
+            raise ConfigError(f"adam rule {self.adam_rule!r} is not one of {', '.join(ADAM_RULES)}")
         if self.ref_batch_seqs is not None and self.ref_batch_seqs <= 0:
             raise ConfigError(f"ref_batch_seqs={self.ref_batch_seqs} must be positive")
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def constant(cls, batch_seqs: int, seq_len: int, rule: str = "sqrt", ref_batch_seqs: int | None = None):
-        return cls(((0, batch_seqs),), seq_len, rule, ref_batch_seqs)
+    def constant(cls, batch_seqs: int, seq_len: int, rule: str = "sqrt", ref_batch_seqs: int | None = None,
+                 adam_rule: str = "none"):
+        return cls(((0, batch_seqs),), seq_len, rule, ref_batch_seqs, adam_rule)
 
     @classmethod
-    def parse(cls, spec, seq_len: int, rule: str = "sqrt", ref_batch_seqs: int | None = None) -> "BatchSchedule":
+    def parse(cls, spec, seq_len: int, rule: str = "sqrt", ref_batch_seqs: int | None = None,
+              adam_rule: str | None = None) -> "BatchSchedule":
         """From ``"0:32,50M:64"``, ``{"0": 32, "50M": 64}``, ``[[0, 32], [5e7, 64]]``, a path to a
-        JSON file holding one of those, or a ``schedule.json`` with ``phases`` (whose ``rule`` and
-        ``ref_batch_seqs`` are then used unless given here)."""
+        JSON file holding one of those, or a ``schedule.json`` with ``phases`` (whose ``rule``,
+        ``ref_batch_seqs`` and ``adam_rule`` are then used unless given here)."""
         if isinstance(spec, (str, Path)) and Path(str(spec)).suffix == ".json":
             p = Path(str(spec))
             if not p.is_file():
@@ -74,7 +81,8 @@ class BatchSchedule:
                       for ph in spec["phases"]]
             if spec.get("seq_len") not in (None, seq_len):
                 raise ConfigError(f"batch schedule was made for seq_len {spec['seq_len']}, the model has {seq_len}")
-            return cls(tuple(phases), seq_len, file_rule or rule, ref_batch_seqs or file_ref)
+            return cls(tuple(phases), seq_len, file_rule or rule, ref_batch_seqs or file_ref,
+                       adam_rule or spec.get("adam_rule") or "none")
         if isinstance(spec, dict):
             items = list(spec.items())
         elif isinstance(spec, (list, tuple)):
@@ -89,7 +97,7 @@ class BatchSchedule:
         else:
             raise ConfigError(f"batch schedule {spec!r} is not a mapping, list or string")
         phases = [(parse_count(s, "batch schedule start"), parse_count(b, "batch schedule batch")) for s, b in items]
-        return cls(tuple(phases), seq_len, rule, ref_batch_seqs)
+        return cls(tuple(phases), seq_len, rule, ref_batch_seqs, adam_rule or "none")
 
     # ---- queries --------------------------------------------------------------------------
     @property
@@ -111,6 +119,18 @@ class BatchSchedule:
         from ..optim import lr_rule_multiplier
 
         return lr_rule_multiplier(self.rule, self.batch_seqs_at(tokens), self.reference)
+
+    def adam_at(self, tokens: int, beta1: float, beta2: float, eps: float) -> tuple[float, float, float]:
+        """Adam's (beta1, beta2, eps) for the step after ``tokens`` under ``adam_rule``, given their
+        values at the reference batch."""
+        from ..optim import adam_hparams
+
+        return adam_hparams(self.adam_rule, self.batch_seqs_at(tokens), self.reference, beta1, beta2, eps)
+
+    def check_adam(self, beta1: float, beta2: float, eps: float) -> None:
+        """Raise (naming the batch) if the Adam rule is invalid at any phase."""
+        for s, _ in self.phases:
+            self.adam_at(s, beta1, beta2, eps)
 
     def accum_steps_at(self, tokens: int, micro_batch_seqs: int, world_size: int = 1) -> int:
         b = self.batch_seqs_at(tokens)
@@ -155,6 +175,7 @@ class BatchSchedule:
             "rule": self.rule,
             "seq_len": self.seq_len,
             "ref_batch_seqs": self.reference,
+            "adam_rule": self.adam_rule,
             "phases": [{"start_tokens": s, "batch_seqs": b, "batch_tokens": b * self.seq_len,
                         "lr_multiplier": self.lr_multiplier_at(s)} for s, b in self.phases],
         }

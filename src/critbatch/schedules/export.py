@@ -81,14 +81,10 @@ def parse_megatron(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def schedule_document(s: BatchSchedule, *, derived_from: dict | None = None, notes: list[str] | None = None,
-                      extrapolated: list[bool] | None = None) -> dict:
+def schedule_document(s: BatchSchedule, *, derived_from: dict | None = None, notes: list[str] | None = None) -> dict:
     """The content of ``schedule.json``: phases with thresholds in tokens, batches in sequences and
     tokens, LR multipliers and the rule, plus the exports."""
     doc = s.to_dict()
-    if extrapolated:
-        for ph, e in zip(doc["phases"], extrapolated):
-            ph["extrapolated"] = bool(e)
     exports: dict = {"megatron_step_batch_size_schedule": to_megatron(s)}
     try:
         exports["olmo_core_batch_size_scheduler"] = to_olmo_core(s)

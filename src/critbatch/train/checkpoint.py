@@ -44,8 +44,9 @@ def ckpt_dirname(tokens: int, kept: bool) -> str:
 
 
 def save_checkpoint(ckpt_root: Path, *, tokens: int, kept: bool, model_state: dict, optim_state: dict,
-                    state: dict, meta: dict) -> Path:
-    """Write a checkpoint atomically; returns its directory. An existing one is left as it is."""
+                    state: dict, meta: dict, arrays: dict | None = None) -> Path:
+    """Write a checkpoint atomically; returns its directory. An existing one is left as it is.
+    ``arrays``: extra ``name -> numpy array`` saved as ``name.npy`` (e.g. the per-sequence eval losses)."""
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / ckpt_dirname(tokens, kept)
@@ -56,6 +57,10 @@ def save_checkpoint(ckpt_root: Path, *, tokens: int, kept: bool, model_state: di
         torch.save(model_state, tmp / "model.pt")
         torch.save(optim_state, tmp / "optim.pt")
         torch.save(state, tmp / "state.pt")
+        for name, arr in (arrays or {}).items():
+            import numpy as np
+
+            np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
         (tmp / "meta.json").write_text(dumps({"format": FORMAT, "tokens": tokens, "kept": kept, **meta}) + "\n")
         if final.exists():  # a torn directory without meta.json (cannot happen with rename, but be safe)
             shutil.rmtree(final)

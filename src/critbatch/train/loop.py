@@ -32,7 +32,7 @@ from ..data.dataset import eval_sequences, step_slices
 from ..dist import (DistInfo, all_reduce_max_int, all_reduce_sum, barrier, fsdp_full_state, fsdp_load_optimizer,
                     init_distributed, shard_model)
 from ..errors import CheckpointError, ConfigError, DataError
-from ..io import JsonlWriter, read_json, truncate_jsonl, write_json_atomic
+from ..io import JsonlWriter, read_json, truncate_jsonl, write_json_atomic, write_npy_atomic
 from ..model import GPT, count_params, flops_per_token
 from ..optim import build_optimizer, lr_schedule_factor
 from ..perf import peak_flops
@@ -43,6 +43,7 @@ from .checkpoint import (check_model_matches, copy_checkpoint_state, list_checkp
 
 # Fields that do not change what a run computes: they may differ when a run is resumed.
 NON_DEFINING = ("device", "compile", "parallel", "log_interval_steps", "save_interval_tokens", "data.verify")
+EVAL_LOSSES_FILE = "eval_seq_losses.npy"  # per-sequence held-out losses of the final evaluation
 EMA_ALPHA = 0.5  # Merrill et al. 2025: training loss smoothed by an EMA with alpha = 0.5
 # Slurm's preemption and time-limit signals (SIGTERM; SIGUSR1/SIGUSR2 through --signal, submitit's USR2)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -75,12 +76,15 @@ def resolve_config(cfg: TrainConfig, data: TokenData) -> TrainConfig:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary {data.vocab_size}")
     if cfg.batch_schedule is None:
         cfg.batch_schedule = [[0, cfg.batch_seqs]]
-    sched = BatchSchedule.parse(cfg.batch_schedule, cfg.model.seq_len, cfg.optim.lr_rule, cfg.lr_ref_batch_seqs)
+    sched = BatchSchedule.parse(cfg.batch_schedule, cfg.model.seq_len, cfg.optim.lr_rule, cfg.lr_ref_batch_seqs,
+                                cfg.optim.adam_rule)
     cfg.batch_schedule = sched.as_pairs()
     cfg.batch_seqs = sched.phases[0][1]
     cfg.lr_ref_batch_seqs = sched.reference
     if cfg.lr_schedule.horizon_tokens is None:
         cfg.lr_schedule.horizon_tokens = cfg.total_tokens
+    if cfg.lr_schedule.cooldown_tokens and cfg.lr_schedule.cooldown_end_tokens is None:
+        cfg.lr_schedule.cooldown_end_tokens = cfg.total_tokens
     if cfg.save_interval_tokens is None:
         cfg.save_interval_tokens = max(cfg.total_tokens // 10, 1)
     if cfg.eval_interval_tokens is None:
@@ -170,15 +174,19 @@ class Trainer:
         self.data = open_data(resolve_data(cfg), verify=cfg.data.verify)
         self.cfg = resolve_config(cfg, self.data)
         c = self.cfg
-        self.schedule = BatchSchedule.parse(c.batch_schedule, c.model.seq_len, c.optim.lr_rule, c.lr_ref_batch_seqs)
+        self.schedule = BatchSchedule.parse(c.batch_schedule, c.model.seq_len, c.optim.lr_rule, c.lr_ref_batch_seqs,
+                                            c.optim.adam_rule)
         self.schedule.check_divisible(c.micro_batch_seqs, self.dist.world_size)
+        if c.optim.name == "adamw":
+            self.schedule.check_adam(c.optim.beta1, c.optim.beta2, c.optim.eps)
         self.stream = SequenceStream(self.data, c.model.seq_len, c.data.order_seed)
-        self.eval_set = eval_sequences(self.data, c.model.seq_len, c.eval_seqs)
+        self.eval_set = eval_sequences(self.data, c.model.seq_len, c.eval_seqs, c.data.eval_seed)
 
         self.existing_result = None
         self.resume_from = None
         if self.out_dir is not None and (self.out_dir / "config.json").is_file():
-            saved = read_json(self.out_dir / "config.json")
+            # through the dataclass: fields added since the run was made take their defaults
+            saved = to_dict(from_dict(TrainConfig, read_json(self.out_dir / "config.json")))
             diffs = _diff(_defining(saved), _defining(to_dict(c)))
             if diffs:
                 raise ConfigError(f"{self.out_dir} holds a run with a different config ({'; '.join(diffs[:4])}); "
@@ -237,14 +245,15 @@ class Trainer:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss on the fixed held-out set (shared across ranks)."""
+    def evaluate_per_seq(self) -> torch.Tensor:
+        """Per-sequence mean next-token loss on the fixed held-out set, (n,) float64 on the CPU, the
+        same on every rank (each rank evaluates its share of the chunks; a sum assembles them)."""
         model = self.raw_model
         was_training = model.training
         model.eval()
         n = self.eval_set.shape[0]
         mb = max(1, min(n, 64))
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        per_seq = torch.zeros(n, dtype=torch.float64, device=self.device)
         chunks = list(range(0, n, mb))
         mine = chunks[self.dist.rank::self.dist.world_size]
         rounds = -(-len(chunks) // self.dist.world_size)
@@ -253,12 +262,20 @@ class Trainer:
             i = mine[r] if r < len(mine) else 0
             seqs = self.eval_set[i:i + mb].to(self.device, non_blocking=True)
             with self._autocast():
-                ls = model.loss_sum(seqs).double()
+                ls = model.seq_loss_sums(seqs).double()
             if r < len(mine):
-                total += ls
-        all_reduce_sum(total, self.dist)
+                per_seq[i:i + mb] = ls
+        all_reduce_sum(per_seq, self.dist)
         model.train(was_training)
-        return float(total.item() / (n * self.cfg.model.seq_len))
+        self.last_eval_per_seq = (per_seq / self.cfg.model.seq_len).cpu()
+        return self.last_eval_per_seq
+
+    def evaluate(self) -> float:
+        """Mean next-token loss on the fixed held-out set; ``self.last_eval_se`` holds its standard
+        error over sequences, sd / sqrt(n) (the set is a random sample of the held-out split)."""
+        x = self.evaluate_per_seq()
+        self.last_eval_se = float(x.std(unbiased=True) / math.sqrt(x.numel())) if x.numel() > 1 else float("nan")
+        return float(x.mean())
 
     def _build(self) -> None:
         c = self.cfg
@@ -330,13 +347,15 @@ class Trainer:
                 "requested_tokens": requested if requested is not None else self.tokens,
                 "model": to_dict(self.cfg.model), "config_hash": config_hash(_defining(to_dict(self.cfg))),
                 "train_loss_ema": self.state["loss_ema"], "eval_loss": eval_loss,
+                "eval_loss_se": self.last_eval_se if eval_loss is not None else None,
                 # the batch and LR multiplier the run continues with from here (a branch's base B)
                 "batch_seqs": self.schedule.batch_seqs_at(self.tokens),
                 "lr_multiplier": self.schedule.lr_multiplier_at(self.tokens),
                 "lr_ref_batch_seqs": self.schedule.reference, "seq_len": self.cfg.model.seq_len}
         path = save_checkpoint(self.out_dir / "ckpt", tokens=self.tokens, kept=kept,
                                model_state=model_state, optim_state=optim_state,
-                               state=st, meta=meta)
+                               state=st, meta=meta,
+                               arrays={EVAL_LOSSES_FILE[:-4]: self.last_eval_per_seq.numpy()} if eval_loss is not None else None)
         if not kept:
             prune_resume_checkpoints(self.out_dir, keep=path)
         return path
@@ -411,7 +430,7 @@ class Trainer:
         kept_todo = sorted(t for t in c.checkpoint_tokens if t > self.tokens or (fresh and t == self.tokens))
         if fresh and self.eval_at_start:
             ev = self.evaluate()
-            log({"step": self.state["step"], "tokens": self.tokens, "eval/loss": ev})
+            log({"step": self.state["step"], "tokens": self.tokens, "eval/loss": ev, "eval/loss_se": self.last_eval_se})
         if fresh:
             while kept_todo and kept_todo[0] <= self.tokens:
                 self._save(kept=True, requested=kept_todo.pop(0), eval_loss=ev if self.eval_at_start else None)
@@ -442,8 +461,12 @@ class Trainer:
                     B = (c.total_tokens - tokens0) // T  # final partial step: only what remains
                     accum = -(-(B // W) // micro)
                 lr = c.optim.lr * self.schedule.lr_multiplier_at(tokens0) * lr_schedule_factor(c.lr_schedule, tokens0)
+                adam = (self.schedule.adam_at(tokens0, c.optim.beta1, c.optim.beta2, c.optim.eps)
+                        if c.optim.adam_rule != "none" and c.optim.name == "adamw" else None)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
+                    if adam is not None:
+                        g["betas"], g["eps"] = adam[:2], adam[2]
                 scale = W / (B * T)  # per-token mean over the global batch; DDP divides by W again
                 slices = step_slices(self.state["offset_seqs"] + c.data.stream_shift_seqs, B, micro, self.dist.rank, W)
                 assert len(slices) == accum, (len(slices), accum)
@@ -509,7 +532,8 @@ class Trainer:
                         log({"step": self.state["step"], "tokens": self.tokens, "eval/loss": last_eval,
                              "train/diverged": True})
                         break
-                    log({"step": self.state["step"], "tokens": self.tokens, "eval/loss": last_eval})
+                    log({"step": self.state["step"], "tokens": self.tokens, "eval/loss": last_eval,
+                         "eval/loss_se": self.last_eval_se})
                 for req in new_kept:
                     self._save(kept=True, requested=req, eval_loss=last_eval)
                 if (self.tokens // c.save_interval_tokens > tokens0 // c.save_interval_tokens
@@ -531,7 +555,10 @@ class Trainer:
             final_eval = self.evaluate()
             if not math.isfinite(final_eval):
                 diverged_at = self.tokens
-            log({"step": self.state["step"], "tokens": self.tokens, "eval/loss": final_eval})
+            log({"step": self.state["step"], "tokens": self.tokens, "eval/loss": final_eval,
+                 "eval/loss_se": self.last_eval_se})
+            if self.out_dir is not None and main and math.isfinite(final_eval):
+                write_npy_atomic(self.out_dir / EVAL_LOSSES_FILE, self.last_eval_per_seq.numpy())
             for req in kept_todo:  # requested exactly at the end
                 if req <= self.tokens:
                     self._save(kept=True, requested=req, eval_loss=final_eval)
@@ -545,6 +572,8 @@ class Trainer:
             "global_step": self.state["step"],
             "start_tokens": self.state["start_tokens"],
             "final_eval_loss": final_eval if diverged_at is None else None,
+            "final_eval_loss_se": self.last_eval_se if diverged_at is None else None,
+            "eval_seqs": c.eval_seqs,
             "final_train_loss": self.state["loss_ema"] if diverged_at is None else None,
             "final_train_loss_last_step": self.state["last_loss"] if diverged_at is None else None,
             "train_loss_smoothing": f"EMA alpha={EMA_ALPHA} over steps",
