@@ -79,7 +79,7 @@ def main() -> None:
     from critbatch.errors import ConfigError
     from critbatch.io import read_json, write_json_atomic, write_text_atomic
     from critbatch.launch import run_jobs, write_job
-    from critbatch.schedules.derive import derive_schedule
+    from critbatch.analysis.schedule import derive_schedule
     from critbatch.train import train
 
     ap = argparse.ArgumentParser()
@@ -169,8 +169,11 @@ def main() -> None:
                         write_job(d, c)
                         link = cdir / "runs" / f"s{seed}" / name
                         link.parent.mkdir(parents=True, exist_ok=True)
-                        if not link.exists():
-                            os.symlink(os.path.relpath(d, link.parent), link)
+                        target = os.path.relpath(d, link.parent)
+                        if link.is_symlink() and os.readlink(link) != target:
+                            link.unlink()  # made for another config (an older version of the code)
+                        if not link.is_symlink():
+                            os.symlink(target, link)
                         jobs.append(d)
                 t1 = time.time()
                 run_jobs(sorted(set(jobs)), a.jobs, 1, "local")

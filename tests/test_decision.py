@@ -8,7 +8,7 @@ import pytest
 from critbatch.analysis import decide, decide_eps, decide_noninf
 from critbatch.analysis.decision import needed_samples, paired_eval_noise
 from critbatch.analysis.fit import fit_cbs_curve, saturating_power_law
-from critbatch.branch.search import AdaptiveSearch
+from critbatch.analysis.search import AdaptiveSearch
 from critbatch.errors import ConfigError
 
 KS = [0.25, 0.5, 1, 2, 4, 8]

@@ -16,7 +16,8 @@ from conftest import small_cfg, strip_perf
 from critbatch.branch import SweepConfig, plan_sweep, run_sweep
 from critbatch.errors import ConfigError, CritbatchError
 from critbatch.io import read_json, read_jsonl
-from critbatch.launch import _worker_env, run_job, run_jobs, write_job
+from critbatch.launch import run_job, run_jobs, write_job
+from critbatch.launch import worker_env as _worker_env
 from critbatch.train import train
 from critbatch.train.checkpoint import list_checkpoints
 
@@ -116,7 +117,7 @@ def test_worker_pauses_on_sigusr1_with_a_checkpoint_and_resumes_to_the_same_resu
     ref = write_job(tmp_path / "ref", cfg)
     run_job(ref, threads=1)
     d = write_job(tmp_path / "job", cfg)
-    cmd = [sys.executable, "-m", "critbatch.launch.worker", str(d), "--threads", "1"]
+    cmd = [sys.executable, "-m", "critbatch.launch", str(d), "--threads", "1"]
     p = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE, text=True)
     wait_for_training(d, lambda: p.poll() is None)
     p.send_signal(signal.SIGUSR1)

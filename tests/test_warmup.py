@@ -10,7 +10,7 @@ import torch
 from conftest import small_cfg
 from critbatch.errors import ConfigError
 from critbatch.schedules import BatchSchedule
-from critbatch.schedules.derive import derive_schedule
+from critbatch.analysis.schedule import derive_schedule
 from critbatch.schedules.export import (parse_megatron, schedule_document, to_megatron, to_olmo_core,
                                         validate_olmo_core)
 
@@ -239,7 +239,6 @@ def compare_cfg(data_dir, out, **over):
 
 
 def test_comparison_runs_and_reports(data_dir, tmp_path, monkeypatch):
-    from critbatch import launch
     from critbatch.compare import run_compare
     from critbatch.io import read_json
     from critbatch.train import Callback
@@ -259,8 +258,10 @@ def test_comparison_runs_and_reports(data_dir, tmp_path, monkeypatch):
 
             trainer.stream.batch = batch
 
-    orig_make = launch._make_callbacks
-    monkeypatch.setattr(launch, "_make_callbacks", lambda names: [*orig_make(names), Rec()])
+    from critbatch.launch import worker
+
+    orig_make = worker.make_callbacks
+    monkeypatch.setattr(worker, "make_callbacks", lambda names: [*orig_make(names), Rec()])
     out = tmp_path / "cmp"
     comp = run_compare(compare_cfg(data_dir, out))
     # the same sequences in the same order for all three runs

@@ -277,7 +277,7 @@ def cmd_gns(a: argparse.Namespace) -> int:
 
 def cmd_schedule(a: argparse.Namespace) -> int:
     from .io import read_json, write_json_atomic
-    from .schedules.derive import derive_schedule
+    from .analysis.schedule import derive_schedule
     from .schedules.export import schedule_document
     from .units import parse_count
 

@@ -26,13 +26,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import TrainConfig, load_config_file, merge
+from tqdm.auto import tqdm
+
+from . import presets
+from .analysis.comparison import GAPS, RUNS, gap_stats, markdown_table, table
+from .config import TrainConfig, defining_dict, how, load_config_file, merge
 from .errors import ConfigError
 from .io import read_json, read_jsonl, write_json_atomic, write_text_atomic
+from .launch import check_launch, check_single_process, default_jobs, run_jobs, write_job
+from .report.plots import plot_comparison
 from .schedules import BatchSchedule
+from .train import Trainer
+from .train.checkpoint import kept_checkpoints
+from .train.loop import EVAL_LOSSES_FILE
 
-RUNS = ("warmup", "small", "large")
-GAPS = ("final_eval_loss", "anneal_eval_loss", "final_train_loss", "anneal_train_loss")
 
 
 @dataclass
@@ -62,14 +69,14 @@ class CompareConfig:
     """How Adam's betas and epsilon follow the batch in all three runs (default: the schedule's)."""
     eval_seqs: int | None = None
     micro_batch_seqs: int | None = None
-    device: str = "auto"
-    jobs: int | None = None
-    threads_per_job: int = 1
-    launcher: str = "local"
+    device: str = how("auto")
+    jobs: int | None = how(None)
+    threads_per_job: int = how(1)
+    launcher: str = how("local")
     """Where the runs train: ``local`` worker processes, ``inprocess``, ``slurm`` or ``submitit-local``."""
-    nproc_per_job: int = 1
+    nproc_per_job: int = how(1)
     """Data-parallel ranks per run (torchrun in the local pool; Slurm tasks on Slurm)."""
-    slurm: dict | None = None
+    slurm: dict | None = how(None)
     """Options of the ``slurm``/``submitit-local`` launchers (keys of ``critbatch.launch.slurm.SlurmConfig``)."""
     gns: bool = False
     """Log the online noise scale in each run."""
@@ -77,9 +84,6 @@ class CompareConfig:
 
 def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]], BatchSchedule, dict]:
     """The run configs per seed (validated against the data, nothing written) and facts about them."""
-    from . import presets
-    from .train import Trainer
-
     if cfg.preset is None and cfg.config is None:
         raise ConfigError("give --preset NAME or --config FILE")
     base = presets.get(cfg.preset) if cfg.preset else TrainConfig()
@@ -93,8 +97,6 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]]
     if cfg.micro_batch_seqs:
         over["micro_batch_seqs"] = cfg.micro_batch_seqs
     base = merge(base, over)
-    from .launch import check_launch, check_single_process
-
     check_single_process("a comparison")
     check_launch(cfg.launcher, cfg.nproc_per_job, cfg.slurm)
     if cfg.anneal_tokens < 0 or cfg.anneal_steps < 0:
@@ -163,9 +165,6 @@ def _eval_at(recs: list[dict], tokens: int) -> tuple[int, float] | None:
 
 def _per_seq(d: Path, pretrain_tokens: int) -> dict[str, np.ndarray | None]:
     """Per-sequence held-out losses before the anneal (the kept checkpoint at N) and at the end."""
-    from .train.checkpoint import kept_checkpoints
-    from .train.loop import EVAL_LOSSES_FILE
-
     out: dict[str, np.ndarray | None] = {"pre": None, "end": None}
     for ck in kept_checkpoints(d):
         if ck.requested_tokens == pretrain_tokens and (ck.path / EVAL_LOSSES_FILE).is_file():
@@ -200,22 +199,6 @@ def _row(d: Path, facts: dict, cfg: TrainConfig) -> dict:
     return row
 
 
-def _gap_stats(per_seed: dict[int, dict], name: str, key: str, paired_se: dict) -> dict | None:
-    gaps = [rows[name][key] - rows["small"][key] for rows in per_seed.values()
-            if rows[name].get(key) is not None and rows["small"].get(key) is not None]
-    if not gaps:
-        return None
-    n = len(gaps)
-    mean = sum(gaps) / n
-    se = (np.std(gaps, ddof=1) / math.sqrt(n)) if n > 1 else None
-    out = {"mean": mean, "se": None if se is None else float(se), "n_seeds": n, "per_seed": gaps}
-    pse = [paired_se.get((s, name, key)) for s in per_seed]
-    if all(v is not None for v in pse) and pse:
-        # the held-out sample's share of the uncertainty (paired, per seed; averaged over seeds)
-        out["eval_sample_se"] = float(math.sqrt(sum(v * v for v in pse)) / len(pse))
-    return out
-
-
 def summarize(out: Path, facts: dict, configs: dict[int, dict[str, TrainConfig]]) -> dict:
     per_seed: dict[int, dict] = {}
     paired: dict = {}
@@ -239,76 +222,24 @@ def summarize(out: Path, facts: dict, configs: dict[int, dict[str, TrainConfig]]
             vals = [r[key] for r in rows if r.get(key) is not None]
             agg[key] = (sum(vals) / len(vals)) if vals else None
         if name != "small":
-            agg["gap_to_small"] = {key: _gap_stats(per_seed, name, key, paired) for key in GAPS}
+            agg["gap_to_small"] = {key: gap_stats(per_seed, name, key, paired) for key in GAPS}
         runs[name] = agg
     N, avg = facts["pretrain_tokens"], facts["avg_tokens"]
     return {**facts, "runs": runs, "per_seed": {str(s): rows for s, rows in per_seed.items()},
+            "run_dirs": {str(s): {n: str(run_dir(Path("."), s, n)) for n in RUNS} for s in configs},
             "final_train_loss_definition": f"token-weighted mean training loss over the last {avg:,} tokens before "
                                            f"{N:,}" + ("; after the anneal, over its last tokens (at most as many)"
                                                        if any(facts["anneal_tokens_per_run"].values()) else "")}
 
 
-def _pm(g: dict | None) -> str:
-    if not g:
-        return "—"
-    if g.get("se") is not None:
-        return f"{g['mean']:+.4f} ± {g['se']:.4f}"
-    if g.get("eval_sample_se") is not None:
-        return f"{g['mean']:+.4f} (± {g['eval_sample_se']:.4f} held-out sample)"
-    return f"{g['mean']:+.4f}"
-
-
-def table(c: dict) -> tuple[list[str], list[list[str]], str]:
-    """The comparison as (headers, rows, footnote): Merrill et al.'s Table 1 plus the gaps."""
-    annealed = any((c.get("anneal_tokens_per_run") or {}).values()) or c.get("anneal_tokens")
-    S = len(c.get("seeds", [0]))
-    head = ["run", "batch (sequences)", "train loss", "eval loss", "eval gap to small"]
-    if annealed:
-        head += ["eval after anneal", "gap after anneal"]
-    head += ["optimizer steps", "steps saved", "wall time"]
-    f = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
-    rows = []
-    for name in RUNS:
-        r = c["runs"][name]
-        gaps = r.get("gap_to_small") or {}
-        sched = " → ".join(f"{b}" + (f" at {s:,}" if s else "") for s, b in r["batch_schedule"])
-        cells = [name, sched, f(r["final_train_loss"]), f(r["final_eval_loss"]),
-                 _pm(gaps.get("final_eval_loss")) if name != "small" else "0"]
-        if annealed:
-            cells += [f(r.get("anneal_eval_loss")), _pm(gaps.get("anneal_eval_loss")) if name != "small" else "0"]
-        cells += [f"{r['optimizer_steps']:,.0f}", f"{r['steps_saved_pct']:.0f}%", f"{r['wall_time_s']:.0f}s"]
-        rows.append(cells)
-    anneal = ""
-    if c.get("anneal_steps"):
-        anneal = f" + an anneal of {c['anneal_steps']:,} optimizer steps at each run's final batch"
-    elif c.get("anneal_tokens"):
-        anneal = f" + {c['anneal_tokens']:,} anneal tokens"
-    note = (f"Train loss: {c['final_train_loss_definition']}. Tokens: {c['pretrain_tokens']:,} pretraining" + anneal
-            + f"; sequences of {c['seq_len']} tokens; LR rule {c['rule']}, Adam rule {c.get('adam_rule', 'none')}. "
-            + (f"Mean over {S} seeds (init and data order); gaps ± their standard error over seeds."
-               if S > 1 else "One seed: the ± is the held-out sample's paired sampling error only, not the run-to-run "
-                             "noise (use several seeds)."))
-    return head, rows, note
-
-
-def markdown_table(c: dict) -> str:
-    head, rows, note = table(c)
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines + ["", note]) + "\n"
-
-
 def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
-    from .launch import default_jobs, run_jobs, write_job
-    from .report.plots import plot_comparison
-
     configs, sched, facts = build_configs(cfg)
     out = Path(cfg.out)
     spec = {**asdict(cfg), "facts": facts}
     if (out / "compare.json").is_file():
         old = read_json(out / "compare.json")
-        how = ("jobs", "launcher", "threads_per_job", "device", "nproc_per_job", "slurm")  # not what is computed
-        if {k: v for k, v in old.items() if k not in how} != {k: v for k, v in spec.items() if k not in how}:
+        mine = {**defining_dict(cfg), "facts": facts}
+        if {k: v for k, v in old.items() if k in mine} != mine:
             raise ConfigError(f"{out} holds a different comparison; use another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "compare.json", spec)
@@ -316,8 +247,6 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
             for seed in cfg.seeds for name in RUNS]
     jobs = cfg.jobs or min(len(dirs), default_jobs(cfg.threads_per_job, cfg.device))
     t0 = time.time()
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(dirs), desc="comparison runs", unit="run", disable=True if progress is False else None,
                dynamic_ncols=True)
     run_jobs(dirs, jobs, cfg.threads_per_job, cfg.launcher, on_done=lambda d: bar.update(1),
@@ -333,4 +262,4 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
     return comp
 
 
-__all__ = ["CompareConfig", "run_compare", "build_configs", "summarize", "markdown_table", "table", "run_dir"]
+__all__ = ["CompareConfig", "run_compare", "build_configs", "summarize", "run_dir"]

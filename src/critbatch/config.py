@@ -7,6 +7,7 @@ resumed without the code or the command line that made it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -18,6 +19,15 @@ from typing import Any
 
 from .errors import ConfigError
 from .units import parse_count
+
+HOW = {"defining": False}
+"""Field metadata of a setting that says *how* something runs (device, parallelism, logging), never
+*what* it computes: it is left out of content hashes and may differ when a run is resumed."""
+
+
+def how(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **meta) -> Any:
+    """A dataclass field marked as not defining any result (see :data:`HOW`)."""
+    return field(default=default, default_factory=default_factory, metadata={**HOW, **meta})
 
 LR_RULES = ("sqrt", "linear", "none")
 ADAM_RULES = ("none", "sde", "sde-beta2")
@@ -121,7 +131,7 @@ class DataConfig:
     """Seed of the one global order of training sequences."""
     allow_repeat: bool = False
     """Allow a run to consume more sequences than the training split holds (more than one epoch)."""
-    verify: bool = True
+    verify: bool = how(True)
     """Check the sha256 of every shard against ``meta.json`` before training."""
     eval_seed: int = 0
     """Seed of the held-out evaluation sample (``eval_seqs`` sequences drawn across the whole
@@ -154,28 +164,28 @@ class TrainConfig:
     checkpoint_tokens: list[int] = field(default_factory=list)
     """Token counts at which to keep a checkpoint (branch points). Each is taken at the first step
     boundary at or after the count."""
-    save_interval_tokens: int | None = None
+    save_interval_tokens: int | None = how(None)
     """Interval of resume checkpoints (only the newest is kept); ``None``: about 10 per run."""
     eval_interval_tokens: int | None = None
-    """Interval of held-out evaluation; ``None``: about 20 per run. Also evaluated at kept
-    checkpoints and at the end."""
+    """Interval of held-out evaluation; ``None``: about 20 per run; 0: none in between. Always
+    evaluated at kept checkpoints and at the end."""
     eval_seqs: int = 256
     """Held-out sequences in the fixed evaluation set."""
     seed: int = 0
     """Seed of the model initialisation."""
-    device: str = "auto"
+    device: str = how("auto")
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     precision: str = "auto"
     """``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``."""
-    compile: bool = False
+    compile: bool = how(False)
     """Wrap the model in ``torch.compile`` (CUDA only)."""
-    parallel: str = "ddp"
+    parallel: str = how("ddp")
     """Data parallelism under torchrun: ``ddp`` (every rank holds the whole model) or ``fsdp``
     (FSDP2 ``fully_shard``: parameters, gradients and optimizer state sharded over the ranks, for
     models that do not fit one device). Either way gradients synchronise once per optimizer step and
     checkpoints hold the full, unsharded state, so a run may resume under the other. Ignored in a
     single process."""
-    log_interval_steps: int = 50
+    log_interval_steps: int = how(50)
     """Steps between performance records (``perf/*``); losses are logged every step."""
     exact_total_tokens: bool = False
     """Stop exactly at ``total_tokens``: a final partial step takes only the remaining sequences
@@ -261,6 +271,23 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def defining_dict(cfg: Any) -> dict:
+    """``cfg`` (a dataclass) as a dict without the fields marked :data:`HOW`, recursively: what
+    defines the numbers a run, branch or sweep produces."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("defining", True) is False:
+            continue
+        v = getattr(cfg, f.name)
+        out[f.name] = defining_dict(v) if dataclasses.is_dataclass(v) else copy.deepcopy(v)
+    return out
+
+
+def defining_hash(cfg: Any, n: int = 12) -> str:
+    """Content address of a config: the hash of :func:`defining_dict`."""
+    return config_hash(defining_dict(cfg), n)
+
+
 def config_hash(obj: Any, n: int = 12) -> str:
     """Stable short hash of a dataclass or JSON-able object (sorted keys)."""
     if dataclasses.is_dataclass(obj):
@@ -317,9 +344,10 @@ def validate(cfg: TrainConfig) -> None:
     _require(cfg.eval_seqs > 0, f"eval_seqs={cfg.eval_seqs} must be positive")
     _require(not cfg.exact_total_tokens or cfg.total_tokens % m.seq_len == 0,
              f"total_tokens={cfg.total_tokens} must be a whole number of {m.seq_len}-token sequences when exact_total_tokens is set")
-    for name in ("save_interval_tokens", "eval_interval_tokens"):
-        v = getattr(cfg, name)
-        _require(v is None or v > 0, f"{name}={v} must be positive")
+    _require(cfg.save_interval_tokens is None or cfg.save_interval_tokens > 0,
+             f"save_interval_tokens={cfg.save_interval_tokens} must be positive")
+    _require(cfg.eval_interval_tokens is None or cfg.eval_interval_tokens >= 0,
+             f"eval_interval_tokens={cfg.eval_interval_tokens} must be >= 0 (0: only at kept checkpoints and the end)")
     _require(cfg.lr_ref_batch_seqs is None or cfg.lr_ref_batch_seqs > 0,
              f"lr_ref_batch_seqs={cfg.lr_ref_batch_seqs} must be positive")
     _require(cfg.data.tokenizer in TOKENIZERS, f"data.tokenizer={cfg.data.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")

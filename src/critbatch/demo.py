@@ -15,13 +15,24 @@ Stages (each skipped when already finished, so a rerun only does what is missing
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import presets
+from .analysis.schedule import derive_schedule
+from .branch import SweepConfig, run_sweep
+from .compare import CompareConfig, run_compare
+from .config import merge, to_dict
+from .data import prepare
 from .errors import ConfigError
+from .gns.checkpoints import GNSConfig, gns_at_checkpoints
 from .io import read_json, write_json_atomic
+from .report import build_report
+from .schedules.export import schedule_document
+from .train import train
 
 STAGES = ("prepare", "base", "sweep", "gns", "schedule", "compare", "report")
 
@@ -61,9 +72,6 @@ class DemoConfig:
 
 
 def _train_config(cfg: DemoConfig, data_dir: Path):
-    from . import presets
-    from .config import merge
-
     base = presets.get("demo")
     over = {"data": {"path": str(data_dir)}, "total_tokens": cfg.total_tokens, "checkpoint_tokens": cfg.points,
             "eval_seqs": cfg.eval_seqs}
@@ -74,8 +82,6 @@ def _train_config(cfg: DemoConfig, data_dir: Path):
 
 def _threads(cfg: DemoConfig) -> int:
     """One thread per worker process; all cores for the one in-process run at a time."""
-    import os
-
     return (os.cpu_count() or 1) if cfg.launcher == "inprocess" else 1
 
 
@@ -127,17 +133,6 @@ def _validate(cfg: DemoConfig, seq_len: int) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from .branch import SweepConfig, run_sweep
-    from .compare import CompareConfig, run_compare
-    from .data import prepare
-    from .gns.checkpoints import GNSConfig, gns_at_checkpoints
-    from .report import build_report
-    from .schedules.derive import derive_schedule
-    from .schedules.export import schedule_document
-    from .train import train
-
-    from . import presets
-
     _validate(cfg, presets.get("demo").model.seq_len)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,8 +174,6 @@ def run_demo(cfg: DemoConfig) -> dict:
             st.artifact("compare_skipped", "the derived schedule has no batch change within the run: nothing to compare")
             return
         cfg_file = out / "compare-config.json"
-        from .config import merge, to_dict
-
         write_json_atomic(cfg_file, to_dict(merge(tcfg, {"checkpoint_tokens": []})))
         run_compare(CompareConfig(out=str(out / "compare"), schedule=str(out / "schedule.json"), config=str(cfg_file),
                                   total_tokens=cfg.total_tokens, anneal_tokens=cfg.anneal_tokens, jobs=cfg.jobs,

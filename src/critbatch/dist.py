@@ -12,6 +12,20 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` as a torch device."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={spec!r} but CUDA is not available here; use --device cpu or auto")
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"device={spec!r} is not a device; accepted: auto, cpu, cuda, cuda:N") from None
+
 
 @dataclass
 class DistInfo:

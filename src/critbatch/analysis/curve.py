@@ -1,16 +1,15 @@
 """The CBS curve of a sweep: per branch point the losses, both readings, the interval; over points
-a censored fit; written as ``cbs.json`` and ``cbs.csv`` (plus plots) in the sweep directory."""
+a censored fit; the ``cbs.csv`` table. Pure functions of loss tables (the sweep writes the files)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
-from pathlib import Path
 
 from ..errors import ConfigError
-from ..io import write_json_atomic, write_text_atomic
 from .decision import Decision
+from .fit import fit_cbs_curve
 
 
 EVAL_SE_FRACTION = 4
@@ -58,8 +57,6 @@ def point_record(tokens: int, requested: int, base_batch_seqs: int, seq_len: int
 
 
 def fit_or_none(points: list[dict]) -> dict | None:
-    from .fit import fit_cbs_curve
-
     # points after 0 tokens whose interval says something (not [0, inf))
     usable = [p for p in points if p["tokens"] > 0 and (p["cbs_low_tokens"] > 0 or p["cbs_high_tokens"] is not None)]
     if len(usable) < 2:
@@ -111,12 +108,3 @@ def attach_noise_scale(curve: dict, gns: dict) -> dict:
 
 def noise_scale_points(curve: dict) -> list[dict]:
     return [{"tokens": p["tokens"], **p["noise_scale"]} for p in curve["points"] if p.get("noise_scale")]
-
-
-def write_curve(sweep_dir: Path, curve: dict) -> None:
-    write_json_atomic(sweep_dir / "cbs.json", curve)
-    write_text_atomic(sweep_dir / "cbs.csv", curve_csv(curve))
-    from ..report.plots import plot_cbs_curve, plot_loss_vs_batch
-
-    plot_cbs_curve(curve, sweep_dir / "cbs", noise_scale=noise_scale_points(curve) or None)
-    plot_loss_vs_batch(curve, sweep_dir / "loss_vs_batch")

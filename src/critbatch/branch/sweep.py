@@ -1,11 +1,10 @@
 """Branch sweeps: from a finished run's kept checkpoints, short branches at batch k·B with LR f(k)·η,
-and the local critical batch size decided from their losses (method.md §2).
+and the local critical batch size decided from their losses (docs/method.md §2).
 
-Layout inside the parent run directory (a deliberate change from design.md §2: branches live in one
-content-addressed pool so that sweeps sharing a branch — adaptive and full grid, or two tolerances —
-train it once)::
+Layout inside the parent run directory (branches live in one content-addressed pool so that sweeps
+sharing a branch — adaptive and full grid, or two tolerances — train it once)::
 
-    RUN/branches/<branch-id>/   branch.json (what defines it), config.json, metrics.jsonl, result.json
+    RUN/branches/<branch-id>/   branch.json (what defines it), job.json, config.json, metrics.jsonl, result.json
     RUN/sweeps/<sweep-id>/      sweep.json (the spec), cbs.json, cbs.csv, cbs.png/.svg, loss_vs_batch.png
 
 A branch id hashes everything that defines the branch's numbers; a sweep id hashes the sweep spec.
@@ -22,14 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-import math as _math
+import numpy as np
+from tqdm.auto import tqdm
 
-from ..analysis.decision import RULES
-from ..config import ADAM_RULES, TrainConfig, config_hash, from_dict, merge, to_dict
+from ..analysis.curve import attach_noise_scale, curve_csv, fit_or_none, noise_scale_points, point_record
+from ..analysis.decision import RULES, decide, paired_eval_noise
+from ..analysis.search import AdaptiveSearch
+from ..config import ADAM_RULES, LR_RULES, TrainConfig, config_hash, defining_dict, from_dict, how, merge, to_dict
+from ..data import SequenceStream, open_data
 from ..errors import CheckpointError, ConfigError, DataError
-from ..io import read_json, write_json_atomic
-from ..optim import adam_hparams, lr_rule_multiplier
-from ..train.checkpoint import CheckpointInfo, kept_checkpoints, load_checkpoint
+from ..io import read_json, write_json_atomic, write_text_atomic
+from ..launch import check_launch, check_single_process, default_jobs, run_job, run_jobs, write_job
+from ..report.plots import plot_cbs_curve, plot_loss_vs_batch
+from ..schedules.rules import adam_hparams, lr_rule_multiplier
+from ..train.checkpoint import CheckpointInfo, find_kept, load_checkpoint
+from ..train.loop import EVAL_LOSSES_FILE
 from ..units import fmt_count
 
 BRANCH_FORMAT = 1
@@ -89,27 +95,23 @@ class SweepConfig:
     (it changes no number, only memory)."""
     eval_seqs: int | None = None
     """Held-out sequences evaluated at each branch's end (default: the parent's)."""
-    device: str = "auto"
+    device: str = how("auto")
     """Device of the branches."""
-    threads_per_branch: int = 1
+    threads_per_branch: int = how(1)
     """CPU threads of each branch process. Fixed (not derived from ``jobs``) so that results are
     bitwise the same whatever the number of jobs."""
-    jobs: int | None = None
+    jobs: int | None = how(None)
     """Branches run at once, each in its own process (``launcher='local'``); ``None``: one per GPU,
     or one per ``threads_per_branch`` CPU cores."""
-    launcher: str = "local"
+    launcher: str = how("local")
     """``local`` (a pool of worker processes), ``inprocess`` (sequential, in this process), ``slurm``
     (a submitit job array) or ``submitit-local`` (submitit's executor on this machine)."""
-    nproc_per_job: int = 1
+    nproc_per_job: int = how(1)
     """Data-parallel ranks per branch: ``torchrun`` in the local pool (with ``jobs`` × this many GPUs
     in use), that many tasks of one Slurm job on Slurm."""
-    slurm: dict | None = None
+    slurm: dict | None = how(None)
     """Options of the ``slurm`` and ``submitit-local`` launchers: keys of
     :class:`critbatch.launch.slurm.SlurmConfig` (partition, time_min, gpus_per_task, ...)."""
-
-
-# Fields of SweepConfig that do not change any number a sweep produces.
-NON_DEFINING = ("jobs", "launcher", "device", "threads_per_branch", "nproc_per_job", "slurm")
 
 
 @dataclass
@@ -156,12 +158,9 @@ def _round_k(k: float) -> float:
     return round(float(k), 9)
 
 
-def plan_sweep(cfg: SweepConfig) -> SweepPlan:
-    """Validate a sweep against its parent run and resolve everything; writes nothing."""
-    from ..launch import check_launch, check_single_process, default_jobs
+# ---- planning: everything is checked before anything is written ---------------------------------
 
-    check_single_process("a branch sweep")
-    run_dir = Path(cfg.run)
+def _read_parent(run_dir: Path) -> TrainConfig:
     if not (run_dir / "config.json").is_file():
         raise DataError(f"parent run {run_dir} is missing or incomplete (no config.json)")
     if not (run_dir / "result.json").is_file():
@@ -173,6 +172,11 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
         raise DataError(f"parent run {run_dir} is corrupt: {str(e).splitlines()[0]}") from None
     if parent_result.get("diverged"):
         raise DataError(f"parent run {run_dir} diverged; branch from a healthy run")
+    return parent
+
+
+def _check_options(cfg: SweepConfig, parent: TrainConfig) -> tuple[SweepConfig, str, str, str, list[float]]:
+    """Validated options: (cfg with jobs resolved, rule, lr rule, adam rule, the sorted grid)."""
     if cfg.search not in SEARCHES:
         raise ConfigError(f"search={cfg.search!r} is not one of {', '.join(SEARCHES)}")
     if cfg.decide_by not in DECIDE_BY:
@@ -199,8 +203,8 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     if cfg.jobs < 1 or cfg.threads_per_branch < 1:
         raise ConfigError(f"jobs={cfg.jobs} and threads_per_branch={cfg.threads_per_branch} must be >= 1")
     lr_rule = cfg.lr_rule or parent.optim.lr_rule
-    if lr_rule not in ("sqrt", "linear", "none"):
-        raise ConfigError(f"lr rule {lr_rule!r} is not one of sqrt, linear, none")
+    if lr_rule not in LR_RULES:
+        raise ConfigError(f"lr rule {lr_rule!r} is not one of {', '.join(LR_RULES)}")
     adam_rule = cfg.adam_rule or parent.optim.adam_rule
     if adam_rule not in ADAM_RULES:
         raise ConfigError(f"adam rule {adam_rule!r} is not one of {', '.join(ADAM_RULES)}")
@@ -209,110 +213,118 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
         raise ConfigError(f"every k must be > 0 (got {', '.join(f'{k:g}' for k in cfg.k)})")
     if not cfg.at:
         raise ConfigError("give at least one branch point (--at)")
+    if cfg.window_tokens <= 0:
+        raise ConfigError(f"window_tokens={cfg.window_tokens} must be positive")
+    return cfg, rule, lr_rule, adam_rule, ks
 
-    kept = kept_checkpoints(run_dir)
-    points: list[BranchPoint] = []
-    for t in sorted(set(cfg.at)):
-        match = [c for c in kept if c.tokens == t] or [c for c in kept if c.requested_tokens == t]
-        if not match:
-            have = ", ".join(f"{c.tokens}" + (f" (requested {c.requested_tokens})" if c.requested_tokens != c.tokens else "")
-                             for c in kept) or "none"
-            raise ConfigError(f"no kept checkpoint at {t} tokens in {run_dir}; kept checkpoints: {have}")
-        ck = match[0]
+
+def _branch_points(run_dir: Path, parent: TrainConfig, at: list[int]) -> list[BranchPoint]:
+    """The kept checkpoints to branch from (each loaded once: a corrupt one fails here), with the
+    parent's batch, LR and Adam hyperparameters there."""
+    points = []
+    o = parent.optim
+    for ck in find_kept(run_dir, at):
         try:
-            load_checkpoint(ck.path)  # corrupt files fail here, before anything is written
+            load_checkpoint(ck.path)
         except CheckpointError as e:
             raise DataError(f"parent run {run_dir} is corrupt: {e}") from None
         B = int(ck.meta["batch_seqs"])
         ref = parent.lr_ref_batch_seqs or B
-        eta = parent.optim.lr * lr_rule_multiplier(parent.optim.lr_rule, B, ref)
-        o = parent.optim
+        eta = o.lr * lr_rule_multiplier(o.lr_rule, B, ref)
         adam = adam_hparams(o.adam_rule, B, ref, o.beta1, o.beta2, o.eps) if o.name == "adamw" else (o.beta1, o.beta2, o.eps)
         points.append(BranchPoint(ck, B, eta, adam))
+    return points
 
-    T = parent.model.seq_len
-    if cfg.window_tokens <= 0:
-        raise ConfigError(f"window_tokens={cfg.window_tokens} must be positive")
-    k_min = k_max = res = None
-    if cfg.search == "adaptive":
-        k_max = _round_k(cfg.k_max if cfg.k_max is not None else ks[-1])
-        k_min = _round_k(cfg.k_min if cfg.k_min is not None else next((k for k in ks if k >= 1), ks[0]))
-        res = None if cfg.resolution is None else _round_k(cfg.resolution)
-        if not 0 < k_min < k_max:
-            raise ConfigError(f"adaptive search needs 0 < k_min < k_max (got {k_min:g}, {k_max:g})")
-        if res is not None and res <= 0:
-            raise ConfigError(f"resolution={res} must be > 0")
-        from .search import AdaptiveSearch
 
-        step_ks = AdaptiveSearch(k_min, k_max, None, None, candidates=[]).doubling()
-    else:
-        step_ks = ks
+def _search_range(cfg: SweepConfig, ks: list[float]) -> tuple[float | None, float | None, float | None, list[float]]:
+    """(k_min, k_max, resolution, the k whose batches every window must hold whole steps of)."""
+    if cfg.search != "adaptive":
+        return None, None, None, ks
+    k_max = _round_k(cfg.k_max if cfg.k_max is not None else ks[-1])
+    k_min = _round_k(cfg.k_min if cfg.k_min is not None else next((k for k in ks if k >= 1), ks[0]))
+    res = None if cfg.resolution is None else _round_k(cfg.resolution)
+    if not 0 < k_min < k_max:
+        raise ConfigError(f"adaptive search needs 0 < k_min < k_max (got {k_min:g}, {k_max:g})")
+    if res is not None and res <= 0:
+        raise ConfigError(f"resolution={res} must be > 0")
+    return k_min, k_max, res, AdaptiveSearch(k_min, k_max, None, None, candidates=[]).doubling()
+
+
+def _whole_step_window(cfg: SweepConfig, points: list[BranchPoint], step_ks: list[float], T: int) -> tuple[int, list[str]]:
+    """The window in sequences, rounded up to a multiple of every batch in ``step_ks`` (their lcm),
+    so that no branch ends on a partial step; and a note when it was rounded."""
     for p in points:
         for k in step_ks:
             kb = k * p.base_batch_seqs
             if abs(kb - round(kb)) > 1e-9 or round(kb) < 1:
                 raise ConfigError(f"k={k:g} at base batch {p.base_batch_seqs} gives {kb:g} sequences; k·B must be a "
                                   f"whole number >= 1")
-    # whole optimizer steps at every batch the sweep can probe: the window is a multiple of their lcm
-    unit = _math.lcm(*{int(round(k * p.base_batch_seqs)) for p in points for k in step_ks})
+    unit = math.lcm(*{int(round(k * p.base_batch_seqs)) for p in points for k in step_ks})
     want = -(-cfg.window_tokens // T)  # sequences
-    k_top = step_ks[-1]
-    largest = max(int(round(k_top * p.base_batch_seqs)) for p in points)
+    largest = max(int(round(step_ks[-1] * p.base_batch_seqs)) for p in points)
     if want < largest:
         raise ConfigError(f"window {cfg.window_tokens} tokens is shorter than one step of the largest batch "
-                          f"(k={k_top:g}: {largest * T} tokens); the minimum window is {largest * T}")
+                          f"(k={step_ks[-1]:g}: {largest * T} tokens); the minimum window is {largest * T}")
     window_seqs = -(-want // unit) * unit
-    window = window_seqs * T
-    notes: list[str] = []
-    if window != cfg.window_tokens:
-        notes.append(f"window rounded up from {cfg.window_tokens:,} to {window:,} tokens ({window_seqs // unit} x "
-                     f"{unit} sequences): every branch trains whole optimizer steps at every batch it can probe")
-    candidates = None
-    if cfg.search == "adaptive":
-        Bs = {p.base_batch_seqs for p in points}
-        cand = []
-        for b in range(1, window_seqs + 1):  # batches of the first point that divide the window
-            if window_seqs % b:
-                continue
-            k = _round_k(b / min(Bs))
-            if not (k_min - 1e-12 <= k <= k_max + 1e-12):
-                continue
-            if res is not None and abs((k - k_min) / res - round((k - k_min) / res)) > 1e-6:
-                continue
-            if all(abs(k * B - round(k * B)) < 1e-9 and window_seqs % int(round(k * B)) == 0 for B in Bs):
-                cand.append(k)
-        candidates = cand
-    # every replicate window must fit the training split
-    from ..data import open_data
-    from ..data.dataset import SequenceStream
+    notes = []
+    if window_seqs * T != cfg.window_tokens:
+        notes.append(f"window rounded up from {cfg.window_tokens:,} to {window_seqs * T:,} tokens ({window_seqs // unit} "
+                     f"x {unit} sequences): every branch trains whole optimizer steps at every batch it can probe")
+    return window_seqs, notes
 
-    stream = SequenceStream(open_data(parent.data.path, verify=False), T, parent.data.order_seed)
-    need = max(p.ckpt.meta["offset_seqs"] for p in points) + cfg.replicates * window_seqs
+
+def _candidates(points: list[BranchPoint], window_seqs: int, k_min: float, k_max: float, res: float | None) -> list[float]:
+    """Adaptive: every k in [k_min, k_max] whose batch divides the window at every point (and lies on
+    the lattice k_min + i·resolution when one is given)."""
+    Bs = {p.base_batch_seqs for p in points}
+    out = []
+    for b in range(1, window_seqs + 1):
+        if window_seqs % b:
+            continue
+        k = _round_k(b / min(Bs))
+        if not (k_min - 1e-12 <= k <= k_max + 1e-12):
+            continue
+        if res is not None and abs((k - k_min) / res - round((k - k_min) / res)) > 1e-6:
+            continue
+        if all(abs(k * B - round(k * B)) < 1e-9 and window_seqs % int(round(k * B)) == 0 for B in Bs):
+            out.append(k)
+    return out
+
+
+def _check_capacity(parent: TrainConfig, points: list[BranchPoint], replicates: int, window_seqs: int) -> None:
+    """Every replicate window must lie inside the training split."""
+    stream = SequenceStream(open_data(parent.data.path, verify=False), parent.model.seq_len, parent.data.order_seed)
+    need = max(p.ckpt.meta["offset_seqs"] for p in points) + replicates * window_seqs
     if need > stream.n_seqs and not parent.data.allow_repeat:
         raise DataError(f"the sweep reads up to sequence {need:,} but the training split holds {stream.n_seqs:,}; "
                         f"use a shorter window, fewer replicates or earlier branch points")
 
-    parent_hash = config_hash(_defining_parent(parent))
-    spec = {k: v for k, v in to_dict(cfg).items() if k not in NON_DEFINING}
-    spec.update(run=None, at=[p.tokens for p in points], k=ks, window_tokens=window, rule=rule, lr_rule=lr_rule,
-                adam_rule=adam_rule, k_min=k_min, k_max=k_max, resolution=res, parent=parent_hash)
-    if cfg.search == "adaptive":
-        spec["k"] = None
+
+def plan_sweep(cfg: SweepConfig) -> SweepPlan:
+    """Validate a sweep against its parent run and resolve everything; writes nothing."""
+    check_single_process("a branch sweep")
+    run_dir = Path(cfg.run)
+    parent = _read_parent(run_dir)
+    cfg, rule, lr_rule, adam_rule, ks = _check_options(cfg, parent)
+    points = _branch_points(run_dir, parent, cfg.at)
+    T = parent.model.seq_len
+    k_min, k_max, res, step_ks = _search_range(cfg, ks)
+    window_seqs, notes = _whole_step_window(cfg, points, step_ks, T)
+    candidates = _candidates(points, window_seqs, k_min, k_max, res) if cfg.search == "adaptive" else None
+    _check_capacity(parent, points, cfg.replicates, window_seqs)
+    window = window_seqs * T
+    parent_hash = config_hash(defining_dict(parent))
+    spec = defining_dict(cfg)
+    spec.update(run=None, at=[p.tokens for p in points], k=None if cfg.search == "adaptive" else ks,
+                window_tokens=window, rule=rule, lr_rule=lr_rule, adam_rule=adam_rule, k_min=k_min, k_max=k_max,
+                resolution=res, parent=parent_hash)
     sweep_id = config_hash(spec)
-    cfg = dataclasses.replace(cfg, k=ks)  # jobs resolved above
+    cfg = dataclasses.replace(cfg, k=ks)
     return SweepPlan(cfg, run_dir, parent, parent_hash, points, window, rule, lr_rule, sweep_id,
                      run_dir / "sweeps" / sweep_id, k_min, k_max, res, adam_rule, cfg.window_tokens, candidates, notes)
 
 
-def _defining_parent(parent: TrainConfig) -> dict:
-    from ..train.loop import _defining
-
-    return _defining(to_dict(parent))
-
-
-# ----------------------------------------------------------------------------------------------
-# one branch
-
+# ---- one branch ---------------------------------------------------------------------------------
 
 def _micro_for(batch: int, micro: int | None) -> int | None:
     if micro is None or batch % micro == 0:
@@ -335,14 +347,14 @@ def branch_spec(plan: SweepPlan, point: BranchPoint, k: float, replicate: int) -
                   "beta1": point.base_adam[0], "beta2": point.base_adam[1], "eps": point.base_adam[2]},
         "total_tokens": point.tokens + plan.window_tokens, "exact_total_tokens": True,
         "checkpoint_tokens": [], "save_interval_tokens": max(plan.window_tokens // 4, T),
-        "eval_interval_tokens": 10**18, "micro_batch_seqs": micro,
+        "eval_interval_tokens": 0, "micro_batch_seqs": micro,  # evaluated once, at the window's end
         "lr_schedule": {"cooldown_tokens": int(round(plan.cfg.cooldown_fraction * plan.window_tokens)),
                         "cooldown_end_tokens": None},
         "eval_seqs": plan.cfg.eval_seqs or plan.parent.eval_seqs, "device": plan.cfg.device,
         "data": {"stream_shift_seqs": shift},
     })
     defining = {"format": BRANCH_FORMAT, "parent": plan.parent_hash, "ckpt_tokens": point.tokens,
-                "config": _defining_parent(cfg)}
+                "config": defining_dict(cfg)}
     bid = f"tok_{point.tokens:012d}_k{k:g}_r{replicate}_{config_hash(defining, 10)}"
     return {"id": bid, "k": k, "replicate": replicate, "point_tokens": point.tokens, "base_batch_seqs": B,
             "batch_seqs": kb, "lr_multiplier": lr_rule_multiplier(plan.lr_rule, kb, B), "base_lr": point.base_lr,
@@ -355,8 +367,6 @@ def branch_spec(plan: SweepPlan, point: BranchPoint, k: float, replicate: int) -
 def ensure_branch(run_dir: Path, spec: dict) -> Path:
     """The branch's job directory: ``job.json`` (what the launcher runs) and ``branch.json`` (what
     the sweep needs to know about it)."""
-    from ..launch import write_job
-
     d = run_dir / "branches" / spec["id"]
     if not (d / "branch.json").is_file():
         write_job(d, from_dict(TrainConfig, spec["config"]), run_dir / spec["ckpt"], eval_at_start=False,
@@ -367,18 +377,12 @@ def ensure_branch(run_dir: Path, spec: dict) -> Path:
 
 def run_branch_dir(branch_dir: str | Path, threads: int | None = None, callbacks: Iterable = ()) -> dict:
     """Train one branch (or return its finished result)."""
-    from ..launch import run_job
-
     return run_job(branch_dir, threads, callbacks)
 
 
 def branch_losses(branch_dir: Path) -> dict:
     """A finished branch's numbers; ``eval_per_seq``: its per-sequence held-out losses (``None`` for
     a diverged branch or one trained before they were saved)."""
-    import numpy as np
-
-    from ..train.loop import EVAL_LOSSES_FILE
-
     r = read_json(branch_dir / "result.json")
     per_seq = None
     if not r["diverged"] and (branch_dir / EVAL_LOSSES_FILE).is_file():
@@ -390,11 +394,11 @@ def branch_losses(branch_dir: Path) -> dict:
             "wall_time_s": r["wall_time_s"]}
 
 
+# ---- deciding ----------------------------------------------------------------------------------
+
 def decide_point(plan: SweepPlan, ks: list[float], recs: list[list[dict]]):
     """The decision at one branch point from its branches' records (``recs[i]``: k_i's replicates).
     Decided by eval loss, the held-out set's paired sampling error enters the decision."""
-    from ..analysis.decision import decide, paired_eval_noise
-
     cfg = plan.cfg
     losses = [[r[cfg.decide_by] for r in reps] for reps in recs]
     se = sd = None
@@ -403,43 +407,37 @@ def decide_point(plan: SweepPlan, ks: list[float], recs: list[list[dict]]):
     return decide(ks, losses, plan.rule, cfg.eps, cfg.confidence, diff_se=se, diff_sd=sd)
 
 
+def _point(plan: SweepPlan, p: BranchPoint, by_k: dict[float, list[dict]]) -> dict:
+    cfg = plan.cfg
+    ks = sorted(by_k)
+    recs = [by_k[k] for k in ks]
+    losses = {m: [[r[m] for r in reps] for reps in recs] for m in DECIDE_BY}
+    extra = {"branch_tokens": sum(r["tokens"] for reps in recs for r in reps),
+             "branch_seconds": sum(r["wall_time_s"] for reps in recs for r in reps),
+             "branches": sum(len(v) for v in recs), "steps": [[r["steps"] for r in reps] for reps in recs],
+             "eval_se": [[r["eval_se"] for r in reps] for reps in recs]}
+    if cfg.search == "adaptive":
+        grid = _search(plan, None).full_grid()
+        extra["full_grid_branch_tokens"] = len(grid) * cfg.replicates * plan.window_tokens
+        extra["full_grid_ks"] = len(grid)
+    div = [[r["diverged"] for r in reps] for reps in recs]
+    return point_record(p.tokens, p.ckpt.requested_tokens, p.base_batch_seqs, plan.seq_len, ks, losses, div,
+                        cfg.decide_by, decide_point(plan, ks, recs), cfg.eps, extra)
+
+
 def build_curve(plan: SweepPlan, results: dict[int, dict[float, list[dict]]], wall_time_s: float) -> dict:
     """cbs.json's content: every point decided, described in sequences and tokens, with its cost."""
-    from ..analysis.curve import fit_or_none, point_record
-
     cfg = plan.cfg
-    points = []
-    total_tokens = total_branches = 0
-    branch_seconds = 0.0
-    for p in plan.points:
-        by_k = results[p.tokens]
-        ks = sorted(by_k)
-        recs = [by_k[k] for k in ks]
-        dec = decide_point(plan, ks, recs)
-        losses = {m: [[r[m] for r in reps] for reps in recs] for m in ("eval", "train-ema")}
-        div = [[r["diverged"] for r in reps] for reps in recs]
-        spent = sum(r["tokens"] for reps in recs for r in reps)
-        secs = sum(r["wall_time_s"] for reps in recs for r in reps)
-        extra = {"branch_tokens": spent, "branch_seconds": secs, "branches": sum(len(v) for v in recs),
-                 "steps": [[r["steps"] for r in reps] for reps in recs],
-                 "eval_se": [[r["eval_se"] for r in reps] for reps in recs]}
-        if cfg.search == "adaptive":
-            grid = _search(plan, None).full_grid()
-            extra["full_grid_branch_tokens"] = len(grid) * cfg.replicates * plan.window_tokens
-            extra["full_grid_ks"] = len(grid)
-        points.append(point_record(p.tokens, p.ckpt.requested_tokens, p.base_batch_seqs, plan.seq_len, ks, losses,
-                                   div, cfg.decide_by, dec, cfg.eps, extra))
-        total_tokens += spent
-        total_branches += extra["branches"]
-        branch_seconds += secs
+    points = [_point(plan, p, results[p.tokens]) for p in plan.points]
     curve = {
         "sweep_id": plan.sweep_id, "run": str(plan.run_dir), "search": cfg.search, "decide_by": cfg.decide_by,
         "rule": plan.rule, "eps": cfg.eps, "confidence": cfg.confidence, "lr_rule": plan.lr_rule,
-        "adam_rule": plan.adam_rule, "replicates": cfg.replicates, "window_tokens": plan.window_tokens,
-        "window_tokens_requested": plan.window_tokens_requested, "eval_seqs": cfg.eval_seqs or plan.parent.eval_seqs,
-        "seq_len": plan.seq_len, "notes": list(plan.notes), "points": points,
-        "cost": {"branches": total_branches, "branch_tokens": total_tokens, "branch_seconds": branch_seconds,
-                 "wall_time_s": wall_time_s},
+        "adam_rule": plan.adam_rule, "cooldown_fraction": cfg.cooldown_fraction, "replicates": cfg.replicates,
+        "window_tokens": plan.window_tokens, "window_tokens_requested": plan.window_tokens_requested,
+        "eval_seqs": cfg.eval_seqs or plan.parent.eval_seqs, "seq_len": plan.seq_len, "notes": list(plan.notes),
+        "points": points,
+        "cost": {"branches": sum(p["branches"] for p in points), "branch_tokens": sum(p["branch_tokens"] for p in points),
+                 "branch_seconds": sum(p["branch_seconds"] for p in points), "wall_time_s": wall_time_s},
     }
     if cfg.search == "adaptive":
         curve["cost"]["full_grid_branch_tokens"] = sum(p["full_grid_branch_tokens"] for p in points)
@@ -447,15 +445,19 @@ def build_curve(plan: SweepPlan, results: dict[int, dict[float, list[dict]]], wa
     return curve
 
 
-def _search(plan: SweepPlan, decide_fn):
-    from .search import AdaptiveSearch
+def write_curve(sweep_dir: Path, curve: dict) -> None:
+    """cbs.json, cbs.csv and the two figures of a sweep."""
+    write_json_atomic(sweep_dir / "cbs.json", curve)
+    write_text_atomic(sweep_dir / "cbs.csv", curve_csv(curve))
+    plot_cbs_curve(curve, sweep_dir / "cbs", noise_scale=noise_scale_points(curve) or None)
+    plot_loss_vs_batch(curve, sweep_dir / "loss_vs_batch")
 
+
+def _search(plan: SweepPlan, decide_fn) -> AdaptiveSearch:
     return AdaptiveSearch(plan.k_min, plan.k_max, plan.resolution, decide_fn, candidates=plan.candidates)
 
 
-# ----------------------------------------------------------------------------------------------
-# the sweep
-
+# ---- the sweep ---------------------------------------------------------------------------------
 
 @dataclass
 class SweepResult:
@@ -464,68 +466,64 @@ class SweepResult:
     sweep_dir: Path
 
 
+class _Branches:
+    """The sweep's branches: their directories by point and k, their results once finished, and
+    whether this session trained any of them."""
+
+    def __init__(self, plan: SweepPlan, bar):
+        self.plan, self.bar = plan, bar
+        self.dirs: dict[int, dict[float, list[Path]]] = {p.tokens: {} for p in plan.points}
+        self.results: dict[int, dict[float, list[dict]]] = {p.tokens: {} for p in plan.points}
+        self.trained = False
+
+    def make(self, point: BranchPoint, k: float) -> list[Path]:
+        dirs = [ensure_branch(self.plan.run_dir, branch_spec(self.plan, point, k, r)) for r in range(self.plan.cfg.replicates)]
+        self.dirs[point.tokens][_round_k(k)] = dirs
+        return dirs
+
+    def run(self, dirs: list[Path]) -> None:
+        c = self.plan.cfg
+        self.trained |= any(not (d / "result.json").is_file() for d in dirs)
+        self.bar.total = (self.bar.total or 0) + len(dirs)
+        run_jobs(dirs, c.jobs, c.threads_per_branch, c.launcher, lambda _d: self.bar.update(1),
+                 nproc_per_job=c.nproc_per_job, slurm=c.slurm)
+        for t, by_k in self.dirs.items():
+            for k, ds in by_k.items():
+                if k not in self.results[t]:
+                    self.results[t][k] = [branch_losses(d) for d in ds]
+
+
 def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
-    """Plan, run the missing branches, decide, and write cbs.json / cbs.csv / plots."""
-    from tqdm.auto import tqdm
-
-    from ..analysis.curve import write_curve
-    from ..launch import run_jobs
-
+    """Plan, run the missing branches, decide, and write cbs.json / cbs.csv / plots. A sweep whose
+    branches were all finished before, with its cbs.json written, is returned as it is."""
     plan = plan_sweep(cfg)
     cfg = plan.cfg
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
-    spec = {**{k: v for k, v in to_dict(plan.cfg).items()}, "run": str(plan.run_dir), "sweep_id": plan.sweep_id,
+    spec = {**to_dict(plan.cfg), "run": str(plan.run_dir), "sweep_id": plan.sweep_id,
             "window_tokens_effective": plan.window_tokens, "rule": plan.rule, "lr_rule": plan.lr_rule,
             "adam_rule": plan.adam_rule, "k_min": plan.k_min, "k_max": plan.k_max, "resolution": plan.resolution,
             "candidates": plan.candidates, "points": [p.tokens for p in plan.points]}
-    write_json_atomic(plan.sweep_dir / "sweep.json", spec)
-    R = cfg.replicates
+    if not (plan.sweep_dir / "sweep.json").is_file():
+        write_json_atomic(plan.sweep_dir / "sweep.json", spec)
     t0 = time.time()
-    disable = True if progress is False else None
-    bar = tqdm(desc=f"sweep {plan.sweep_id}", unit="branch", disable=disable, dynamic_ncols=True)
-
-    dirs_of: dict[int, dict[float, list[Path]]] = {p.tokens: {} for p in plan.points}
-    results: dict[int, dict[float, list[dict]]] = {p.tokens: {} for p in plan.points}
-
-    def make(point: BranchPoint, k: float) -> list[Path]:
-        dirs = [ensure_branch(plan.run_dir, branch_spec(plan, point, k, r)) for r in range(R)]
-        dirs_of[point.tokens][_round_k(k)] = dirs
-        return dirs
-
-    def collect() -> None:
-        for t, by_k in dirs_of.items():
-            for k, dirs in by_k.items():
-                if k not in results[t]:
-                    results[t][k] = [branch_losses(d) for d in dirs]
-
-    def done(_d: Path) -> None:
-        bar.update(1)
-
+    bar = tqdm(desc=f"sweep {plan.sweep_id}", unit="branch", disable=True if progress is False else None,
+               dynamic_ncols=True)
+    br = _Branches(plan, bar)
     if cfg.search == "grid":
-        dirs = [d for p in plan.points for k in plan.cfg.k for d in make(p, k)]
-        bar.total = len(dirs)
-        run_jobs(dirs, cfg.jobs, cfg.threads_per_branch, cfg.launcher, done, nproc_per_job=cfg.nproc_per_job,
-                 slurm=cfg.slurm)
+        br.run([d for p in plan.points for k in cfg.k for d in br.make(p, k)])
     else:
         searches = {p.tokens: _search(plan, lambda ks, recs: decide_point(plan, ks, recs)) for p in plan.points}
         while True:
-            round_dirs = []
-            for p in plan.points:
-                k = searches[p.tokens].next_probe(results[p.tokens])
-                if k is not None:
-                    round_dirs += make(p, k)
-            if not round_dirs:
+            todo = [d for p in plan.points if (k := searches[p.tokens].next_probe(br.results[p.tokens])) is not None
+                    for d in br.make(p, k)]
+            if not todo:
                 break
-            bar.total = (bar.total or 0) + len(round_dirs)
-            run_jobs(round_dirs, cfg.jobs, cfg.threads_per_branch, cfg.launcher, done,
-                     nproc_per_job=cfg.nproc_per_job, slurm=cfg.slurm)
-            collect()
+            br.run(todo)
     bar.close()
-    collect()
-    curve = build_curve(plan, results, wall_time_s=time.time() - t0)
+    if not br.trained and (plan.sweep_dir / "cbs.json").is_file():
+        return SweepResult(plan, read_json(plan.sweep_dir / "cbs.json"), plan.sweep_dir)  # nothing new: unchanged
+    curve = build_curve(plan, br.results, wall_time_s=time.time() - t0)
     if (plan.run_dir / "gns.json").is_file():
-        from ..analysis.curve import attach_noise_scale
-
         attach_noise_scale(curve, read_json(plan.run_dir / "gns.json"))
     write_curve(plan.sweep_dir, curve)
     return SweepResult(plan, curve, plan.sweep_dir)

@@ -15,10 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from ..analysis.curve import attach_noise_scale
+from ..branch.sweep import write_curve
 from ..config import TrainConfig, config_hash, from_dict
+from ..data import SequenceStream, open_data
+from ..dist import resolve_device
 from ..errors import ConfigError, DataError
 from ..io import read_json, write_json_atomic
+from ..model import GPT
+from ..train.checkpoint import find_kept, load_checkpoint
+from .probe import _check, estimate_noise_scale
 
 # CPU-sized defaults (the paper: B_small = 1, B_big = 64, 4096 batches). 64 batches of 64 give
 # intervals of roughly ±20% on the tiny preset in ~10 s a checkpoint here (docs/LOG.md).
@@ -49,36 +57,16 @@ def _settings(cfg: GNSConfig) -> dict:
 
 
 def gns_at_checkpoints(cfg: GNSConfig, progress: bool | None = None) -> dict:
-    from tqdm.auto import tqdm
-
-    from ..data import SequenceStream, open_data
-    from ..model import GPT
-    from ..train.checkpoint import kept_checkpoints, load_checkpoint
-    from ..train.loop import resolve_device
-    from .probe import estimate_noise_scale
-
     run = Path(cfg.run)
     if not (run / "config.json").is_file():
         raise DataError(f"run {run} is missing or incomplete (no config.json)")
     if cfg.n_batches < 1:
         raise ConfigError(f"n_batches={cfg.n_batches} must be >= 1")
     train_cfg = from_dict(TrainConfig, read_json(run / "config.json"))
-    kept = kept_checkpoints(run)
-    if cfg.at is None:
-        points = kept
-    else:
-        points = []
-        for t in sorted(set(cfg.at)):
-            m = [c for c in kept if c.tokens == t] or [c for c in kept if c.requested_tokens == t]
-            if not m:
-                have = ", ".join(str(c.tokens) for c in kept) or "none"
-                raise ConfigError(f"no kept checkpoint at {t} tokens in {run}; kept checkpoints: {have}")
-            points.append(m[0])
+    points = find_kept(run, cfg.at)
     if not points:
         raise ConfigError(f"{run} has no kept checkpoints; train with --checkpoint-tokens")
     # validate the estimator's arguments before any work
-    from .probe import _check
-
     with torch.device("meta"):
         _check(GPT(train_cfg.model), cfg.b_small, cfg.b_big)
     T = train_cfg.model.seq_len
@@ -129,8 +117,6 @@ def gns_at_checkpoints(cfg: GNSConfig, progress: bool | None = None) -> dict:
 
 def refresh_sweeps(run: Path) -> None:
     """Attach the noise scale to every sweep's curve of this run (cbs.json, plots)."""
-    from ..analysis.curve import attach_noise_scale, write_curve
-
     gns_p = Path(run) / "gns.json"
     if not gns_p.is_file():
         return

@@ -25,6 +25,8 @@ from .estimators import two_batch_estimates
 
 class NoiseScaleCallback(Callback):
     name = "gns"
+    description = "the online noise scale (gns)"
+    supports_fsdp = False  # it needs every rank's whole local gradient (a DDP communication hook)
 
     def __init__(self, beta: float = 0.95, average: str = "ema"):
         """``average='ema'`` smooths with decay ``beta``; ``'all'`` averages every step equally (the

@@ -23,8 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+import torch.distributed as dist
+
 from ..config import from_dict
 from ..errors import ConfigError, CritbatchError
+from .jobs import Interrupted, visible_gpus
+from .worker import run_named
 
 
 @dataclass
@@ -123,8 +128,6 @@ def make_executor(launcher: str, folder: Path, cfg: SlurmConfig, nproc_per_job: 
 
 
 def _cuda_count() -> int:
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -137,15 +140,12 @@ class JobTask:
 
     def __call__(self, job_dir: str) -> dict | None:
         import submitit
-        import torch.distributed as dist
-
-        from . import Interrupted, run_job
 
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # one rank per task; the Trainer joins through env://
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         try:
-            return run_job(job_dir, self.threads, stop_on_signals=True)
+            return run_named(job_dir, self.threads, stop_on_signals=True)
         except Interrupted as e:
             print(f"critbatch: {e}; asking submitit to requeue it", file=sys.stderr, flush=True)
             # submitit's own preemption handler (restored when the Trainer returned): it dumps
@@ -211,8 +211,6 @@ def run_submitit(dirs: list[Path], jobs: int, threads: int, launcher: str, on_do
             if pending:
                 time.sleep(10)
     else:  # a sliding window of `jobs`; like the local pool, slot s gets GPUs s·n .. s·n+n-1 (mod the GPUs)
-        from . import visible_gpus
-
         ids = visible_gpus() if _cuda_count() else []
         n_gpus = cfg.gpus_per_task * nproc_per_job
         queue, running, free = list(dirs), [], list(range(max(1, jobs)))

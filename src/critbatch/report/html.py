@@ -15,9 +15,12 @@ import re
 import time
 from pathlib import Path
 
+from ..analysis.comparison import RUNS, markdown_table, pm, table
+from ..analysis.curve import noise_scale_points
 from ..errors import DataError
 from ..io import read_json, read_jsonl, write_json_atomic, write_text_atomic
 from ..units import fmt_count
+from .plots import plot_cbs_curve, plot_comparison, plot_loss_vs_batch, plot_schedule
 
 FIGURES = ("loss_vs_batch", "cbs_curve", "schedule", "comparison")
 
@@ -181,21 +184,19 @@ def conclusions(s: dict) -> list[str]:
                    " — extrapolated: the measured points do not reach it") + ".")
     c = s.get("comparison")
     if c:
-        from ..compare import _pm
-
         w, sm, lg = c["runs"]["warmup"], c["runs"]["small"], c["runs"]["large"]
         gw, gl = w.get("gap_to_small") or {}, lg.get("gap_to_small") or {}
         S = len(c.get("seeds", [0]))
         seeds = f"mean of {S} seeds" if S > 1 else "one seed"
         out.append(f"Batch-size warmup reached a held-out loss of {w['final_eval_loss']:.4f} against "
-                   f"{sm['final_eval_loss']:.4f} for the small-batch control (gap {_pm(gw.get('final_eval_loss'))} nats, "
+                   f"{sm['final_eval_loss']:.4f} for the small-batch control (gap {pm(gw.get('final_eval_loss'))} nats, "
                    f"{seeds}) with {w['steps_saved_pct']:.0f}% fewer optimizer steps; the large-batch control at the "
                    f"final batch from the start reached {lg['final_eval_loss']:.4f} (gap "
-                   f"{_pm(gl.get('final_eval_loss'))}, {lg['steps_saved_pct']:.0f}% fewer steps).")
+                   f"{pm(gl.get('final_eval_loss'))}, {lg['steps_saved_pct']:.0f}% fewer steps).")
         if w.get("anneal_eval_loss") is not None:
             how = (f"{c['anneal_steps']:,}-step" if c.get("anneal_steps") else f"{fmt_count(c['anneal_tokens'])}-token")
             out.append(f"After the {how} anneal: warmup {w['anneal_eval_loss']:.4f}, small {sm['anneal_eval_loss']:.4f} "
-                       f"(gap {_pm(gw.get('anneal_eval_loss'))}), large {lg['anneal_eval_loss']:.4f}.")
+                       f"(gap {pm(gw.get('anneal_eval_loss'))}), large {lg['anneal_eval_loss']:.4f}.")
         caveat = ("differences are read against the ± beside them" if S > 1 else
                   "with one seed the run-to-run noise is not measured (docs/LOG.md has multi-seed numbers)")
         out.append(f"What this does not show: a tiny model on a 10 MB corpus; {caveat}; fewer optimizer steps save "
@@ -218,15 +219,11 @@ def _svg(path: Path) -> str:
 
 
 def draw_figures(d: Path, s: dict) -> dict[str, Path]:
-    from .plots import plot_cbs_curve, plot_comparison, plot_loss_vs_batch, plot_schedule
-
     lay = _layout(d)
     fig_dir = d / "figures" if lay["kind"] == "demo" else d / "report-figures"
     fig_dir.mkdir(exist_ok=True)
     out = {}
     if s.get("curve"):
-        from ..analysis.curve import noise_scale_points
-
         plot_loss_vs_batch(s["curve"], fig_dir / "loss_vs_batch")
         plot_cbs_curve(s["curve"], fig_dir / "cbs_curve", noise_scale=noise_scale_points(s["curve"]) or None)
         out["loss_vs_batch"] = fig_dir / "loss_vs_batch.svg"
@@ -236,10 +233,9 @@ def draw_figures(d: Path, s: dict) -> dict[str, Path]:
                       total_tokens=s["comparison"]["pretrain_tokens"] if s.get("comparison") else None)
         out["schedule"] = fig_dir / "schedule.svg"
     if s.get("comparison"):
-        from ..compare import RUNS, run_dir
-
-        seed = s["comparison"].get("seeds", [0])[0]
-        metrics = {n: read_jsonl(run_dir(lay["compare"], seed, n) / "metrics.jsonl") for n in RUNS}
+        c = s["comparison"]
+        seed = str(c["seeds"][0])
+        metrics = {n: read_jsonl(lay["compare"] / c["run_dirs"][seed][n] / "metrics.jsonl") for n in RUNS}
         plot_comparison(metrics, s["comparison"], fig_dir / "comparison")
         out["comparison"] = fig_dir / "comparison.svg"
     return out
@@ -320,8 +316,6 @@ def render_html(s: dict, figs: dict[str, Path]) -> str:
         parts.append("<h2 id='comparison'>Warmup against small- and large-batch controls</h2>")
         fig("comparison", "Loss against tokens (Merrill et al. Fig. 4)",
             "Training loss (moving average) and held-out loss (dots) of the three runs; dashed: warmup batch changes.")
-        from ..compare import table
-
         head, rows, note = table(c)
         parts.append("<p>Table 1 (as in Merrill et al.), with each run's held-out loss gap to the small-batch "
                      "control.</p>" + _table(head, rows))
@@ -360,8 +354,6 @@ def render_markdown(s: dict) -> str:
         lines += ["## Derived warmup", ""] + [f"- from {p['start_tokens']:,} tokens: {p['batch_seqs']} sequences, "
                                                f"LR × {p['lr_multiplier']:.3f}" for p in s["schedule"]["phases"]] + [""]
     if s.get("comparison"):
-        from ..compare import markdown_table
-
         lines += ["## Comparison", "", markdown_table(s["comparison"])]
     if s.get("stages"):
         lines += ["## Cost", ""] + [f"- {k}: {v['seconds']:.1f} s" for k, v in s["stages"].items()] + \

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..analysis.fit import saturating_power_law
 from ..io import write_bytes_atomic
 
 
@@ -58,8 +59,6 @@ def plot_cbs_curve(curve: dict, base: Path, noise_scale: list[dict] | None = Non
                 ax.annotate("", xy=(t, hi / 4), xytext=(t, hi), arrowprops=dict(arrowstyle="->", color="C0"))
     fit = curve.get("fit")
     if fit and pts:
-        from ..analysis.fit import saturating_power_law
-
         ts = np.geomspace(min(p["tokens"] for p in pts) / 2, max(p["tokens"] for p in pts) * 2, 200)
         ax.plot(ts, saturating_power_law(ts, fit["b_max"], fit["t_s"], fit["c"]), "--", color="C1",
                 label=f"fit: plateau {fit['b_max']:.3g} tok, c={fit['c']:.2f}")
@@ -195,8 +194,6 @@ def plot_schedule(curve: dict, schedule: dict, base: Path, total_tokens: int | N
     ax.plot(xs, ys, "-", color="C3", lw=2, label="derived batch (warmup)")
     fit = curve.get("fit")
     if fit:
-        from ..analysis.fit import saturating_power_law
-
         ts = np.geomspace(start, end, 200)
         ax.plot(ts, saturating_power_law(ts, fit["b_max"], fit["t_s"], fit["c"]) / T, "--", color="C1", label="CBS fit")
     ax.set_xscale("log")

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..config import ADAM_RULES, LR_RULES
 from ..errors import ConfigError
 from ..units import parse_count
+from .rules import adam_hparams, lr_rule_multiplier
 
 
 @dataclass(frozen=True)
@@ -116,15 +117,11 @@ class BatchSchedule:
 
     def lr_multiplier_at(self, tokens: int) -> float:
         """rule(B_t / B_ref): multiplies the base LR; the LR schedule's shape is untouched."""
-        from ..optim import lr_rule_multiplier
-
         return lr_rule_multiplier(self.rule, self.batch_seqs_at(tokens), self.reference)
 
     def adam_at(self, tokens: int, beta1: float, beta2: float, eps: float) -> tuple[float, float, float]:
         """Adam's (beta1, beta2, eps) for the step after ``tokens`` under ``adam_rule``, given their
         values at the reference batch."""
-        from ..optim import adam_hparams
-
         return adam_hparams(self.adam_rule, self.batch_seqs_at(tokens), self.reference, beta1, beta2, eps)
 
     def check_adam(self, beta1: float, beta2: float, eps: float) -> None:

@@ -1,11 +1,38 @@
-"""A small callback surface. Callbacks with state return it from ``state_dict`` (tensors, numbers,
-strings, lists and dicts only) and it is saved in every checkpoint."""
+"""Callbacks: everything around the optimizer step that the training loop does not know by name.
+
+The loop (:mod:`critbatch.train.loop`) plans a step, runs the pure step, advances its state and
+calls these hooks; evaluation, checkpoints, the metrics file, throughput records, the progress bar
+and the online noise scale are callbacks. Callbacks with state return it from ``state_dict``
+(tensors, numbers, strings, lists and dicts only) and it is saved in every checkpoint.
+
+Order of the hooks in one session::
+
+    on_train_start
+    per step:   on_micro_backward (each micro-batch) -> on_before_optim_step -> on_step_end
+                -> (the step's record is logged) -> on_boundary
+    then either on_pause (stopped early; a resume checkpoint follows), or
+                on_finish -> (result assembled) -> on_train_end -> (result.json written) -> on_complete
+    on_log receives every record logged (step, eval, perf).
+"""
 
 from __future__ import annotations
+
+import math
+import time
+
+from tqdm.auto import tqdm
+
+from ..io import JsonlWriter, truncate_jsonl, write_npy_atomic
+from .checkpoint import EVAL_LOSSES_FILE, prune_resume_checkpoints
 
 
 class Callback:
     name: str = "callback"
+    description: str = ""
+    """How error messages name it (default: the name)."""
+    supports_fsdp: bool = True
+    """False for callbacks that need every rank to hold whole gradients (the trainer refuses them
+    under ``parallel='fsdp'``)."""
 
     def on_train_start(self, trainer) -> None:
         """After the model, optimizer and state are ready, before the first step of this session."""
@@ -17,13 +44,198 @@ class Callback:
         """After gradients are complete (and synchronised), before clipping and the step."""
 
     def on_step_end(self, trainer, record: dict) -> None:
-        """After the optimizer step; may add ``namespace/name`` keys to ``record``."""
+        """After the optimizer step, before the record is logged; may add ``namespace/name`` keys."""
+
+    def on_boundary(self, trainer, tokens_before: int) -> None:
+        """At the step boundary after a step that started at ``tokens_before`` tokens."""
+
+    def on_log(self, trainer, record: dict) -> None:
+        """A record (step, eval or perf) was logged."""
+
+    def on_pause(self, trainer) -> None:
+        """The run stops before its end (stop_after_tokens or a stop signal)."""
+
+    def on_finish(self, trainer) -> None:
+        """The last step is done (or the run diverged); before the result is assembled."""
 
     def on_train_end(self, trainer, result: dict) -> None:
-        """After the run finished (not when it paused)."""
+        """After the run finished (not when it paused), before result.json is written."""
+
+    def on_complete(self, trainer) -> None:
+        """After result.json is written: the run is complete."""
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class MetricsLog(Callback):
+    """``metrics.jsonl``: one JSON record a line, on the main rank. A resumed run first drops what
+    came after its checkpoint; a fresh run replaces what a run killed before its first checkpoint left."""
+
+    name = "metrics"
+
+    def __init__(self):
+        self.writer = None
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.out_dir is None or not trainer.dist.is_main:
+            return
+        path = trainer.out_dir / "metrics.jsonl"
+        if trainer.resume_from is not None:
+            truncate_jsonl(path, trainer.tokens)
+        elif path.exists():
+            path.unlink()
+        self.writer = JsonlWriter(path)
+
+    def on_log(self, trainer, record: dict) -> None:
+        if self.writer is not None:
+            self.writer.write(record)
+
+    def _close(self, trainer) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    on_pause = _close
+    on_train_end = lambda self, trainer, result: self._close(trainer)  # noqa: E731
+
+
+class PerfLog(Callback):
+    """``perf/tokens_per_s`` and ``perf/mfu`` every ``log_interval_steps`` steps."""
+
+    name = "perf"
+
+    def on_train_start(self, trainer) -> None:
+        self.t, self.tokens = time.perf_counter(), trainer.tokens
+
+    def on_boundary(self, trainer, tokens_before: int) -> None:
+        if trainer.state["step"] % trainer.cfg.log_interval_steps:
+            return
+        now = time.perf_counter()
+        tps = (trainer.tokens - self.tokens) / max(now - self.t, 1e-9)
+        rec = {"step": trainer.state["step"], "tokens": trainer.tokens, "perf/tokens_per_s": tps}
+        if trainer.peak_flops:
+            rec["perf/mfu"] = tps * trainer.flops_per_token / (trainer.peak_flops * trainer.dist.world_size)
+        trainer.log(rec)
+        self.t, self.tokens = now, trainer.tokens
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over tokens on the main rank (hidden when stderr is not a terminal, unless forced)."""
+
+    name = "progress"
+
+    def __init__(self, enabled: bool | None = None, desc: str | None = None):
+        self.enabled, self.desc, self.bar = enabled, desc, None
+
+    def on_train_start(self, trainer) -> None:
+        c = trainer.cfg
+        disable = True if (not trainer.dist.is_main or self.enabled is False) else (None if self.enabled is None else False)
+        self.bar = tqdm(total=c.total_tokens, initial=min(trainer.tokens, c.total_tokens), unit="tok", unit_scale=True,
+                        dynamic_ncols=True, disable=disable, leave=False, mininterval=0.5,
+                        desc=self.desc or (trainer.out_dir.name if trainer.out_dir else "train"))
+
+    def on_boundary(self, trainer, tokens_before: int) -> None:
+        total = trainer.cfg.total_tokens
+        self.bar.update(min(trainer.tokens, total) - min(tokens_before, total))
+        if trainer.state["step"] % trainer.cfg.log_interval_steps == 0:
+            self.bar.set_postfix(loss=f"{trainer.state['loss_ema']:.3f}", refresh=False)
+
+    def _close(self, trainer, *_) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    on_pause = on_finish = _close
+
+
+class Evaluator(Callback):
+    """Held-out evaluation: at the start of a fresh run (``at_start``), whenever the step crosses a
+    multiple of ``eval_interval_tokens`` (0: never in between) or reaches a kept checkpoint, and at
+    the end. A non-finite eval loss is a divergence. The final per-sequence losses are kept."""
+
+    name = "eval"
+
+    def __init__(self, at_start: bool = True):
+        self.at_start = at_start
+
+    def _evaluate(self, trainer) -> float:
+        ev = trainer.evaluate()
+        rec = {"step": trainer.state["step"], "tokens": trainer.tokens, "eval/loss": ev, "eval/loss_se": trainer.last_eval_se}
+        if not math.isfinite(ev):
+            rec["train/diverged"] = True
+            trainer.log(rec)
+            trainer.diverge(trainer.tokens)
+        else:
+            trainer.log(rec)
+        return ev
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.resume_from is None and self.at_start:
+            self._evaluate(trainer)
+
+    def on_boundary(self, trainer, tokens_before: int) -> None:
+        every = trainer.cfg.eval_interval_tokens
+        crossed = bool(every) and trainer.tokens // every > tokens_before // every
+        if (crossed or trainer.kept_due(tokens_before)) and trainer.tokens < trainer.cfg.total_tokens:
+            self._evaluate(trainer)
+
+    def on_finish(self, trainer) -> None:
+        if trainer.diverged_at is not None:
+            return
+        ev = self._evaluate(trainer)
+        if trainer.out_dir is not None and trainer.dist.is_main and math.isfinite(ev):
+            write_npy_atomic(trainer.out_dir / EVAL_LOSSES_FILE, trainer.last_eval_per_seq.numpy())
+
+
+class Checkpointer(Callback):
+    """Kept checkpoints at the requested token counts (each at the first step boundary at or after
+    it, with the eval loss measured there), the newest resume checkpoint every
+    ``save_interval_tokens`` and when the run pauses, and a final one unless ``keep_final`` is off
+    (branches), in which case resume checkpoints are pruned once the run is complete."""
+
+    name = "checkpoint"
+
+    def __init__(self, keep_final: bool = True):
+        self.keep_final = keep_final
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.resume_from is None:
+            for req in trainer.kept_due(None):  # requested at the very start
+                trainer.save_checkpoint(kept=True, requested=req)
+
+    def on_boundary(self, trainer, tokens_before: int) -> None:
+        if trainer.diverged_at is not None or trainer.tokens >= trainer.cfg.total_tokens:
+            return  # the end is on_finish's: after the final evaluation
+        due = trainer.kept_due(tokens_before)
+        for req in due:
+            trainer.save_checkpoint(kept=True, requested=req)
+        every = trainer.cfg.save_interval_tokens
+        if not due and trainer.tokens // every > tokens_before // every:
+            trainer.save_checkpoint(kept=False)
+
+    def on_pause(self, trainer) -> None:
+        trainer.save_checkpoint(kept=False)
+
+    def on_finish(self, trainer) -> None:
+        if trainer.diverged_at is not None:
+            return
+        for req in trainer.kept_due(trainer.last_boundary):
+            trainer.save_checkpoint(kept=True, requested=req)
+        if self.keep_final:
+            trainer.save_checkpoint(kept=False)
+
+    def on_complete(self, trainer) -> None:
+        if not self.keep_final and trainer.out_dir is not None and trainer.dist.is_main:
+            prune_resume_checkpoints(trainer.out_dir, keep=None)
+
+
+def builtin_callbacks(*, progress: bool | None, desc: str | None, eval_at_start: bool,
+                      keep_final_checkpoint: bool) -> list[Callback]:
+    """The callbacks every run has, in the order they act at a boundary: throughput, progress,
+    evaluation (before checkpoints, which record its loss), checkpoints; the metrics file last."""
+    return [PerfLog(), ProgressBar(progress, desc), Evaluator(eval_at_start), Checkpointer(keep_final_checkpoint),
+            MetricsLog()]

@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..config import to_dict
+from ..errors import CheckpointError, ConfigError
 from ..io import dumps, public_mode
 
 FORMAT = "critbatch-ckpt-v1"
+EVAL_LOSSES_FILE = "eval_seq_losses.npy"  # per-sequence held-out losses (of a run's final evaluation, or at a kept checkpoint)
 KEPT_PREFIX = "tok_"
 RESUME_PREFIX = "resume_tok_"
 
@@ -58,8 +61,6 @@ def save_checkpoint(ckpt_root: Path, *, tokens: int, kept: bool, model_state: di
         torch.save(optim_state, tmp / "optim.pt")
         torch.save(state, tmp / "state.pt")
         for name, arr in (arrays or {}).items():
-            import numpy as np
-
             np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
         (tmp / "meta.json").write_text(dumps({"format": FORMAT, "tokens": tokens, "kept": kept, **meta}) + "\n")
         if final.exists():  # a torn directory without meta.json (cannot happen with rename, but be safe)
@@ -95,6 +96,37 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
 
 def kept_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     return [c for c in list_checkpoints(run_dir) if c.kept]
+
+
+def find_kept(run_dir: str | Path, tokens: list[int] | None = None) -> list[CheckpointInfo]:
+    """The kept checkpoints at ``tokens`` (each matched by its actual token count, else by the
+    count that was requested), or all of them for ``None``; an unknown count is a ConfigError that
+    lists the kept ones."""
+    kept = kept_checkpoints(run_dir)
+    if tokens is None:
+        return kept
+    out = []
+    for t in sorted(set(tokens)):
+        match = [c for c in kept if c.tokens == t] or [c for c in kept if c.requested_tokens == t]
+        if not match:
+            have = ", ".join(f"{c.tokens}" + (f" (requested {c.requested_tokens})" if c.requested_tokens != c.tokens else "")
+                             for c in kept) or "none"
+            raise ConfigError(f"no kept checkpoint at {t} tokens in {run_dir}; kept checkpoints: {have}")
+        out.append(match[0])
+    return out
+
+
+def training_meta(state: dict, cfg, schedule, *, tokens: int, requested: int | None, config_hash: str,
+                  eval_loss: float | None, eval_loss_se: float | None) -> dict:
+    """``meta.json`` of a training checkpoint: where the run is, and the batch and LR multiplier it
+    continues with from here (a branch's base B)."""
+    return {"step": state["step"], "offset_seqs": state["offset_seqs"],
+            "requested_tokens": requested if requested is not None else tokens,
+            "model": to_dict(cfg.model), "config_hash": config_hash,
+            "train_loss_ema": state["loss_ema"], "eval_loss": eval_loss,
+            "eval_loss_se": eval_loss_se if eval_loss is not None else None,
+            "batch_seqs": schedule.batch_seqs_at(tokens), "lr_multiplier": schedule.lr_multiplier_at(tokens),
+            "lr_ref_batch_seqs": schedule.reference, "seq_len": cfg.model.seq_len}
 
 
 def prune_resume_checkpoints(run_dir: str | Path, keep: Path | None) -> None:

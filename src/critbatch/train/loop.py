@@ -1,11 +1,16 @@
 """The training run: one boring loop over optimizer steps, counted in tokens.
 
-One optimizer step (design.md §1.4): the step's B sequences are stream positions
+One optimizer step (docs/method.md §5): the step's B sequences are stream positions
 ``[offset, offset + B)``; rank r takes the r-th contiguous share, in micro-batches. Each micro-batch's
 summed token loss is scaled by ``world_size / (B · seq_len)`` so the accumulated (and, under DDP or
 FSDP2, averaged) gradient is exactly that of the mean loss over the global batch; gradients
 synchronise once, on the last micro-batch; then clip, step. Checkpoints hold the full, unsharded state
 in one format whatever the parallelism, so a run resumes at any world size, under DDP or FSDP2.
+
+The pieces: :meth:`Trainer.plan_step` (what the next step is: batch, micro-batches, LR — pure
+schedule arithmetic), :meth:`Trainer.train_step` (the step itself, no I/O), :meth:`Trainer.run`
+(the loop and its stop conditions) and the callbacks of :mod:`critbatch.train.callbacks`
+(evaluation, checkpoints, metrics, throughput, progress), which the loop does not know by name.
 """
 
 from __future__ import annotations
@@ -20,44 +25,31 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
 from .. import __version__
-from ..config import TrainConfig, config_hash, from_dict, to_dict, validate
+from ..config import TrainConfig, defining_dict, defining_hash, from_dict, to_dict, validate
 from ..data import SequenceStream, TokenData, open_data, prepare_embedded
 from ..data.dataset import eval_sequences, step_slices
 from ..dist import (DistInfo, all_reduce_max_int, all_reduce_sum, barrier, fsdp_full_state, fsdp_load_optimizer,
-                    init_distributed, shard_model)
+                    init_distributed, resolve_device, shard_model)
 from ..errors import CheckpointError, ConfigError, DataError
-from ..io import JsonlWriter, read_json, truncate_jsonl, write_json_atomic, write_npy_atomic
+from ..io import read_json, write_json_atomic
 from ..model import GPT, count_params, flops_per_token
 from ..optim import build_optimizer, lr_schedule_factor
 from ..perf import peak_flops
 from ..schedules import BatchSchedule
-from .callbacks import Callback
-from .checkpoint import (check_model_matches, copy_checkpoint_state, list_checkpoints, load_checkpoint,
-                         prune_resume_checkpoints, save_checkpoint)
+from .callbacks import Callback, builtin_callbacks
+from .checkpoint import (EVAL_LOSSES_FILE, check_model_matches, copy_checkpoint_state, list_checkpoints,
+                         load_checkpoint, prune_resume_checkpoints, save_checkpoint, training_meta)
 
-# Fields that do not change what a run computes: they may differ when a run is resumed.
-NON_DEFINING = ("device", "compile", "parallel", "log_interval_steps", "save_interval_tokens", "data.verify")
-EVAL_LOSSES_FILE = "eval_seq_losses.npy"  # per-sequence held-out losses of the final evaluation
 EMA_ALPHA = 0.5  # Merrill et al. 2025: training loss smoothed by an EMA with alpha = 0.5
 # Slurm's preemption and time-limit signals (SIGTERM; SIGUSR1/SIGUSR2 through --signal, submitit's USR2)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={spec!r} but CUDA is not available here; use --device cpu or auto")
-    try:
-        return torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"device={spec!r} is not a device; accepted: auto, cpu, cuda, cuda:N") from None
 
 
 def resolve_data(cfg: TrainConfig) -> Path:
@@ -92,17 +84,6 @@ def resolve_config(cfg: TrainConfig, data: TokenData) -> TrainConfig:
     return cfg
 
 
-def _defining(cfg_dict: dict) -> dict:
-    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg_dict.items()}
-    for key in NON_DEFINING:
-        parts = key.split(".")
-        if len(parts) == 1:
-            d.pop(key, None)
-        else:
-            d.get(parts[0], {}).pop(parts[1], None)
-    return d
-
-
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -113,26 +94,33 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def environment() -> dict:
-    env = {
-        "critbatch": __version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "hostname": socket.gethostname(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    env = {"critbatch": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+           "platform": platform.platform(), "hostname": socket.gethostname(), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name(0)
         env["cuda_version"] = torch.version.cuda
-    try:
-        import numpy
-        env["numpy"] = numpy.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    import numpy
+
+    env["numpy"] = numpy.__version__
     return env
+
+
+@dataclass
+class StepPlan:
+    """What one optimizer step does; pure schedule arithmetic (:meth:`Trainer.plan_step`)."""
+
+    tokens: int
+    """Tokens consumed before the step."""
+    batch_seqs: int
+    micro_batch_seqs: int
+    accum: int
+    lr: float
+    adam: tuple[float, float, float] | None
+    """(beta1, beta2, eps) when an Adam rule changes them with the batch."""
+    slices: list[tuple[int, int]]
+    """This rank's stream slices (start, n), in micro-batch order."""
 
 
 class Trainer:
@@ -153,13 +141,8 @@ class Trainer:
                  eval_at_start: bool = True, keep_final_checkpoint: bool = True, stop_on_signals: bool = False):
         validate(cfg)
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.callbacks = list(callbacks)
-        self.progress = progress
         self.quiet = quiet
-        self.desc = desc
         self.stop_after_tokens = stop_after_tokens
-        self.eval_at_start = eval_at_start
-        self.keep_final_checkpoint = keep_final_checkpoint
         self.stop_on_signals = stop_on_signals
         self.stop_signal: int | None = None
         self.device = resolve_device(cfg.device)
@@ -167,9 +150,14 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.fsdp = cfg.parallel == "fsdp" and self.dist.enabled
-        if self.fsdp and any(cb.name == "gns" for cb in self.callbacks):
-            raise ConfigError("the online noise scale (gns) needs parallel='ddp'; it is not available with parallel='fsdp'")
-
+        user = list(callbacks)
+        for cb in user:
+            if self.fsdp and not cb.supports_fsdp:
+                raise ConfigError(f"{cb.description or 'the ' + cb.name + ' callback'} needs parallel='ddp'; it is not "
+                                  f"available with parallel='fsdp'")
+        builtins = builtin_callbacks(progress=progress, desc=desc, eval_at_start=eval_at_start,
+                                     keep_final_checkpoint=keep_final_checkpoint)
+        self.callbacks = [builtins[-1], *user, *builtins[:-1]]  # the metrics file opens first
         # ---- everything that can fail on bad input happens before anything is written ----
         self.data = open_data(resolve_data(cfg), verify=cfg.data.verify)
         self.cfg = resolve_config(cfg, self.data)
@@ -181,40 +169,41 @@ class Trainer:
             self.schedule.check_adam(c.optim.beta1, c.optim.beta2, c.optim.eps)
         self.stream = SequenceStream(self.data, c.model.seq_len, c.data.order_seed)
         self.eval_set = eval_sequences(self.data, c.model.seq_len, c.eval_seqs, c.data.eval_seed)
+        self._find_start(init_from)
+        self._check_capacity()
 
+    # ---- where the run starts -----------------------------------------------------------------
+    def _find_start(self, init_from) -> None:
+        """A finished run, a run to resume from its newest checkpoint, a start from ``init_from``,
+        or a fresh start. Only the checkpoint's meta is kept until the model is built."""
+        c = self.cfg
         self.existing_result = None
         self.resume_from = None
         if self.out_dir is not None and (self.out_dir / "config.json").is_file():
             # through the dataclass: fields added since the run was made take their defaults
-            saved = to_dict(from_dict(TrainConfig, read_json(self.out_dir / "config.json")))
-            diffs = _diff(_defining(saved), _defining(to_dict(c)))
+            saved = from_dict(TrainConfig, read_json(self.out_dir / "config.json"))
+            diffs = _diff(defining_dict(saved), defining_dict(c))
             if diffs:
                 raise ConfigError(f"{self.out_dir} holds a run with a different config ({'; '.join(diffs[:4])}); "
                                   f"use another --out")
             if (self.out_dir / "result.json").is_file():
                 self.existing_result = read_json(self.out_dir / "result.json")
-            else:
-                ckpts = list_checkpoints(self.out_dir)
-                if ckpts:
-                    self.resume_from = ckpts[-1].path
-        self.init_ckpt = None
+            elif ckpts := list_checkpoints(self.out_dir):
+                self.resume_from = ckpts[-1].path
+        self._init = None
         if self.resume_from is not None:
-            self.init_ckpt = load_checkpoint(self.resume_from)
-            check_model_matches(self.init_ckpt["meta"], to_dict(c.model), str(self.resume_from))
+            self._init, where = load_checkpoint(self.resume_from), str(self.resume_from)
+        elif isinstance(init_from, dict):
+            self._init, where = copy_checkpoint_state(init_from), "given in memory"
         elif init_from is not None:
-            if isinstance(init_from, dict):
-                self.init_ckpt = copy_checkpoint_state(init_from)
-                where = "given in memory"
-            else:
-                self.init_ckpt = load_checkpoint(init_from)
-                where = str(init_from)
-            check_model_matches(self.init_ckpt["meta"], to_dict(c.model), where)
-        self.start_offset = int(self.init_ckpt["meta"]["offset_seqs"]) if self.init_ckpt else 0
-        if self.init_ckpt and self.start_offset * c.model.seq_len != int(self.init_ckpt["meta"]["tokens"]):
-            raise CheckpointError(f"checkpoint {self.resume_from or init_from} is inconsistent: offset and tokens disagree")
-        self._check_capacity()
+            self._init, where = load_checkpoint(init_from), str(init_from)
+        self.start_offset = 0
+        if self._init is not None:
+            check_model_matches(self._init["meta"], to_dict(c.model), where)
+            self.start_offset = int(self._init["meta"]["offset_seqs"])
+            if self.start_offset * c.model.seq_len != int(self._init["meta"]["tokens"]):
+                raise CheckpointError(f"checkpoint {where} is inconsistent: offset and tokens disagree")
 
-    # ------------------------------------------------------------------------------------------
     def _check_capacity(self) -> None:
         c = self.cfg
         T = c.model.seq_len
@@ -236,13 +225,86 @@ class Trainer:
                 warnings.warn(f"critbatch: this run repeats data: it reads {epochs:.2f} epochs of the training split "
                               f"({need:,} of {have:,} sequences)", stacklevel=2)
 
-    # ------------------------------------------------------------------------------------------
+    # ---- the model --------------------------------------------------------------------------
     def _autocast(self):
         c = self.cfg
         use_bf16 = c.precision == "bf16" or (c.precision == "auto" and self.device.type == "cuda")
         if use_bf16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _build(self) -> None:
+        c = self.cfg
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormals made fp32 CPU steps 10-40x slower here
+        torch.manual_seed(c.seed)
+        self.raw_model = GPT(c.model).to(self.device)  # built on CPU RNG, same init on every device
+        if self._init is not None:
+            self.raw_model.load_state_dict(self._init["model"])  # full weights, before any sharding
+        if self.fsdp:
+            shard_model(self.raw_model, self.device)  # in place: the optimizer below holds the shards
+        self.optimizer = build_optimizer(self.raw_model, c.optim, self.device)
+        self.state = {"step": 0, "offset_seqs": 0, "loss_ema": None, "start_step": 0, "start_tokens": 0,
+                      "elapsed_s": 0.0, "last_loss": None}
+        if self._init is not None:
+            self._restore(self._init)
+        self._init = None  # the model and optimizer hold it now; do not keep a second copy for the run
+        self.model = self.raw_model
+        if c.compile:
+            self.model = torch.compile(self.model)
+        if self.dist.enabled and not self.fsdp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.n_params = count_params(c.model)
+        self.flops_per_token = flops_per_token(c.model)
+        self.peak_flops = peak_flops(self.device)
+
+    def _restore(self, ck: dict) -> None:
+        """Optimizer, position and (when resuming) the session state, RNG and callback state."""
+        # A deep copy: load_state_dict keeps references to same-device tensors (docs/method.md §5).
+        if self.fsdp:
+            fsdp_load_optimizer(self.raw_model, self.optimizer, copy_checkpoint_state(ck["optim"]))
+        else:
+            self.optimizer.load_state_dict(copy_checkpoint_state(ck["optim"]))
+        self.state["step"] = int(ck["meta"]["step"])
+        self.state["offset_seqs"] = int(ck["meta"]["offset_seqs"])
+        if self.resume_from is None:
+            self.state["start_step"] = self.state["step"]
+            self.state["start_tokens"] = self.state["offset_seqs"] * self.cfg.model.seq_len
+            return
+        st = ck["state"]
+        for key in ("loss_ema", "start_step", "start_tokens", "elapsed_s", "last_loss"):
+            if key in st:
+                self.state[key] = st[key]
+        torch.set_rng_state(st["rng_cpu"])
+        if self.device.type == "cuda" and st.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(st["rng_cuda"], self.device)
+        for cb in self.callbacks:
+            if cb.name in st.get("callbacks", {}):
+                cb.load_state_dict(st["callbacks"][cb.name])
+
+    @property
+    def tokens(self) -> int:
+        return self.state["offset_seqs"] * self.cfg.model.seq_len
+
+    # ---- services for callbacks -----------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        for cb in self.callbacks:
+            cb.on_log(self, record)
+
+    def diverge(self, tokens: int) -> None:
+        """Record a divergence at ``tokens``; the loop stops at this boundary."""
+        if self.diverged_at is None:
+            self.diverged_at = tokens
+
+    def kept_due(self, tokens_before: int | None) -> list[int]:
+        """Requested kept checkpoints due at this boundary: those in (tokens_before, tokens], or, for
+        ``None`` (the start), those requested exactly at the current count."""
+        t = self.tokens
+        return [r for r in sorted(set(self.cfg.checkpoint_tokens))
+                if (r == t if tokens_before is None else tokens_before < r <= t)]
 
     @torch.no_grad()
     def evaluate_per_seq(self) -> torch.Tensor:
@@ -275,62 +337,12 @@ class Trainer:
         error over sequences, sd / sqrt(n) (the set is a random sample of the held-out split)."""
         x = self.evaluate_per_seq()
         self.last_eval_se = float(x.std(unbiased=True) / math.sqrt(x.numel())) if x.numel() > 1 else float("nan")
-        return float(x.mean())
+        self.last_eval = (self.tokens, float(x.mean()))
+        return self.last_eval[1]
 
-    def _build(self) -> None:
-        c = self.cfg
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)  # denormals made fp32 CPU steps 10-40x slower here
-        torch.manual_seed(c.seed)
-        self.raw_model = GPT(c.model).to(self.device)  # built on CPU RNG, same init on every device
-        if self.init_ckpt is not None:
-            self.raw_model.load_state_dict(self.init_ckpt["model"])  # full weights, before any sharding
-        if self.fsdp:
-            shard_model(self.raw_model, self.device)  # in place: the optimizer below holds the shards
-        self.optimizer = build_optimizer(self.raw_model, c.optim, self.device)
-        self.state = {"step": 0, "offset_seqs": 0, "loss_ema": None, "start_step": 0, "start_tokens": 0,
-                      "elapsed_s": 0.0, "last_loss": None}
-        if self.init_ckpt is not None:
-            ck = self.init_ckpt
-            # A deep copy: load_state_dict keeps references to same-device tensors (method.md §5).
-            if self.fsdp:
-                fsdp_load_optimizer(self.raw_model, self.optimizer, copy_checkpoint_state(ck["optim"]))
-            else:
-                self.optimizer.load_state_dict(copy_checkpoint_state(ck["optim"]))
-            meta = ck["meta"]
-            self.state["step"] = int(meta["step"])
-            self.state["offset_seqs"] = int(meta["offset_seqs"])
-            if self.resume_from is not None:
-                st = ck["state"]
-                for key in ("loss_ema", "start_step", "start_tokens", "elapsed_s", "last_loss"):
-                    if key in st:
-                        self.state[key] = st[key]
-                torch.set_rng_state(st["rng_cpu"])
-                if self.device.type == "cuda" and st.get("rng_cuda") is not None:
-                    torch.cuda.set_rng_state(st["rng_cuda"], self.device)
-                for cb in self.callbacks:
-                    if cb.name in st.get("callbacks", {}):
-                        cb.load_state_dict(st["callbacks"][cb.name])
-            else:
-                self.state["start_step"] = self.state["step"]
-                self.state["start_tokens"] = self.state["offset_seqs"] * c.model.seq_len
-        self.model = self.raw_model
-        if c.compile:
-            self.model = torch.compile(self.model)
-        if self.dist.enabled and not self.fsdp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        self.n_params = count_params(c.model)
-        self.flops_per_token = flops_per_token(c.model)
-        self.peak_flops = peak_flops(self.device)
-
-    @property
-    def tokens(self) -> int:
-        return self.state["offset_seqs"] * self.cfg.model.seq_len
-
-    def _save(self, kept: bool, requested: int | None = None, eval_loss: float | None = None) -> Path | None:
+    def save_checkpoint(self, kept: bool, requested: int | None = None) -> Path | None:
+        """A checkpoint at the current step boundary (a collective under FSDP: every rank calls it).
+        A kept one carries the eval loss measured at this boundary, if any, and its per-sequence losses."""
         if self.out_dir is None:
             return None
         if self.fsdp:  # gathering the full state is a collective: every rank takes part
@@ -339,34 +351,91 @@ class Trainer:
             model_state, optim_state = self.raw_model.state_dict(), self.optimizer.state_dict()
         if not self.dist.is_main:
             return None
-        st = dict(self.state)
-        st["rng_cpu"] = torch.get_rng_state()
-        st["rng_cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        st["callbacks"] = {cb.name: cb.state_dict() for cb in self.callbacks}
-        meta = {"step": self.state["step"], "offset_seqs": self.state["offset_seqs"],
-                "requested_tokens": requested if requested is not None else self.tokens,
-                "model": to_dict(self.cfg.model), "config_hash": config_hash(_defining(to_dict(self.cfg))),
-                "train_loss_ema": self.state["loss_ema"], "eval_loss": eval_loss,
-                "eval_loss_se": self.last_eval_se if eval_loss is not None else None,
-                # the batch and LR multiplier the run continues with from here (a branch's base B)
-                "batch_seqs": self.schedule.batch_seqs_at(self.tokens),
-                "lr_multiplier": self.schedule.lr_multiplier_at(self.tokens),
-                "lr_ref_batch_seqs": self.schedule.reference, "seq_len": self.cfg.model.seq_len}
-        path = save_checkpoint(self.out_dir / "ckpt", tokens=self.tokens, kept=kept,
-                               model_state=model_state, optim_state=optim_state,
-                               state=st, meta=meta,
-                               arrays={EVAL_LOSSES_FILE[:-4]: self.last_eval_per_seq.numpy()} if eval_loss is not None else None)
+        ev = self.last_eval[1] if (kept and self.last_eval and self.last_eval[0] == self.tokens) else None
+        st = {**self.state, "rng_cpu": torch.get_rng_state(),
+              "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+              "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks}}
+        meta = training_meta(self.state, self.cfg, self.schedule, tokens=self.tokens, requested=requested,
+                             config_hash=defining_hash(self.cfg), eval_loss=ev, eval_loss_se=self.last_eval_se)
+        arrays = {EVAL_LOSSES_FILE[:-4]: self.last_eval_per_seq.numpy()} if ev is not None else None
+        path = save_checkpoint(self.out_dir / "ckpt", tokens=self.tokens, kept=kept, model_state=model_state,
+                               optim_state=optim_state, state=st, meta=meta, arrays=arrays)
         if not kept:
             prune_resume_checkpoints(self.out_dir, keep=path)
         return path
 
+    # ---- one step -----------------------------------------------------------------------------
+    def plan_step(self) -> StepPlan:
+        """The next step's batch, micro-batches, LR (and Adam hyperparameters) from the schedules."""
+        c, W, T = self.cfg, self.dist.world_size, self.cfg.model.seq_len
+        tokens0 = self.tokens
+        B = self.schedule.batch_seqs_at(tokens0)
+        micro = self.schedule.micro_batch_at(tokens0, c.micro_batch_seqs, W)
+        accum = self.schedule.accum_steps_at(tokens0, micro, W)
+        if c.exact_total_tokens and tokens0 + B * T > c.total_tokens:
+            B = (c.total_tokens - tokens0) // T  # final partial step: only what remains
+            accum = -(-(B // W) // micro)
+        lr = c.optim.lr * self.schedule.lr_multiplier_at(tokens0) * lr_schedule_factor(c.lr_schedule, tokens0)
+        adam = (self.schedule.adam_at(tokens0, c.optim.beta1, c.optim.beta2, c.optim.eps)
+                if c.optim.adam_rule != "none" and c.optim.name == "adamw" else None)
+        slices = step_slices(self.state["offset_seqs"] + c.data.stream_shift_seqs, B, micro, self.dist.rank, W)
+        assert len(slices) == accum, (len(slices), accum)
+        return StepPlan(tokens0, B, micro, accum, lr, adam, slices)
+
     def _grad_sync(self, last_micro: bool):
-        """Gradients synchronise once per optimizer step, on its last micro-batch (design.md §1.4)."""
+        """Gradients synchronise once per optimizer step, on its last micro-batch."""
         if self.fsdp:
             self.raw_model.set_requires_gradient_sync(last_micro)
         elif self.dist.enabled and not last_micro:
             return self.model.no_sync()
         return contextlib.nullcontext()
+
+    def train_step(self, plan: StepPlan) -> tuple[float, float, dict]:
+        """One optimizer step: accumulate the micro-batches, synchronise once, clip, step. Returns
+        (mean loss, gradient norm, the step's record); a non-finite loss or norm skips the update."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = plan.lr
+            if plan.adam is not None:
+                g["betas"], g["eps"] = plan.adam[:2], plan.adam[2]
+        B, T = plan.batch_seqs, self.cfg.model.seq_len
+        scale = self.dist.world_size / (B * T)  # per-token mean over the global batch; DDP divides by W again
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.step_info = {"batch_seqs": B, "micro_batch_seqs": plan.micro_batch_seqs, "accum": plan.accum,
+                          "tokens": plan.tokens, "micro_sizes": [n for _, n in plan.slices]}
+        for i, (pos, n) in enumerate(plan.slices):
+            seqs = self.stream.batch(pos, n).to(self.device, non_blocking=True)
+            with self._grad_sync(last_micro=i == plan.accum - 1):
+                with self._autocast():
+                    logits = self.model(seqs[:, :-1])
+                ls = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(),
+                                                       reduction="sum")
+                (ls * scale).backward()
+            loss_sum += ls.detach().double()
+            for cb in self.callbacks:
+                cb.on_micro_backward(self, i, plan.accum)
+        all_reduce_sum(loss_sum, self.dist)
+        loss = float(loss_sum.item()) / (B * T)
+        rec = {"step": self.state["step"] + 1, "tokens": plan.tokens + B * T}
+        for cb in self.callbacks:
+            cb.on_before_optim_step(self, rec)
+        max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm, rec
+
+    def _advance(self, plan: StepPlan, loss: float, grad_norm: float, rec: dict) -> dict:
+        """The state after a finished step, and its metrics record."""
+        B, T = plan.batch_seqs, self.cfg.model.seq_len
+        self.state["step"] += 1
+        self.state["offset_seqs"] += B
+        ema = self.state["loss_ema"]
+        self.state["loss_ema"] = loss if ema is None else EMA_ALPHA * loss + (1 - EMA_ALPHA) * ema
+        self.state["last_loss"] = loss
+        rec.update({"train/loss": loss, "train/loss_ema": self.state["loss_ema"], "optim/lr": plan.lr,
+                    "train/batch_seqs": B, "train/batch_tokens": B * T, "train/grad_norm": grad_norm})
+        return rec
 
     # ---- preemption: a signal asks the run to pause at the next step boundary -----------------
     def _install_stop_handlers(self) -> dict:
@@ -380,14 +449,16 @@ class Trainer:
 
         return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 
-    def _stop_requested(self) -> bool:
+    def _pause_requested(self) -> bool:
+        if self.stop_after_tokens is not None and self.tokens >= self.stop_after_tokens:
+            return True
         if not self.stop_on_signals:
             return False
         # every rank pauses at the same step boundary, whichever of them received the signal
         self.stop_signal = all_reduce_max_int(self.stop_signal or 0, self.dist, self.device) or None
         return self.stop_signal is not None
 
-    # ------------------------------------------------------------------------------------------
+    # ---- the run ----------------------------------------------------------------------------------
     def run(self) -> dict | None:
         """Train to ``total_tokens`` (or pause at ``stop_after_tokens`` or on a stop signal). Returns
         the result dict, or ``None`` when paused. A finished run directory is returned as it is."""
@@ -401,201 +472,75 @@ class Trainer:
                 signal.signal(s, h)
 
     def _run(self) -> dict | None:
-        c = self.cfg
-        T = c.model.seq_len
-        main = self.dist.is_main
-        if self.out_dir is not None and main:
+        if self.out_dir is not None and self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if not (self.out_dir / "config.json").is_file():
-                write_json_atomic(self.out_dir / "config.json", to_dict(c))
+                write_json_atomic(self.out_dir / "config.json", to_dict(self.cfg))
             write_json_atomic(self.out_dir / "env.json", environment())
         self._build()
-        metrics = None
-        if self.out_dir is not None and main:
-            if self.resume_from is not None:
-                truncate_jsonl(self.out_dir / "metrics.jsonl", self.tokens)
-            elif (self.out_dir / "metrics.jsonl").exists():
-                (self.out_dir / "metrics.jsonl").unlink()  # a run that died before its first checkpoint
-            metrics = JsonlWriter(self.out_dir / "metrics.jsonl")
-        self.metrics = metrics
-
-        def log(rec: dict) -> None:
-            if metrics is not None:
-                metrics.write(rec)
-
+        self.diverged_at, self.last_eval, self.last_eval_se, self.last_boundary = None, None, None, self.tokens
         for cb in self.callbacks:
             cb.on_train_start(self)
-
-        fresh = self.resume_from is None
-        kept_todo = sorted(t for t in c.checkpoint_tokens if t > self.tokens or (fresh and t == self.tokens))
-        if fresh and self.eval_at_start:
-            ev = self.evaluate()
-            log({"step": self.state["step"], "tokens": self.tokens, "eval/loss": ev, "eval/loss_se": self.last_eval_se})
-        if fresh:
-            while kept_todo and kept_todo[0] <= self.tokens:
-                self._save(kept=True, requested=kept_todo.pop(0), eval_loss=ev if self.eval_at_start else None)
-
-        from tqdm.auto import tqdm
-
-        # tqdm's disable=None hides the bar when stderr is not a terminal
-        disable = True if (not main or self.progress is False) else (None if self.progress is None else False)
-        pbar = tqdm(total=c.total_tokens, initial=min(self.tokens, c.total_tokens), unit="tok", unit_scale=True,
-                    dynamic_ncols=True, disable=disable, desc=self.desc or (self.out_dir.name if self.out_dir else "train"),
-                    leave=False, mininterval=0.5)
-        t_session = time.perf_counter()
-        t_log, tok_log = time.perf_counter(), self.tokens
-        diverged_at = None
-        last_eval = None
-        W = self.dist.world_size
         paused = False
+        t_session = time.perf_counter()
         try:
-            while self.tokens < c.total_tokens:
-                if (self.stop_after_tokens is not None and self.tokens >= self.stop_after_tokens) or self._stop_requested():
+            while self.tokens < self.cfg.total_tokens and self.diverged_at is None:
+                if self._pause_requested():
                     paused = True
                     break
-                tokens0 = self.tokens
-                B = self.schedule.batch_seqs_at(tokens0)
-                micro = self.schedule.micro_batch_at(tokens0, c.micro_batch_seqs, W)
-                accum = self.schedule.accum_steps_at(tokens0, micro, W)
-                if c.exact_total_tokens and tokens0 + B * T > c.total_tokens:
-                    B = (c.total_tokens - tokens0) // T  # final partial step: only what remains
-                    accum = -(-(B // W) // micro)
-                lr = c.optim.lr * self.schedule.lr_multiplier_at(tokens0) * lr_schedule_factor(c.lr_schedule, tokens0)
-                adam = (self.schedule.adam_at(tokens0, c.optim.beta1, c.optim.beta2, c.optim.eps)
-                        if c.optim.adam_rule != "none" and c.optim.name == "adamw" else None)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                    if adam is not None:
-                        g["betas"], g["eps"] = adam[:2], adam[2]
-                scale = W / (B * T)  # per-token mean over the global batch; DDP divides by W again
-                slices = step_slices(self.state["offset_seqs"] + c.data.stream_shift_seqs, B, micro, self.dist.rank, W)
-                assert len(slices) == accum, (len(slices), accum)
-                loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-                self.step_info = {"batch_seqs": B, "micro_batch_seqs": micro, "accum": accum, "tokens": tokens0,
-                                  "micro_sizes": [n for _, n in slices]}
-                for i, (pos, n) in enumerate(slices):
-                    seqs = self.stream.batch(pos, n).to(self.device, non_blocking=True)
-                    with self._grad_sync(last_micro=i == accum - 1):
-                        with self._autocast():
-                            logits = self.model(seqs[:, :-1])
-                        ls = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(),
-                                                               reduction="sum")
-                        (ls * scale).backward()
-                    loss_sum += ls.detach().double()
-                    for cb in self.callbacks:
-                        cb.on_micro_backward(self, i, accum)
-                all_reduce_sum(loss_sum, self.dist)
-                loss = float(loss_sum.item()) / (B * T)
-                rec = {"step": self.state["step"] + 1, "tokens": tokens0 + B * T}
-                for cb in self.callbacks:
-                    cb.on_before_optim_step(self, rec)
-                max_norm = c.optim.max_grad_norm if c.optim.max_grad_norm is not None else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+                plan = self.plan_step()
+                loss, grad_norm, rec = self.train_step(plan)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    diverged_at = tokens0
-                    log({"step": self.state["step"], "tokens": tokens0, "train/diverged": True,
-                         "train/loss": loss, "train/grad_norm": grad_norm})
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.log({"step": self.state["step"], "tokens": plan.tokens, "train/diverged": True,
+                              "train/loss": loss, "train/grad_norm": grad_norm})
+                    self.diverge(plan.tokens)
                     break
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.state["step"] += 1
-                self.state["offset_seqs"] += B
-                ema = self.state["loss_ema"]
-                self.state["loss_ema"] = loss if ema is None else EMA_ALPHA * loss + (1 - EMA_ALPHA) * ema
-                self.state["last_loss"] = loss
-                rec.update({"train/loss": loss, "train/loss_ema": self.state["loss_ema"], "optim/lr": lr,
-                            "train/batch_seqs": B, "train/batch_tokens": B * T, "train/grad_norm": grad_norm})
+                rec = self._advance(plan, loss, grad_norm, rec)
                 for cb in self.callbacks:
                     cb.on_step_end(self, rec)
-                log(rec)
-                pbar.update(min(self.tokens, c.total_tokens) - min(tokens0, c.total_tokens))
-                if self.state["step"] % c.log_interval_steps == 0:
-                    now = time.perf_counter()
-                    tps = (self.tokens - tok_log) / max(now - t_log, 1e-9)
-                    perf = {"step": self.state["step"], "tokens": self.tokens, "perf/tokens_per_s": tps}
-                    if self.peak_flops:
-                        perf["perf/mfu"] = tps * self.flops_per_token / (self.peak_flops * W)
-                    log(perf)
-                    pbar.set_postfix(loss=f"{self.state['loss_ema']:.3f}", refresh=False)
-                    t_log, tok_log = now, self.tokens
-
-                # evaluation and checkpoints at token boundaries crossed by this step
-                new_kept = []
-                while kept_todo and kept_todo[0] <= self.tokens:
-                    new_kept.append(kept_todo.pop(0))
-                eval_due = (self.tokens // c.eval_interval_tokens > tokens0 // c.eval_interval_tokens) or bool(new_kept)
-                if eval_due and self.tokens < c.total_tokens:
-                    last_eval = self.evaluate()
-                    if not math.isfinite(last_eval):
-                        diverged_at = self.tokens
-                        log({"step": self.state["step"], "tokens": self.tokens, "eval/loss": last_eval,
-                             "train/diverged": True})
-                        break
-                    log({"step": self.state["step"], "tokens": self.tokens, "eval/loss": last_eval,
-                         "eval/loss_se": self.last_eval_se})
-                for req in new_kept:
-                    self._save(kept=True, requested=req, eval_loss=last_eval)
-                if (self.tokens // c.save_interval_tokens > tokens0 // c.save_interval_tokens
-                        and self.tokens < c.total_tokens and not new_kept):
-                    self._save(kept=False)
+                self.log(rec)
+                self.last_boundary = plan.tokens
+                for cb in self.callbacks:
+                    cb.on_boundary(self, plan.tokens)
         finally:
-            pbar.close()
             self.state["elapsed_s"] += time.perf_counter() - t_session
-
         if paused:
-            self._save(kept=False)
-            if metrics is not None:
-                metrics.close()
+            for cb in self.callbacks:
+                cb.on_pause(self)
             barrier(self.dist)
             return None
+        return self._finish()
 
-        final_eval = None
-        if diverged_at is None:
-            final_eval = self.evaluate()
-            if not math.isfinite(final_eval):
-                diverged_at = self.tokens
-            log({"step": self.state["step"], "tokens": self.tokens, "eval/loss": final_eval,
-                 "eval/loss_se": self.last_eval_se})
-            if self.out_dir is not None and main and math.isfinite(final_eval):
-                write_npy_atomic(self.out_dir / EVAL_LOSSES_FILE, self.last_eval_per_seq.numpy())
-            for req in kept_todo:  # requested exactly at the end
-                if req <= self.tokens:
-                    self._save(kept=True, requested=req, eval_loss=final_eval)
-            if diverged_at is None and self.keep_final_checkpoint:
-                self._save(kept=False)
-        steps = self.state["step"] - self.state["start_step"]
-        tokens_run = self.tokens - self.state["start_tokens"]
-        result = {
-            "tokens": self.tokens,
-            "steps": steps,
-            "global_step": self.state["step"],
-            "start_tokens": self.state["start_tokens"],
-            "final_eval_loss": final_eval if diverged_at is None else None,
-            "final_eval_loss_se": self.last_eval_se if diverged_at is None else None,
-            "eval_seqs": c.eval_seqs,
-            "final_train_loss": self.state["loss_ema"] if diverged_at is None else None,
-            "final_train_loss_last_step": self.state["last_loss"] if diverged_at is None else None,
-            "train_loss_smoothing": f"EMA alpha={EMA_ALPHA} over steps",
-            "diverged": diverged_at is not None,
-            "diverged_at_tokens": diverged_at,
-            "epochs": self.state["offset_seqs"] / self.stream.n_seqs,
-            "params": self.n_params,
-            "flops_per_token": self.flops_per_token,
-            "wall_time_s": self.state["elapsed_s"],
-            "tokens_per_s": tokens_run / self.state["elapsed_s"] if self.state["elapsed_s"] > 0 else None,
-            "config_hash": config_hash(_defining(to_dict(c))),
-        }
+    def _finish(self) -> dict:
+        for cb in self.callbacks:
+            cb.on_finish(self)
+        result = self.result()
         for cb in self.callbacks:
             cb.on_train_end(self, result)
-        if metrics is not None:
-            metrics.close()
-        if self.out_dir is not None and main:
+        if self.out_dir is not None and self.dist.is_main:
             write_json_atomic(self.out_dir / "result.json", result)  # written last: "complete"
-            if not self.keep_final_checkpoint:
-                prune_resume_checkpoints(self.out_dir, keep=None)
+        for cb in self.callbacks:
+            cb.on_complete(self)
         barrier(self.dist)
         return result
+
+    def result(self) -> dict:
+        ok = self.diverged_at is None
+        s = self.state
+        return {
+            "tokens": self.tokens, "steps": s["step"] - s["start_step"], "global_step": s["step"],
+            "start_tokens": s["start_tokens"],
+            "final_eval_loss": self.last_eval[1] if ok and self.last_eval else None,
+            "final_eval_loss_se": self.last_eval_se if ok else None, "eval_seqs": self.cfg.eval_seqs,
+            "final_train_loss": s["loss_ema"] if ok else None,
+            "final_train_loss_last_step": s["last_loss"] if ok else None,
+            "train_loss_smoothing": f"EMA alpha={EMA_ALPHA} over steps",
+            "diverged": not ok, "diverged_at_tokens": self.diverged_at,
+            "epochs": s["offset_seqs"] / self.stream.n_seqs, "params": self.n_params,
+            "flops_per_token": self.flops_per_token, "wall_time_s": s["elapsed_s"],
+            "tokens_per_s": (self.tokens - s["start_tokens"]) / s["elapsed_s"] if s["elapsed_s"] > 0 else None,
+            "config_hash": defining_hash(self.cfg),
+        }
 
 
 def train(cfg: TrainConfig, out_dir: str | Path | None, **kwargs) -> dict | None:

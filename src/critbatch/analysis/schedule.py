@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import ConfigError
-from .batch import BatchSchedule
+from ..schedules.batch import BatchSchedule
 
 SOURCES = ("auto", "fit", "measured")
 

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..analysis.decision import FAIL, PASS, Decision
+from .decision import FAIL, PASS, Decision
 from ..errors import ConfigError
 
 
