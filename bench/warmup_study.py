@@ -20,7 +20,6 @@ Every training run is content-addressed (``OUT/pool/<config hash>``), so runs sh
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -31,6 +30,9 @@ SIZES = {
     "demo": {"total_tokens": 1_000_000, "points": [20_000, 60_000, 200_000, 600_000], "anneal_tokens": 102_400},
     # 2M tokens: the branch study's points
     "2m": {"total_tokens": 2_000_000, "points": [20_000, 100_000, 400_000, 1_600_000], "anneal_tokens": 204_800},
+    # 2M tokens with a denser end: where the CBS grows late, a point between lets the warmup step earlier
+    "2m5": {"total_tokens": 2_000_000, "points": [20_000, 100_000, 400_000, 800_000, 1_600_000],
+            "anneal_tokens": 204_800},
 }
 
 # name -> (schedule derivation, comparison options)
@@ -97,7 +99,6 @@ def main() -> None:
     out = Path(a.out)
     seeds = [int(s) for s in a.seeds.split(",")]
     pool = out / "pool"
-    table_rows = []
     results = read_json(out / "study.json") if (out / "study.json").is_file() else {}
 
     for corpus in a.corpora.split(","):

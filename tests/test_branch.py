@@ -177,8 +177,11 @@ def test_finished_sweep_is_a_no_op_and_changes_make_new_branches(parent, tmp_pat
     run = fresh_parent(parent, tmp_path)
     r1 = run_sweep(sweep_cfg(run, at=[1024], k=[1, 2]), progress=False)
     stamps = {p: p.stat().st_mtime_ns for p in (run / "branches").rglob("result.json")}
+    cbs = r1.sweep_dir / "cbs.json"
+    before = (cbs.stat().st_mtime_ns, cbs.read_text())
     r2 = run_sweep(sweep_cfg(run, at=[1024], k=[1, 2]), progress=False)
     assert r1.sweep_dir == r2.sweep_dir
+    assert (cbs.stat().st_mtime_ns, cbs.read_text()) == before and r2.curve == r1.curve  # nothing ran: untouched
     assert {p: p.stat().st_mtime_ns for p in (run / "branches").rglob("result.json")} == stamps
     r3 = run_sweep(sweep_cfg(run, at=[1024], k=[1, 2], window_tokens=1024), progress=False)
     assert r3.sweep_dir != r1.sweep_dir
@@ -310,3 +313,14 @@ def test_cli_branch_bad_input_one_line(parent, tmp_path, capsys):
     assert code == 2
     code = main(["branch", "--run", str(run), "--at", "1024", "--k", "1,x", "--window-tokens", "512"])
     assert code == 2 and "not a comma-separated list" in capsys.readouterr().err
+
+
+def test_a_branch_evaluates_once_at_its_end(parent, tmp_path):
+    run = fresh_parent(parent, tmp_path)
+    plan = plan_sweep(sweep_cfg(run, at=[1024], k=[1, 2]))
+    spec = branch_spec(plan, plan.points[0], 2, 0)
+    assert spec["config"]["eval_interval_tokens"] == 0  # no periodic evaluation, not a huge interval
+    d = ensure_branch(run, spec)
+    run_branch_dir(d)
+    evals = [r for r in read_jsonl(d / "metrics.jsonl") if "eval/loss" in r]
+    assert len(evals) == 1 and evals[0]["tokens"] == 1024 + plan.window_tokens

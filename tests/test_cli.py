@@ -201,3 +201,65 @@ def test_branch_launch_options_bad_input(data_dir, tmp_path, capsys, extra, need
     err = capsys.readouterr().err
     assert code == 2 and needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "r" / "sweeps").exists()
+
+
+# ---- the command line is generated from the configs, and frozen ----------------------------------
+
+
+def test_the_flag_set_is_frozen():
+    """A flag added, renamed or removed is a deliberate change: update tests/cli_flags.json with it
+    (python -c "...flag_names(make_parser())..." prints the new set)."""
+    import json
+    from pathlib import Path
+
+    from critbatch.cli import make_parser
+    from critbatch.clispec import flag_names
+
+    frozen = json.loads((Path(__file__).parent / "cli_flags.json").read_text())
+    assert flag_names(make_parser()) == frozen
+
+
+def test_every_config_field_is_a_documented_flag():
+    import dataclasses
+    import typing
+
+    from critbatch.branch import SweepConfig
+    from critbatch.cli import COMMANDS, make_parser
+    from critbatch.clispec import field_docs
+    from critbatch.config import TrainConfig
+
+    help_text = {c.name: make_parser()._subparsers._group_actions[0].choices[c.name].format_help() for c in COMMANDS}
+
+    def fields(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from fields(hints[f.name], prefix + f.name + ".")
+            else:
+                yield cls, prefix + f.name, f.name
+
+    for cls, path, name in fields(TrainConfig):
+        flag = "--" + path.replace("_", "-")
+        assert flag in help_text["train"], flag
+        assert field_docs(cls).get(name), f"{path} has no docstring"
+    for f in dataclasses.fields(SweepConfig):
+        assert "--" + f.name.replace("_", "-") in help_text["branch"], f.name
+    assert "Residual stream width" in help_text["train"]  # the field's docstring is its help
+
+
+def test_nested_fields_and_aliases_set_the_config(tmp_path, data_dir, capsys):
+    from critbatch.io import read_json
+
+    code, _, err = run_cli(["train", "--preset", "tiny", "--data", data_dir, "--out", tmp_path / "r", "--total-tokens",
+                            "2k", "--eval-seqs", "8", "--model.d-model", "32", "--model.n-head", "2", "--model.n-layer",
+                            "1", "--optim.beta2", "0.99", "--optim.weight-decay", "0", "--lr", "0.002",
+                            "--lr-schedule.kind", "constant", "--data.order-seed", "3", "--no-progress"], capsys)
+    assert code == 0, err
+    c = read_json(tmp_path / "r" / "config.json")
+    assert (c["model"]["d_model"], c["model"]["n_head"], c["model"]["n_layer"]) == (32, 2, 1)
+    assert (c["optim"]["beta2"], c["optim"]["weight_decay"], c["optim"]["lr"]) == (0.99, 0.0, 0.002)
+    assert c["lr_schedule"]["kind"] == "constant" and c["data"]["order_seed"] == 3
+    code, _, err = run_cli(["train", "--preset", "tiny", "--out", tmp_path / "s", "--model.d-model", "big"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--model.d-model 'big' is not a count" in err
+    code, _, err = run_cli(["branch", "--run", tmp_path / "r"], capsys)  # a missing required flag: one line too
+    assert code == 2 and err.count("\n") == 1 and "required" in err

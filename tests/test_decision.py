@@ -144,7 +144,7 @@ def test_replicates_needed_settle_the_question():
     rng = np.random.default_rng(7)
     d = decide_noninf([1, 2], [[3.0, 3.01, 2.99], [3.004, 3.0, 2.993]], eps=0.01)
     assert d.status[1] in ("undetermined", "pass")
-    # large n: the normal approximation of method.md §7, ((z_a + z_b) sd / |eps - gap|)^2
+    # large n: the normal approximation of docs/method.md §6, ((z_a + z_b) sd / |eps - gap|)^2
     assert needed_samples(0.1, 0.0, 0.01, 0.95) == pytest.approx(((1.6449 + 0.8416) * 10) ** 2, rel=0.02)
     for sd in (0.004, 0.008):
         n = needed_samples(math.sqrt(2) * sd, 0.0, 0.01, 0.95)
@@ -227,3 +227,19 @@ def test_fit_handles_censoring_and_rejects_too_few_points():
     assert f.b_max > 8192 * 0.5 and math.isfinite(f.c)
     with pytest.raises(ConfigError, match="at least 2"):
         fit_cbs_curve([0, 1e5], [0, 1], [2, 4])
+
+
+@pytest.mark.parametrize("k_true", [0.7, 1.3, 2.6, 4.4, 7.0, 11.0, 13.5, 20.0, 27.0])
+def test_adaptive_full_grid_is_what_it_can_probe_when_the_step_does_not_divide_k_min(k_true):
+    """k_min 0.5 with resolution 2 (the old demo's settings): the lattice is 0.5, 2.5, 4.5, ... plus
+    the doubling points; every probe is on it, and the search decides as the whole of it does."""
+    measure = _monotone_losses(k_true)
+    dec = lambda ks, losses: decide_eps(ks, losses, eps=0.01)  # noqa: E731
+    search = AdaptiveSearch(0.5, 32, 2, dec)
+    grid = search.full_grid()
+    assert {0.5, 1, 2, 4, 8, 16, 32, 2.5, 30.5} <= set(grid) and 3 not in grid
+    results = search.run(measure)
+    assert set(results) <= set(grid)
+    got = dec(sorted(results), [results[k] for k in sorted(results)])
+    full = dec(grid, [measure(k) for k in grid])
+    assert (got.k_star, got.k_next) == (full.k_star, full.k_next)

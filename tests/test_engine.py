@@ -289,3 +289,21 @@ def test_adam_sde_rule_follows_the_batch(cfg_factory, tmp_path):
         assert {b for b, *_ in seen.rows} == {2, 8}
     with pytest.raises(ConfigError, match="beta1 < 0"):  # k = 16: 16 x (1 - 0.9) > 1
         Trainer(cfg_factory(batch_schedule=[[0, 2], [1024, 32]], optim={"adam_rule": "sde"}), None)
+
+
+def test_the_start_checkpoint_is_not_kept_for_the_run(cfg_factory, tmp_path):
+    """Once the model and optimizer hold it, the loaded checkpoint is dropped (at the olmo-1b size it
+    is several GB)."""
+    from critbatch.train import Callback
+
+    train(cfg_factory(checkpoint_tokens=[1024]), tmp_path / "p", progress=False)
+    ck = [c for c in list_checkpoints(tmp_path / "p") if c.kept][0]
+    seen = []
+
+    class Look(Callback):
+        def on_train_start(self, trainer):
+            seen.append([k for k, v in vars(trainer).items() if isinstance(v, dict) and "optim" in v and "model" in v])
+
+    t = Trainer(cfg_factory(total_tokens=2048), tmp_path / "b", init_from=ck.path, callbacks=[Look()], progress=False)
+    t.run()
+    assert seen == [[]]

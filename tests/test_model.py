@@ -10,7 +10,7 @@ def test_param_count_and_flops():
     cfg = ModelConfig(n_layer=3, n_head=4, d_model=96, seq_len=64, vocab_size=257)
     m = GPT(cfg)
     assert sum(p.numel() for p in m.parameters()) == count_params(cfg)
-    assert 0.35e6 < count_params(cfg) < 0.37e6  # the 0.36M reference model of method.md §6
+    assert 0.35e6 < count_params(cfg) < 0.37e6  # the 0.36M reference model of docs/method.md §6
     nonemb = count_params(cfg, embeddings=False)
     assert flops_per_token(cfg) == 6 * (nonemb + 257 * 96) + 12 * 3 * 96 * 64
     b = ModelConfig(n_layer=2, n_head=2, d_model=16, seq_len=8, vocab_size=20, bias=True)

@@ -66,3 +66,22 @@ def test_config_files(tmp_path):
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config_file(str(tmp_path / "bad.json"))
+
+
+def test_toml_on_python_3_10_uses_tomli_or_says_what_to_install(tmp_path, monkeypatch):
+    """Python 3.10 has no tomllib: the tomli package reads the file; without it, a one-line error."""
+    import sys
+    import types
+
+    from critbatch.config import load_config_file
+
+    p = tmp_path / "c.toml"
+    p.write_text('total_tokens = "20k"\n')
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on 3.10: importing it fails
+    fake = types.ModuleType("tomli")
+    fake.loads = lambda text: {"read_by": "tomli"}
+    monkeypatch.setitem(sys.modules, "tomli", fake)
+    assert load_config_file(str(p)) == {"read_by": "tomli"}
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    with pytest.raises(ConfigError, match="need Python 3.11\\+ or the tomli package"):
+        load_config_file(str(p))

@@ -187,7 +187,7 @@ def test_exports_match_their_documented_forms():
 
 
 def test_paper_step_accounting_43_and_75_percent():
-    """method.md §4: 1024 -> 2048 at 168B -> 4096 at 503B documents of 4096 tokens, 608B tokens then
+    """docs/method.md §4: 1024 -> 2048 at 168B -> 4096 at 503B documents of 4096 tokens, 608B tokens then
     a 50B anneal at the final batch."""
     total = 658 * 10**9
     warm = BatchSchedule.parse("0:1024,168B:2048,503B:4096", seq_len=4096)

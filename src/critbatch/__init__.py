@@ -5,7 +5,7 @@ Library entry points: :func:`critbatch.train.train`, :func:`critbatch.data.prepa
 :class:`critbatch.BatchSchedule`, :mod:`critbatch.presets`.
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .config import DataConfig, LRScheduleConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from .errors import CritbatchError  # noqa: E402

@@ -29,17 +29,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import presets
-from .analysis.comparison import GAPS, RUNS, gap_stats, markdown_table, table
-from .config import TrainConfig, defining_dict, how, load_config_file, merge
+from .analysis.comparison import GAPS, RUNS, gap_stats, markdown_table
+from .config import ADAM_RULES, TrainConfig, defining_dict, how, load_config_file, merge, option
 from .errors import ConfigError
 from .io import read_json, read_jsonl, write_json_atomic, write_text_atomic
-from .launch import check_launch, check_single_process, default_jobs, run_jobs, write_job
+from .launch import LAUNCHERS, check_launch, check_single_process, default_jobs, run_jobs, write_job
 from .report.plots import plot_comparison
 from .schedules import BatchSchedule
 from .train import Trainer
 from .train.checkpoint import kept_checkpoints
 from .train.loop import EVAL_LOSSES_FILE
-
 
 
 @dataclass
@@ -65,14 +64,19 @@ class CompareConfig:
     phase (default: 10% of the pretraining tokens; the paper averaged over the last 10B of 608B)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds of the initialisation and the data order; the three runs are repeated for each."""
-    adam_rule: str | None = None
+    adam_rule: str | None = option(None, choices=ADAM_RULES)
     """How Adam's betas and epsilon follow the batch in all three runs (default: the schedule's)."""
     eval_seqs: int | None = None
+    """Held-out sequences of every run's evaluation (default: the preset's)."""
     micro_batch_seqs: int | None = None
+    """Micro-batch of every run (changes memory, not the result)."""
     device: str = how("auto")
+    """Device of the runs: ``auto``, ``cpu``, ``cuda``."""
     jobs: int | None = how(None)
+    """Runs at once (default: as many as cores or GPUs allow, at most the number of runs)."""
     threads_per_job: int = how(1)
-    launcher: str = how("local")
+    """CPU threads of each run."""
+    launcher: str = how("local", choices=LAUNCHERS)
     """Where the runs train: ``local`` worker processes, ``inprocess``, ``slurm`` or ``submitit-local``."""
     nproc_per_job: int = how(1)
     """Data-parallel ranks per run (torchrun in the local pool; Slurm tasks on Slurm)."""

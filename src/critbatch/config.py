@@ -25,9 +25,23 @@ HOW = {"defining": False}
 *what* it computes: it is left out of content hashes and may differ when a run is resumed."""
 
 
+def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, choices=None,
+           aliases: tuple[str, ...] = (), defining: bool = True, **meta) -> Any:
+    """A dataclass field with command-line metadata: the accepted ``choices``, short flag ``aliases``
+    (``--lr`` beside ``--optim.lr``), and ``defining=False`` for a setting that changes no result."""
+    meta = dict(meta)
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if aliases:
+        meta["aliases"] = tuple(aliases)
+    if not defining:
+        meta.update(HOW)
+    return field(default=default, default_factory=default_factory, metadata=meta)
+
+
 def how(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **meta) -> Any:
     """A dataclass field marked as not defining any result (see :data:`HOW`)."""
-    return field(default=default, default_factory=default_factory, metadata={**HOW, **meta})
+    return option(default, default_factory=default_factory, defining=False, **meta)
 
 LR_RULES = ("sqrt", "linear", "none")
 ADAM_RULES = ("none", "sde", "sde-beta2")
@@ -64,13 +78,13 @@ class ModelConfig:
 class OptimConfig:
     """Optimizer and the LR–batch coupling rule."""
 
-    name: str = "adamw"
+    name: str = option("adamw", choices=OPTIMIZERS, aliases=("optimizer",))
     """``adamw`` (decay and no-decay groups; fused on CUDA) or ``sgd`` (with momentum)."""
-    lr: float = 3e-3
+    lr: float = option(3e-3, aliases=("lr",))
     """Peak learning rate at the reference batch ``TrainConfig.lr_ref_batch_seqs``."""
-    lr_rule: str = "sqrt"
+    lr_rule: str = option("sqrt", choices=LR_RULES, aliases=("lr-rule",))
     """How the base LR follows the batch: ``sqrt`` (Adam family), ``linear`` (SGD) or ``none``."""
-    adam_rule: str = "none"
+    adam_rule: str = option("none", choices=ADAM_RULES, aliases=("adam-rule",))
     """How Adam's betas and epsilon follow the batch: ``none`` (the paper: only the LR changes),
     ``sde`` (Malladi et al. 2022: 1 − β1 and 1 − β2 times k, ε / √k for k = batch / reference) or
     ``sde-beta2`` (only β2 and ε). Valid while k·(1 − β) < 1."""
@@ -92,17 +106,17 @@ class OptimConfig:
 class LRScheduleConfig:
     """Learning-rate schedule as a function of tokens, multiplying the (rule-scaled) base LR."""
 
-    kind: str = "cosine"
+    kind: str = option("cosine", choices=LR_SCHEDULES, aliases=("lr-schedule",))
     """``constant`` (after warmup), ``cosine`` (warmup then cosine to ``min_lr_ratio``) or ``wsd``
     (warmup, stable, then a linear anneal to 0 over the last ``decay_tokens``)."""
-    warmup_tokens: int = 0
+    warmup_tokens: int = option(0, aliases=("warmup-tokens",))
     """Linear warmup from 0 over this many tokens."""
     horizon_tokens: int | None = None
     """Tokens at which the schedule ends; ``None`` means the run's ``total_tokens``. Branches keep
     their parent's horizon so the schedule continues unchanged."""
     min_lr_ratio: float = 0.1
     """Cosine floor as a fraction of the peak."""
-    decay_tokens: int = 0
+    decay_tokens: int = option(0, aliases=("decay-tokens",))
     """WSD: length of the final linear anneal to 0."""
     anneal_tokens: int = 0
     """After the horizon, fall linearly from the schedule's final value to 0 over this many tokens
@@ -118,18 +132,18 @@ class LRScheduleConfig:
 class DataConfig:
     """Where the tokens come from and in which order."""
 
-    path: str | None = None
+    path: str | None = option(None, aliases=("data",))
     """A prepared data directory (``critbatch prepare``); ``None`` prepares and caches the embedded
     corpus ``corpus`` with ``tokenizer``."""
-    corpus: str = "sotu"
+    corpus: str = option("sotu", aliases=("corpus",))
     """Embedded corpus used when ``path`` is ``None``: ``sotu`` or ``shakespeare``."""
-    tokenizer: str = "bytes"
+    tokenizer: str = option("bytes", choices=TOKENIZERS, aliases=("tokenizer",))
     """Tokenizer for the auto-prepared corpus: ``bytes`` or ``bpe``."""
     bpe_vocab_size: int = 8192
     """Vocabulary of the locally trained BPE when ``tokenizer`` is ``bpe``."""
     order_seed: int = 0
     """Seed of the one global order of training sequences."""
-    allow_repeat: bool = False
+    allow_repeat: bool = option(False, aliases=("allow-repeat",))
     """Allow a run to consume more sequences than the training split holds (more than one epoch)."""
     verify: bool = how(True)
     """Check the sha256 of every shard against ``meta.json`` before training."""
@@ -175,11 +189,11 @@ class TrainConfig:
     """Seed of the model initialisation."""
     device: str = how("auto")
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
-    precision: str = "auto"
+    precision: str = option("auto", choices=PRECISIONS)
     """``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``."""
     compile: bool = how(False)
     """Wrap the model in ``torch.compile`` (CUDA only)."""
-    parallel: str = how("ddp")
+    parallel: str = how("ddp", choices=PARALLEL)
     """Data parallelism under torchrun: ``ddp`` (every rank holds the whole model) or ``fsdp``
     (FSDP2 ``fully_shard``: parameters, gradients and optimizer state sharded over the ranks, for
     models that do not fit one device). Either way gradients synchronise once per optimizer step and
@@ -296,6 +310,19 @@ def config_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
+def _toml():
+    """tomllib (Python 3.11+), else the tomli package it came from (installed on 3.10)."""
+    try:
+        import tomllib
+    except ImportError:
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ConfigError("TOML config files need Python 3.11+ or the tomli package (pip install tomli); "
+                              "or give the config as JSON") from None
+    return tomllib
+
+
 def load_config_file(path: str) -> dict:
     """Read a JSON or TOML config file into a dict."""
     import pathlib
@@ -304,12 +331,9 @@ def load_config_file(path: str) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist")
     text = p.read_text()
+    loads = _toml().loads if p.suffix == ".toml" else json.loads
     try:
-        if p.suffix == ".toml":
-            import tomllib
-
-            return tomllib.loads(text)
-        return json.loads(text)
+        return loads(text)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
         raise ConfigError(f"config file {path!r} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from None
 

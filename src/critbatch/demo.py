@@ -22,16 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import presets
-from .analysis.schedule import derive_schedule
 from .branch import SweepConfig, run_sweep
 from .compare import CompareConfig, run_compare
-from .config import merge, to_dict
+from .config import defining_dict, how, merge, to_dict
 from .data import prepare
+from .derive import ScheduleConfig, write_schedule
 from .errors import ConfigError
 from .gns.checkpoints import GNSConfig, gns_at_checkpoints
 from .io import read_json, write_json_atomic
 from .report import build_report
-from .schedules.export import schedule_document
 from .train import train
 
 STAGES = ("prepare", "base", "sweep", "gns", "schedule", "compare", "report")
@@ -39,29 +38,47 @@ STAGES = ("prepare", "base", "sweep", "gns", "schedule", "compare", "report")
 
 @dataclass
 class DemoConfig:
-    out: str
+    """The whole study on the embedded corpus."""
+
+    out: str = "runs/demo"
+    """Study directory (a rerun skips finished stages)."""
     quick: bool = False
     """A short version (tests, a first look): a smaller run, fewer points, short windows."""
     total_tokens: int = 1_000_000
+    """Tokens of the base run and of each comparison run before the anneal."""
     points: list[int] = field(default_factory=lambda: [20_000, 60_000, 200_000, 600_000])
+    """Branch points (kept checkpoints of the base run), in tokens."""
     window_tokens: int = 98_304
-    """6 steps of the largest batch (k_max·B = 256 sequences): the adaptive search bisects over the
-    batches dividing it, 1.5 apart (4, 6, 8, 12, 16, 24, ... sequences)."""
+    """Branch window: 6 steps of the largest batch (k_max·B = 256 sequences), so the adaptive search
+    bisects over the batches dividing it, 1.5 apart (4, 6, 8, 12, 16, 24, ... sequences)."""
     k_min: float = 0.5
+    """The adaptive search's first multiplier of the base batch."""
     k_max: float = 32.0
+    """The adaptive search's largest multiplier."""
     resolution: float | None = None
+    """Bisection lattice step in k (default: every batch dividing the window)."""
     cooldown_fraction: float = 0.25
+    """Branches end with an LR decay over this fraction of their window (docs/method.md §2.3)."""
     eval_seqs: int = 2048
+    """Held-out sequences of every evaluation."""
     gns_b_big: int = 64
+    """The noise scale's big batch in sequences."""
     gns_batches: int = 32
+    """Big batches averaged by the noise scale."""
     anneal_tokens: int = 102_400
-    jobs: int | None = None
-    launcher: str = "local"
+    """The comparison's LR anneal after the pretraining tokens, at each run's final batch."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds (initialisation and data order) of the comparison; several give each gap a standard error."""
+    jobs: int | None = how(None)
+    """Branch and comparison processes at once (default: one per core or GPU)."""
+    launcher: str = how("local", choices=("local", "inprocess"))
     """Branch and comparison runs: worker processes (``local``), or ``inprocess`` — the quick demo's
     choice, since its branches are so short that starting a process would cost more than training."""
 
     @classmethod
-    def make(cls, out: str, quick: bool = False, **over) -> "DemoConfig":
+    def make(cls, out: str = "runs/demo", quick: bool = False, **over) -> "DemoConfig":
+        """The demo's configuration; ``quick`` starts from the short version's values, and ``over``
+        (e.g. the flags given on the command line) overrides either."""
         if quick:
             base = dict(total_tokens=120_000, points=[5_000, 20_000], window_tokens=8_192, k_min=0.5,
                         k_max=8.0, eval_seqs=256, gns_b_big=16, gns_batches=4, anneal_tokens=8_192,
@@ -92,7 +109,8 @@ class _Stages:
         self.out = out
         self.path = out / "demo.json"
         state = read_json(self.path) if self.path.is_file() else {}
-        if state and state.get("config") != asdict(cfg):
+        mine = defining_dict(cfg)
+        if state and {k: v for k, v in state.get("config", {}).items() if k in mine} != mine:
             raise ConfigError(f"{out} holds a demo with a different configuration; use another --out")
         self.state = {"config": asdict(cfg), "stages": state.get("stages", {}), "artifacts": state.get("artifacts", {})}
 
@@ -156,15 +174,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                                                        b_big=cfg.gns_b_big, n_batches=cfg.gns_batches)))
 
     def schedule():
-        curve = read_json(out / st.artifact("sweep_dir") / "cbs.json")
-        d = derive_schedule(curve, tcfg.batch_seqs, rule=curve["lr_rule"], adam_rule=curve.get("adam_rule", "none"),
-                            until_tokens=cfg.total_tokens)
-        doc = schedule_document(d.schedule, notes=d.notes,
-                                derived_from={"sweep": st.artifact("sweep_dir"), "source": d.source, "safety": 1.0,
-                                              "granularity": None, "start_seqs": tcfg.batch_seqs, "max_seqs": None,
-                                              "decide_by": curve["decide_by"], "rule": curve["rule"],
-                                              "allowed": d.allowed})
-        write_json_atomic(out / "schedule.json", doc)
+        write_schedule(ScheduleConfig(sweep=str(out / st.artifact("sweep_dir")), out=str(out / "schedule.json"),
+                                      start_seqs=tcfg.batch_seqs, until_tokens=cfg.total_tokens))
 
     st.run("schedule", schedule)
 
@@ -176,8 +187,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         cfg_file = out / "compare-config.json"
         write_json_atomic(cfg_file, to_dict(merge(tcfg, {"checkpoint_tokens": []})))
         run_compare(CompareConfig(out=str(out / "compare"), schedule=str(out / "schedule.json"), config=str(cfg_file),
-                                  total_tokens=cfg.total_tokens, anneal_tokens=cfg.anneal_tokens, jobs=cfg.jobs,
-                                  launcher=cfg.launcher, threads_per_job=_threads(cfg)))
+                                  total_tokens=cfg.total_tokens, anneal_tokens=cfg.anneal_tokens, seeds=cfg.seeds,
+                                  jobs=cfg.jobs, launcher=cfg.launcher, threads_per_job=_threads(cfg)))
 
     st.run("compare", compare)
     st.run("report", lambda: build_report(out), always=True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def _umask() -> int:
@@ -65,10 +68,6 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 
 def write_npy_atomic(path: str | Path, array) -> None:
-    import io
-
-    import numpy as np
-
     buf = io.BytesIO()
     np.save(buf, np.asarray(array), allow_pickle=False)
     write_bytes_atomic(path, buf.getvalue())

@@ -13,7 +13,7 @@ from .errors import ConfigError
 
 
 def tiny() -> TrainConfig:
-    """0.36M parameters (d=96, 3 layers, sequence 64) on bytes: the CPU reference of method.md §6."""
+    """0.36M parameters (d=96, 3 layers, sequence 64) on bytes: the CPU reference model of docs/method.md §6."""
     return TrainConfig(
         model=ModelConfig(n_layer=3, n_head=4, d_model=96, seq_len=64),
         optim=OptimConfig(lr=3e-3),

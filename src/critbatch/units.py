@@ -1,4 +1,4 @@
-"""Token and step arithmetic. Tokens are time: every duration is counted in tokens (design.md §1).
+"""Token and step arithmetic. Tokens are time: every duration is counted in tokens (docs/guide.md, "Concepts and units").
 
 Counts given by people ("50M", "2.5e6", "100k", "2_000_000") are parsed here, once.
 """

@@ -1,4 +1,4 @@
-"""Local critical batch size decisions from a table of branch losses (docs/method.md §2 and §7).
+"""Local critical batch size decisions from a table of branch losses (docs/method.md §2 and §6).
 
 Input for one branch point: the grid of multipliers ``k`` (sorted ascending) and, for each, the
 losses of its replicates (``inf`` for a diverged branch); replicate r of every k reads the same
@@ -181,7 +181,7 @@ def paired_eval_noise(per_seq: list[list]) -> tuple[list[list[float]], list[list
 def needed_samples(sd: float, gap: float, eps: float, confidence: float, power: float = POWER) -> int | None:
     """The smallest n whose one-sided t bound settles "is the true gap within ε?" with the given
     power when the true gap is the measured one: power(n) = 1 − F_nct(t_conf,n−1; n−1, |ε − gap|·√n/sd)
-    (method.md §7 gives the normal approximation n ≈ ((z_α + z_β)·sd / |ε − gap|)²)."""
+    (docs/method.md §6 gives the normal approximation n ≈ ((z_α + z_β)·sd / |ε − gap|)²)."""
     from scipy.stats import nct
     from scipy.stats import t as student
 

@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 from ..analysis.curve import attach_noise_scale, curve_csv, fit_or_none, noise_scale_points, point_record
 from ..analysis.decision import RULES, decide, paired_eval_noise
 from ..analysis.search import AdaptiveSearch
-from ..config import ADAM_RULES, LR_RULES, TrainConfig, config_hash, defining_dict, from_dict, how, merge, to_dict
+from ..config import ADAM_RULES, LR_RULES, TrainConfig, config_hash, defining_dict, from_dict, how, merge, option, to_dict
 from ..data import SequenceStream, open_data
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import read_json, write_json_atomic, write_text_atomic
-from ..launch import check_launch, check_single_process, default_jobs, run_job, run_jobs, write_job
+from ..launch import LAUNCHERS, check_launch, check_single_process, default_jobs, run_job, run_jobs, write_job
 from ..report.plots import plot_cbs_curve, plot_loss_vs_batch
 from ..schedules.rules import adam_hparams, lr_rule_multiplier
 from ..train.checkpoint import CheckpointInfo, find_kept, load_checkpoint
@@ -58,14 +58,14 @@ class SweepConfig:
     every batch the sweep can probe: a multiple of the least common multiple of the grid's batches
     k·B (adaptive search: of its doubling points, the largest batch among them). No branch ends on
     a partial step."""
-    lr_rule: str | None = None
+    lr_rule: str | None = option(None, choices=LR_RULES)
     """LR–batch rule f(k): ``sqrt``, ``linear`` or ``none``; ``None`` takes the parent's."""
-    adam_rule: str | None = None
+    adam_rule: str | None = option(None, choices=ADAM_RULES)
     """How Adam's betas and epsilon follow k: ``none``, ``sde`` or ``sde-beta2`` (see
     :func:`critbatch.optim.adam_hparams`); ``None`` takes the parent's."""
     replicates: int = 1
     """Branches per k on different data windows: replicate r reads the stream r windows ahead."""
-    search: str = "grid"
+    search: str = option("grid", choices=SEARCHES)
     """``grid`` (every k) or ``adaptive`` (double until the first failure, then bisect)."""
     k_min: float | None = None
     """Adaptive: the first probe (default: the smallest grid k that is at least 1, else the smallest)."""
@@ -79,10 +79,10 @@ class SweepConfig:
     probe), so the decision compares how far each batch got, not its noise level: at a constant
     LR a larger batch sits lower on its noise floor and looks better than it trained (docs/LOG.md,
     the warmup study). 0: the paper's plain continuation of the parent's schedule."""
-    decide_by: str = "eval"
+    decide_by: str = option("eval", choices=DECIDE_BY)
     """Which loss decides: ``eval`` (held-out loss at the window's end) or ``train-ema`` (the
     paper's EMA-smoothed training loss, alpha 0.5). See docs/LOG.md for why eval is the default."""
-    rule: str | None = None
+    rule: str | None = option(None, choices=RULES)
     """``eps`` (the paper's point reading) or ``noninf`` (non-inferiority over paired replicates: k
     passes only when the data show it within eps of every smaller k at ``confidence``);
     ``None``: eps for one replicate, noninf for more."""
@@ -103,7 +103,7 @@ class SweepConfig:
     jobs: int | None = how(None)
     """Branches run at once, each in its own process (``launcher='local'``); ``None``: one per GPU,
     or one per ``threads_per_branch`` CPU cores."""
-    launcher: str = how("local")
+    launcher: str = how("local", choices=LAUNCHERS)
     """``local`` (a pool of worker processes), ``inprocess`` (sequential, in this process), ``slurm``
     (a submitit job array) or ``submitit-local`` (submitit's executor on this machine)."""
     nproc_per_job: int = how(1)

@@ -1,4 +1,4 @@
-"""Memmap reader and the fixed-order sequence stream (design.md §1.2).
+"""Memmap reader and the fixed-order sequence stream (docs/guide.md, "Concepts and units").
 
 A split is cut into sequences of ``seq_len + 1`` tokens with stride ``seq_len`` (inputs and
 next-token targets); sequences never cross a shard boundary. The training stream visits them in one

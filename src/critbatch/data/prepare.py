@@ -24,12 +24,14 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from ..config import option
 from ..errors import ConfigError, DataError
 from ..io import public_mode
 from .tokenizer import BPETokenizer, ByteTokenizer
@@ -180,6 +182,117 @@ def _dtype_for(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
+@dataclass
+class PrepareConfig:
+    """Text or token files (or an embedded corpus) to a token data directory."""
+
+    out: str
+    """The data directory to create."""
+    inputs: list[str] = option(default_factory=list, positional="*")
+    """Text (.txt/.md), JSON lines (.jsonl[.xz|.gz]) or token files (.bin uint16, .npy); none: the
+    embedded ``corpus``."""
+    corpus: str = "sotu"
+    """The embedded corpus when no inputs are given: ``sotu`` or ``shakespeare``."""
+    tokenizer: str = option("bytes", choices=("bytes", "bpe"))
+    """``bytes`` (UTF-8 bytes + end-of-text) or ``bpe`` (a byte-level BPE trained here)."""
+    vocab_size: int | None = None
+    """The BPE's vocabulary (default 8192), or the vocabulary of token files (default: largest id + 1)."""
+    holdout_fraction: float = 0.05
+    """Share of the documents held out for evaluation."""
+    seed: int = 0
+    """Seed of the held-out document choice."""
+    text_field: str = "text"
+    """The field holding the text in JSON lines."""
+
+
+def prepare_config(cfg: PrepareConfig, quiet: bool = False) -> Path:
+    """:func:`prepare` from a :class:`PrepareConfig` (the command line's)."""
+    return prepare(cfg.out, cfg.inputs or None, corpus=cfg.corpus if not cfg.inputs else None,
+                   tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, holdout_fraction=cfg.holdout_fraction,
+                   seed=cfg.seed, text_field=cfg.text_field, quiet=quiet)
+
+
+def _check_args(corpus, inputs, tokenizer, holdout_fraction, shard_tokens, vocab_size) -> None:
+    if (corpus is None) == (not inputs):
+        raise ConfigError("give either --corpus NAME or input files, not both and not neither")
+    if tokenizer not in ("bytes", "bpe"):
+        raise ConfigError(f"tokenizer {tokenizer!r} is not one of bytes, bpe")
+    if not 0 < holdout_fraction < 0.5:
+        raise ConfigError(f"holdout fraction {holdout_fraction} must be in (0, 0.5)")
+    if shard_tokens <= 0:
+        raise ConfigError(f"shard_tokens={shard_tokens} must be positive")
+    if vocab_size is not None and vocab_size <= 0:
+        raise ConfigError(f"vocab size {vocab_size} must be positive")
+    if tokenizer == "bpe" and vocab_size is not None and vocab_size < 257:
+        raise ConfigError(f"BPE vocab size {vocab_size} must be at least 257 (256 bytes + end-of-text)")
+
+
+def _existing(out: Path, recipe: dict) -> bool:
+    """True if ``out`` already holds this preparation; an error if it holds something else."""
+    if not out.exists():
+        return False
+    meta_p = out / "meta.json"
+    if meta_p.is_file():
+        try:
+            existing = json.loads(meta_p.read_text())
+        except json.JSONDecodeError:
+            existing = {}
+        if existing.get("recipe") == recipe:
+            return True
+        raise DataError(f"{out} already holds different data; choose another --out or remove it")
+    if any(out.iterdir()):
+        raise DataError(f"{out} exists and is not an empty data directory; choose another --out")
+    return False
+
+
+def _token_arrays(paths: list[Path], vocab_size: int | None, holdout_fraction: float):
+    """Imported token files: (train arrays, val arrays, dtype, vocabulary, tokenizer meta, documents)."""
+    arr = np.concatenate([np.asarray(_read_token_file(p)) for p in paths])
+    if arr.size < 4:
+        raise DataError("the token files hold fewer than 4 tokens")
+    top = int(arr.max())
+    vs = vocab_size if vocab_size is not None else top + 1
+    if top >= vs:
+        raise DataError(f"token id {top} is outside the vocabulary size {vs}; pass a larger --vocab-size")
+    cut = int(arr.size * (1 - holdout_fraction))
+    return [arr[:cut]], [arr[cut:]], _dtype_for(vs), vs, {"kind": "external", "eot_id": None}, {"train": None, "val": None}
+
+
+def _text_arrays(paths: list[Path], tokenizer: str, vocab_size: int | None, holdout_fraction: float, seed: int,
+                 text_field: str, tmp: Path):
+    """Text: documents split by whole documents, tokenized, each followed by end-of-text (sequences
+    are packed across documents)."""
+    docs = read_documents(paths, text_field)
+    train_docs, val_docs = _split_docs(docs, holdout_fraction, seed)
+    if tokenizer == "bytes":
+        tok = ByteTokenizer()
+    else:
+        tok = BPETokenizer.train(train_docs, vocab_size or 8192)
+        tok.save(tmp / "tokenizer.json")
+    eot = np.array([tok.eot_id], dtype=np.int64)
+    train_arrays = (np.concatenate([a, eot]) for a in tok.encode_docs(train_docs))
+    val_arrays = (np.concatenate([a, eot]) for a in tok.encode_docs(val_docs))
+    return (train_arrays, val_arrays, _dtype_for(tok.vocab_size), tok.vocab_size, tok.describe(),
+            {"train": len(train_docs), "val": len(val_docs)})
+
+
+def _publish(tmp: Path, out: Path, recipe: dict) -> None:
+    """Rename the finished temporary directory into place (it is complete or absent)."""
+    public_mode(tmp, directory=True)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        # Someone else finished the same preparation first (parallel workers): keep theirs.
+        if (out / "meta.json").is_file() and json.loads((out / "meta.json").read_text()).get("recipe") == recipe:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+            os.rename(tmp, out)
+        else:
+            raise
+
+
 def prepare(
     out: str | Path,
     inputs: list[str | Path] | None = None,
@@ -201,19 +314,7 @@ def prepare(
     preparation it is returned unchanged; a different one is an error.
     """
     out = Path(out)
-    if (corpus is None) == (not inputs):
-        raise ConfigError("give either --corpus NAME or input files, not both and not neither")
-    if tokenizer not in ("bytes", "bpe"):
-        raise ConfigError(f"tokenizer {tokenizer!r} is not one of bytes, bpe")
-    if not 0 < holdout_fraction < 0.5:
-        raise ConfigError(f"holdout fraction {holdout_fraction} must be in (0, 0.5)")
-    if shard_tokens <= 0:
-        raise ConfigError(f"shard_tokens={shard_tokens} must be positive")
-    if vocab_size is not None and vocab_size <= 0:
-        raise ConfigError(f"vocab size {vocab_size} must be positive")
-    if tokenizer == "bpe" and vocab_size is not None and vocab_size < 257:
-        raise ConfigError(f"BPE vocab size {vocab_size} must be at least 257 (256 bytes + end-of-text)")
-
+    _check_args(corpus, inputs, tokenizer, holdout_fraction, shard_tokens, vocab_size)
     paths = [Path(p) for p in inputs] if inputs else [embedded_corpus_path(corpus)]
     kinds = {"tokens" if _suffix(p) in TOKEN_SUFFIXES else "text" for p in paths}
     if len(kinds) > 1:
@@ -222,92 +323,31 @@ def prepare(
     for p in paths:
         if not p.is_file():
             raise DataError(f"input file {str(p)!r} does not exist")
-
     recipe = {
         "sources": [{"name": corpus} if corpus else {"file": p.name, "sha256": _sha256(p)} for p in paths],
         "tokenizer": "external" if is_tokens else tokenizer,
         "vocab_size": vocab_size if (is_tokens or tokenizer == "bpe") else None,
-        "holdout_fraction": holdout_fraction,
-        "seed": seed,
-        "text_field": None if is_tokens else text_field,
+        "holdout_fraction": holdout_fraction, "seed": seed, "text_field": None if is_tokens else text_field,
         "format": FORMAT,
     }
-    if out.exists():
-        meta_p = out / "meta.json"
-        if meta_p.is_file():
-            try:
-                existing = json.loads(meta_p.read_text())
-            except json.JSONDecodeError:
-                existing = {}
-            if existing.get("recipe") == recipe:
-                return out
-            raise DataError(f"{out} already holds different data; choose another --out or remove it")
-        if any(out.iterdir()):
-            raise DataError(f"{out} exists and is not an empty data directory; choose another --out")
-
+    if _existing(out, recipe):
+        return out
     t0 = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if is_tokens:
-            arr = np.concatenate([np.asarray(_read_token_file(p)) for p in paths])
-            if arr.size < 4:
-                raise DataError("the token files hold fewer than 4 tokens")
-            top = int(arr.max())
-            vs = vocab_size if vocab_size is not None else top + 1
-            if top >= vs:
-                raise DataError(f"token id {top} is outside the vocabulary size {vs}; pass a larger --vocab-size")
-            dtype = _dtype_for(vs)
-            cut = int(arr.size * (1 - holdout_fraction))
-            train_arrays, val_arrays = [arr[:cut]], [arr[cut:]]
-            tok_meta = {"kind": "external", "eot_id": None}
-            n_docs = {"train": None, "val": None}
-        else:
-            docs = read_documents(paths, text_field)
-            train_docs, val_docs = _split_docs(docs, holdout_fraction, seed)
-            if tokenizer == "bytes":
-                tok = ByteTokenizer()
-            else:
-                tok = BPETokenizer.train(train_docs, vocab_size or 8192)
-                tok.save(tmp / "tokenizer.json")
-            vs = tok.vocab_size
-            dtype = _dtype_for(vs)
-            eot = np.array([tok.eot_id], dtype=np.int64)
-            # Each document is followed by end-of-text; sequences are packed across documents.
-            train_arrays = (np.concatenate([a, eot]) for a in tok.encode_docs(train_docs))
-            val_arrays = (np.concatenate([a, eot]) for a in tok.encode_docs(val_docs))
-            tok_meta = tok.describe()
-            n_docs = {"train": len(train_docs), "val": len(val_docs)}
-        splits = {
-            "train": _write_split(tmp, "train", train_arrays, dtype, shard_tokens),
-            "val": _write_split(tmp, "val", val_arrays, dtype, shard_tokens),
-        }
+        train_arrays, val_arrays, dtype, vs, tok_meta, n_docs = (
+            _token_arrays(paths, vocab_size, holdout_fraction) if is_tokens else
+            _text_arrays(paths, tokenizer, vocab_size, holdout_fraction, seed, text_field, tmp))
+        splits = {"train": _write_split(tmp, "train", train_arrays, dtype, shard_tokens),
+                  "val": _write_split(tmp, "val", val_arrays, dtype, shard_tokens)}
         for k in splits:
             splits[k]["docs"] = n_docs[k]
-        meta = {
-            "format": FORMAT,
-            "dtype": np.dtype(dtype).name,
-            "vocab_size": int(vs),
-            "tokenizer": tok_meta,
-            "splits": splits,
-            "recipe": recipe,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "prepare_seconds": round(time.time() - t0, 3),
-        }
+        meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": int(vs), "tokenizer": tok_meta,
+                "splits": splits, "recipe": recipe, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "prepare_seconds": round(time.time() - t0, 3)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        public_mode(tmp, directory=True)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            # Someone else finished the same preparation first (parallel workers): keep theirs.
-            if (out / "meta.json").is_file() and json.loads((out / "meta.json").read_text()).get("recipe") == recipe:
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out
-            if out.is_dir() and not any(out.iterdir()):
-                out.rmdir()
-                os.rename(tmp, out)
-            else:
-                raise
+        _publish(tmp, out, recipe)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

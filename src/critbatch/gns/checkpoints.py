@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.curve import attach_noise_scale
 from ..branch.sweep import write_curve
-from ..config import TrainConfig, config_hash, from_dict
+from ..config import TrainConfig, config_hash, from_dict, how, option
 from ..data import SequenceStream, open_data
 from ..dist import resolve_device
 from ..errors import ConfigError, DataError
@@ -37,18 +37,26 @@ DEFAULT_BATCHES = 64
 
 @dataclass
 class GNSConfig:
+    """The gradient noise scale at a run's kept checkpoints."""
+
     run: str
     """Run directory with kept checkpoints."""
     at: list[int] | None = None
     """Token counts of kept checkpoints; ``None``: all of them."""
     b_small: int = DEFAULT_B_SMALL
+    """The small batch in sequences (the paper: 1)."""
     b_big: int = DEFAULT_B_BIG
-    n_batches: int = DEFAULT_BATCHES
+    """The big batch in sequences (the paper: 64)."""
+    n_batches: int = option(DEFAULT_BATCHES, aliases=("batches",))
+    """Big batches averaged (the paper used 4096 on GPUs)."""
     confidence: float = 0.95
-    interval: str = "delta"
-    method: str = "auto"
+    """Confidence of the intervals."""
+    interval: str = option("delta", choices=("delta", "paper"))
+    """``delta`` (the delta method on the ratio of means) or ``paper`` (tr(Σ) as exponential, |G|² as normal)."""
+    method: str = option("auto", choices=("auto", "vmap", "loop"))
     """``auto`` (vmap, falling back to a loop), ``vmap`` or ``loop``."""
-    device: str = "auto"
+    device: str = how("auto")
+    """Device of the estimate."""
 
 
 def _settings(cfg: GNSConfig) -> dict:

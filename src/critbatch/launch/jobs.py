@@ -69,8 +69,6 @@ def run_job(job_dir: str | Path, threads: int | None = None, callbacks: Iterable
 def default_jobs(threads_per_job: int = 1, device: str = "auto") -> int:
     """One job per GPU on CUDA, else one per ``threads_per_job`` cores (two one-thread branches beat
     one two-thread branch by 1.35x on the 2-core CPU; docs/LOG.md)."""
-    import torch
-
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.device_count()
     return max(1, (os.cpu_count() or 1) // max(1, threads_per_job))
@@ -82,8 +80,6 @@ def visible_gpus() -> list[str]:
     gpus = os.environ.get("CRITBATCH_GPUS")
     if gpus is None:
         try:
-            import torch
-
             n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         except Exception:  # noqa: BLE001
             n = 0

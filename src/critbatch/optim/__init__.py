@@ -1,5 +1,5 @@
 """Optimizers with decay/no-decay groups, LR schedules as functions of tokens, and the one LR–batch
-coupling rule (design.md §1.3)."""
+coupling rule (docs/guide.md, "Concepts and units")."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from ..config import LRScheduleConfig, OptimConfig
 from ..errors import ConfigError
-from ..schedules.rules import adam_hparams, lr_rule_multiplier  # noqa: F401 (re-exported)
+from ..schedules.rules import adam_hparams, lr_rule_multiplier
 
 
 def lr_schedule_factor(cfg: LRScheduleConfig, tokens: int | float) -> float:
@@ -63,3 +63,6 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     raise ConfigError(f"optim.name={cfg.name!r} is not one of adamw, sgd")
+
+
+__all__ = ["adam_hparams", "lr_rule_multiplier", "lr_schedule_factor", "param_groups", "build_optimizer"]

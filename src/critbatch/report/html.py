@@ -118,10 +118,8 @@ def summarize(d: Path) -> dict:
     return s
 
 
-def conclusions(s: dict) -> list[str]:
-    """Plain sentences on what the numbers do and do not show."""
+def _cbs_conclusions(s: dict, pts: list[dict]) -> list[str]:
     out = []
-    pts = s.get("points") or []
     g = s.get("growth_doublings") or {}
     if pts:
         T = s["curve"]["seq_len"]
@@ -163,25 +161,41 @@ def conclusions(s: dict) -> list[str]:
             out.append(f"The held-out sample's paired sampling error of a loss difference is at most {worst:.4f} nats "
                        f"(ε = {s['curve']['eps']}); the data-window noise of a single replicate is not measured"
                        + ("" if s["curve"].get("replicates", 1) > 1 else " (one replicate per batch)") + ".")
-        ns = [(p["noise_scale_seqs"], p) for p in pts if p["noise_scale_seqs"] is not None]
-        if ns:
-            ratios = []
-            for b, p in ns:
-                mid = (math.sqrt(p["cbs_low_seqs"] * p["cbs_high_seqs"]) if (p["cbs_high_seqs"] and p["cbs_low_seqs"] > 0)
-                       else None)
-                if mid:
-                    ratios.append(mid / b if b > 0 else float("inf"))
-            if ratios:
-                out.append(f"The gradient noise scale B_simple ran from {ns[0][0]:.3g} to {ns[-1][0]:.3g} sequences; "
-                           f"the measured CBS (interval middle) was {min(ratios):.2g}–{max(ratios):.2g}× the noise "
-                           f"scale. Merrill et al. report the noise scale missing the CBS by orders of magnitude for "
-                           f"OLMo; here, for a {fmt_count(s['base']['result'].get('params', 0))}-parameter model far from "
-                           f"convergence, they are within that factor.")
+    return out
+
+
+def _noise_scale_conclusion(s: dict, pts: list[dict]) -> list[str]:
+    ns = [(p["noise_scale_seqs"], p) for p in pts if p["noise_scale_seqs"] is not None]
+    if ns:
+        ratios = []
+        for b, p in ns:
+            mid = (math.sqrt(p["cbs_low_seqs"] * p["cbs_high_seqs"]) if (p["cbs_high_seqs"] and p["cbs_low_seqs"] > 0)
+                   else None)
+            if mid:
+                ratios.append(mid / b if b > 0 else float("inf"))
+        if ratios:
+            return [f"The gradient noise scale B_simple ran from {ns[0][0]:.3g} to {ns[-1][0]:.3g} sequences; "
+                       f"the measured CBS (interval middle) was {min(ratios):.2g}–{max(ratios):.2g}× the noise "
+                       f"scale. Merrill et al. report the noise scale missing the CBS by orders of magnitude for "
+                       f"OLMo; here, for a {fmt_count(s['base']['result'].get('params', 0))}-parameter model far from "
+                       f"convergence, they are within that factor."]
+    return []
+
+
+def conclusions(s: dict) -> list[str]:
+    """Plain sentences on what the numbers do and do not show."""
+    pts = s.get("points") or []
+    out = _cbs_conclusions(s, pts) + _noise_scale_conclusion(s, pts)
     if s.get("fit"):
         f = s["fit"]
         out.append(f"The censored fit B(t) = B_max·u/(1+u), u = (t/t_s)^c gives c = {f['c']:.2f} and a plateau of "
                    f"{fmt_count(f['b_max'])} tokens" + ("" if f["plateau_in_range"] else
                    " — extrapolated: the measured points do not reach it") + ".")
+    return out + _comparison_conclusions(s)
+
+
+def _comparison_conclusions(s: dict) -> list[str]:
+    out = []
     c = s.get("comparison")
     if c:
         w, sm, lg = c["runs"]["warmup"], c["runs"]["small"], c["runs"]["large"]

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
-from .. import __version__
 from ..config import TrainConfig, defining_dict, defining_hash, from_dict, to_dict, validate
 from ..data import SequenceStream, TokenData, open_data, prepare_embedded
 from ..data.dataset import eval_sequences, step_slices
@@ -43,6 +43,7 @@ from ..model import GPT, count_params, flops_per_token
 from ..optim import build_optimizer, lr_schedule_factor
 from ..perf import peak_flops
 from ..schedules import BatchSchedule
+from ..version import __version__
 from .callbacks import Callback, builtin_callbacks
 from .checkpoint import (EVAL_LOSSES_FILE, check_model_matches, copy_checkpoint_state, list_checkpoints,
                          load_checkpoint, prune_resume_checkpoints, save_checkpoint, training_meta)
@@ -101,9 +102,7 @@ def environment() -> dict:
     if torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name(0)
         env["cuda_version"] = torch.version.cuda
-    import numpy
-
-    env["numpy"] = numpy.__version__
+    env["numpy"] = np.__version__
     return env
 
 

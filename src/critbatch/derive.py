@@ -1,0 +1,58 @@
+"""``critbatch schedule``: a batch-size warmup derived from a sweep's CBS curve, written as
+``schedule.json`` with its exports (the rule is :mod:`critbatch.analysis.schedule`'s)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .analysis.schedule import SOURCES, DerivedSchedule, derive_schedule
+from .config import ADAM_RULES, LR_RULES, option
+from .errors import DataError
+from .io import read_json, write_json_atomic
+from .schedules.export import schedule_document
+
+
+@dataclass
+class ScheduleConfig:
+    """Derive a warmup from a sweep."""
+
+    sweep: str
+    """The sweep directory (it holds cbs.json)."""
+    out: str
+    """The schedule.json to write."""
+    start_seqs: int | None = None
+    """B0 in sequences (default: the sweep's base batch)."""
+    max_seqs: int | None = None
+    """A cap on the batch."""
+    granularity: int | None = None
+    """Step to multiples of g (micro-batch × data-parallel ranks) instead of doublings."""
+    safety: float = 1.0
+    """Step up only when the bound reaches safety × the next batch."""
+    source: str = option("measured", choices=SOURCES)
+    """``measured``: step at measured points up to their lower bounds; ``fit``: also stay under the
+    fitted curve (it can only delay a step); ``auto``: fit when there is one."""
+    until_tokens: int | None = None
+    """Derive thresholds up to this many tokens (default: 4 x the last point)."""
+    lr_rule: str | None = option(None, choices=LR_RULES)
+    """The LR rule of the phases (default: the sweep's)."""
+    adam_rule: str | None = option(None, choices=ADAM_RULES)
+    """How Adam's betas and eps follow the batch (default: the sweep's)."""
+
+
+def write_schedule(cfg: ScheduleConfig) -> tuple[dict, DerivedSchedule]:
+    """Derive the schedule and write ``cfg.out``; returns (the document, the derivation)."""
+    cbs = Path(cfg.sweep) / "cbs.json"
+    if not cbs.is_file():
+        raise DataError(f"{cfg.sweep} is not a finished sweep directory (no cbs.json)")
+    curve = read_json(cbs)
+    start = cfg.start_seqs or curve["points"][0]["base_batch_seqs"]
+    d = derive_schedule(curve, start, max_seqs=cfg.max_seqs, granularity=cfg.granularity, safety=cfg.safety,
+                        source=cfg.source, rule=cfg.lr_rule or curve["lr_rule"],
+                        adam_rule=cfg.adam_rule or curve.get("adam_rule", "none"), until_tokens=cfg.until_tokens)
+    doc = schedule_document(d.schedule, notes=d.notes, derived_from={
+        "sweep": str(Path(cfg.sweep)), "source": d.source, "safety": cfg.safety, "granularity": cfg.granularity,
+        "start_seqs": start, "max_seqs": cfg.max_seqs, "decide_by": curve["decide_by"], "rule": curve["rule"],
+        "allowed": d.allowed})
+    write_json_atomic(cfg.out, doc)
+    return doc, d

@@ -1,0 +1,134 @@
+"""The shape of the code: imports point down the layers of docs/guide.md ("Where things live"),
+analysis stays pure, and no function grows past ~80 lines. Every import counts, also one inside a
+function."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "critbatch"
+
+# lowest first; a module may import its own layer and the ones below it
+LAYERS = [
+    ("ground", ["critbatch.errors", "critbatch.units", "critbatch.config", "critbatch.io", "critbatch.dist",
+                "critbatch.perf", "critbatch.version"]),
+    ("engine", ["critbatch.model", "critbatch.optim", "critbatch.data", "critbatch.schedules", "critbatch.presets"]),
+    ("train", ["critbatch.train", "critbatch.gns.estimators", "critbatch.gns.probe", "critbatch.gns.online",
+               "critbatch.gns.__init__"]),
+    ("launch", ["critbatch.launch"]),
+    ("analysis", ["critbatch.analysis"]),
+    ("report", ["critbatch.report"]),
+    ("pipelines", ["critbatch.branch", "critbatch.compare", "critbatch.demo", "critbatch.derive",
+                   "critbatch.gns.checkpoints"]),
+    ("integrations", ["critbatch.integrations"]),
+    ("cli", ["critbatch.cli", "critbatch.clispec", "critbatch.__main__", "critbatch.__init__"]),
+]
+
+
+def layer_of(module: str) -> int:
+    best, rank = -1, None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best:
+                best, rank = len(p), i
+    if rank is None:
+        raise AssertionError(f"{module} is in no layer of tests/test_architecture.py: place it")
+    return rank
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    return ".".join(rel.parts)
+
+
+def imports(path: Path) -> list[tuple[str, int]]:
+    return imports_of(path.read_text(), module_name(path), path.name == "__init__.py")
+
+
+def imports_of(source: str, module: str, is_package: bool = False) -> list[tuple[str, int]]:
+    """(imported critbatch module, line) for every import in ``source``, resolved to absolute names;
+    ``from pkg import name`` counts as importing ``pkg.name`` when that is a module."""
+    pkg = module.removesuffix(".__init__") if is_package else module.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names if a.name.split(".")[0] == "critbatch"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "critbatch":
+                continue
+            for a in node.names:
+                sub = Path(*f"{target}.{a.name}".split("."))
+                is_module = (SRC.parent / sub).with_suffix(".py").is_file() or (SRC.parent / sub).is_dir()
+                out.append((f"{target}.{a.name}" if is_module else target, node.lineno))
+    return out
+
+
+def layer_of_import(target: str) -> int:
+    if (SRC.parent / Path(*target.split("."))).is_dir():
+        target += ".__init__"
+    return layer_of(target)
+
+
+FILES = sorted(p for p in SRC.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: module_name(p))
+def test_imports_point_down_the_layers(path):
+    mine = layer_of(module_name(path))
+    bad = [f"{path.relative_to(SRC)}:{line} imports {t} ({LAYERS[layer_of_import(t)][0]} is above {LAYERS[mine][0]})"
+           for t, line in imports(path) if layer_of_import(t) > mine]
+    assert not bad, "\n".join(bad)
+
+
+def test_analysis_is_pure():
+    """Decisions, intervals, fits and schedule derivation: numbers in, numbers out — no torch, no
+    plotting, no files."""
+    for path in (SRC / "analysis").glob("*.py"):
+        third = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                third |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                third.add((node.module or "").split(".")[0])
+        assert not third & {"torch", "matplotlib", "pathlib", "os", "shutil", "tempfile"}, (path.name, third)
+        assert not {t for t, _ in imports(path)} & {"critbatch.io", "critbatch.report"}, path.name
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: module_name(p))
+def test_no_function_over_80_lines(path):
+    long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80]
+    assert not long, f"{path.relative_to(SRC)}: {', '.join(long)}"
+
+
+def test_the_layer_test_catches_an_upward_import():
+    """The checker itself: relative imports resolve, and an upward one is flagged."""
+    src = "from ..report.plots import save\nfrom .decision import decide\nfrom .. import presets\n"
+    found = dict(imports_of(src, "critbatch.analysis.x"))
+    assert set(found) == {"critbatch.report.plots", "critbatch.analysis.decision", "critbatch.presets"}
+    here = layer_of("critbatch.analysis.x")
+    assert layer_of_import("critbatch.report.plots") > here >= layer_of_import("critbatch.presets")
+
+
+def test_help_and_docstrings_cite_what_ships():
+    """Every `X.md §N` cited in the code names a page in docs/ and a section it has."""
+    import re
+
+    docs = SRC.parent.parent / "docs"
+    cited = []
+    for path in FILES:
+        for name, sec in re.findall(r"(?:docs/|\b)(method|design|guide|LOG|scale-out)\.md(?:[ ,]+§(\d+))?",
+                                    path.read_text()):
+            page = docs / f"{name}.md"
+            assert page.is_file(), f"{path.relative_to(SRC)} cites {name}.md, which does not ship"
+            if sec:
+                assert re.search(rf"^#+ §{sec}\b", page.read_text(), re.M), f"{path.relative_to(SRC)}: {name}.md §{sec}"
+            cited.append(name)
+    assert "method" in cited
