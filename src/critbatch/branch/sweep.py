@@ -29,6 +29,7 @@ from ..analysis.decision import RULES, decide, paired_eval_noise
 from ..analysis.search import AdaptiveSearch
 from ..config import ADAM_RULES, LR_RULES, TrainConfig, config_hash, defining_dict, from_dict, how, merge, option, to_dict
 from ..data import SequenceStream, open_data
+from ..data.dataset import check_capacity
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import read_json, write_json_atomic, write_text_atomic
 from ..launch import LAUNCHERS, check_launch, check_single_process, default_jobs, run_job, run_jobs, write_job
@@ -295,9 +296,8 @@ def _check_capacity(parent: TrainConfig, points: list[BranchPoint], replicates: 
     """Every replicate window must lie inside the training split."""
     stream = SequenceStream(open_data(parent.data.path, verify=False), parent.model.seq_len, parent.data.order_seed)
     need = max(p.ckpt.meta["offset_seqs"] for p in points) + replicates * window_seqs
-    if need > stream.n_seqs and not parent.data.allow_repeat:
-        raise DataError(f"the sweep reads up to sequence {need:,} but the training split holds {stream.n_seqs:,}; "
-                        f"use a shorter window, fewer replicates or earlier branch points")
+    check_capacity(stream, need, parent.data.allow_repeat, "the sweep",
+                   "use a shorter window, fewer replicates or earlier branch points")
 
 
 def plan_sweep(cfg: SweepConfig) -> SweepPlan:

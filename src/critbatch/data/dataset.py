@@ -136,6 +136,18 @@ class SequenceStream:
         return n_consumed / self.n_seqs
 
 
+def check_capacity(stream: SequenceStream, need_seqs: int, allow_repeat: bool, what: str, hint: str) -> float:
+    """The one check that a reader fits the training split: ``what`` needs stream positions up to
+    ``need_seqs``; beyond the split it is refused (naming ``hint``) unless repeating data is
+    allowed. Returns the epochs read."""
+    have = stream.n_seqs
+    if need_seqs > have and not allow_repeat:
+        T = stream.seq_len
+        raise DataError(f"{what} needs {need_seqs:,} sequences ({need_seqs * T:,} tokens) but the training split of "
+                        f"{stream.data.path} holds {have:,} ({have * T:,} tokens); {hint}")
+    return need_seqs / have
+
+
 def step_slices(offset: int, batch_seqs: int, micro_batch_seqs: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, int]]:
     """Stream slices ``(start, n)`` one rank reads in one step, in micro-batch order.
 

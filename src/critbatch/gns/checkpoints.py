@@ -21,6 +21,7 @@ from ..analysis.curve import attach_noise_scale
 from ..branch.sweep import write_curve
 from ..config import TrainConfig, config_hash, from_dict, how, option
 from ..data import SequenceStream, open_data
+from ..data.dataset import check_capacity
 from ..dist import resolve_device
 from ..errors import ConfigError, DataError
 from ..io import read_json, write_json_atomic
@@ -80,9 +81,7 @@ def gns_at_checkpoints(cfg: GNSConfig, progress: bool | None = None) -> dict:
     T = train_cfg.model.seq_len
     stream = SequenceStream(open_data(train_cfg.data.path, verify=False), T, train_cfg.data.order_seed)
     need = max(c.meta["offset_seqs"] for c in points) + cfg.n_batches * cfg.b_big
-    if need > stream.n_seqs and not train_cfg.data.allow_repeat:
-        raise DataError(f"the estimate reads up to sequence {need:,} but the training split holds {stream.n_seqs:,}; "
-                        f"use fewer --batches or a smaller --b-big")
+    check_capacity(stream, need, train_cfg.data.allow_repeat, "the estimate", "use fewer --batches or a smaller --b-big")
 
     out_p = run / "gns.json"
     settings = _settings(cfg)

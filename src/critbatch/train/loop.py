@@ -34,10 +34,10 @@ import torch
 
 from ..config import TrainConfig, defining_dict, defining_hash, from_dict, to_dict, validate
 from ..data import SequenceStream, TokenData, open_data, prepare_embedded
-from ..data.dataset import eval_sequences, step_slices
+from ..data.dataset import check_capacity, eval_sequences, step_slices
 from ..dist import (DistInfo, all_reduce_max_int, all_reduce_sum, barrier, fsdp_full_state, fsdp_load_optimizer,
                     init_distributed, resolve_device, shard_model)
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError
 from ..io import read_json, write_json_atomic
 from ..model import GPT, count_params, flops_per_token
 from ..optim import build_optimizer, lr_schedule_factor
@@ -213,16 +213,12 @@ class Trainer:
             if last and (last // T) % self.dist.world_size:
                 raise ConfigError(f"the final partial step of {last // T} sequences cannot be split over "
                                   f"{self.dist.world_size} ranks; choose total_tokens so it divides")
-        need, have = end_tokens // T + c.data.stream_shift_seqs, self.stream.n_seqs
-        if need > have:
-            epochs = need / have
-            if not c.data.allow_repeat:
-                raise DataError(f"the run needs {need:,} sequences ({end_tokens:,} tokens) but the training split of "
-                                f"{self.data.path} holds {have:,} ({have * T:,} tokens); pass --allow-repeat to train "
-                                f"{epochs:.2f} epochs, or lower --total-tokens")
-            if self.dist.is_main and not self.quiet:
-                warnings.warn(f"critbatch: this run repeats data: it reads {epochs:.2f} epochs of the training split "
-                              f"({need:,} of {have:,} sequences)", stacklevel=2)
+        need = end_tokens // T + c.data.stream_shift_seqs
+        epochs = check_capacity(self.stream, need, c.data.allow_repeat, "the run",
+                                f"pass --allow-repeat to train {need / self.stream.n_seqs:.2f} epochs, or lower --total-tokens")
+        if epochs > 1 and self.dist.is_main and not self.quiet:
+            warnings.warn(f"critbatch: this run repeats data: it reads {epochs:.2f} epochs of the training split "
+                          f"({need:,} of {self.stream.n_seqs:,} sequences)", stacklevel=2)
 
     # ---- the model --------------------------------------------------------------------------
     def _autocast(self):
