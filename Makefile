@@ -8,11 +8,14 @@ STAMP := $(VENV)/.critbatch-installed
 
 .PHONY: demo test install clean bench
 
+# Every package after torch installs under a constraint that holds torch at $(TORCH_SPEC), so no
+# dependency (transformers, ai2-olmo-core, megatron-core) swaps in a CUDA build.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -8,6 +8,7 @@ Expected mistakes (:class:`critbatch.errors.CritbatchError`) print one line and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -209,11 +210,14 @@ def cmd_report(ns: argparse.Namespace) -> int:
 def cmd_presets(ns: argparse.Namespace) -> int:
     for name, fn in presets.PRESETS.items():
         c = fn()
-        m = c.model
-        n = count_params(type(m)(**{**m.__dict__, "vocab_size": m.vocab_size or 257}))
-        print(f"{name:12s} d_model={m.d_model:<5d} n_layer={m.n_layer:<3d} seq_len={m.seq_len:<5d} "
-              f"batch_seqs={c.batch_seqs:<5d} lr={c.optim.lr:<8g} ~{n / 1e6:.2f}M params (bytes vocab)  "
-              f"{(fn.__doc__ or '').strip().splitlines()[0]}")
+        m = dataclasses.replace(c.model, vocab_size=c.model.vocab_size or 257)
+        try:
+            n = f"~{count_params(m) / 1e6:.2f}M params"
+        except ConfigError:  # an HF preset without transformers installed
+            n = "(needs transformers)"
+        family = "gpt" if m.family == "gpt" else m.hf.get("model_type", "hf") if isinstance(m.hf, dict) else "hf"
+        print(f"{name:12s} {family:6s} seq_len={m.seq_len:<5d} batch_seqs={c.batch_seqs:<5d} lr={c.optim.lr:<8g} "
+              f"{n} (vocab {m.vocab_size})  {(fn.__doc__ or '').strip().splitlines()[0]}")
     return 0
 
 

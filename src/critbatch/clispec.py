@@ -76,6 +76,8 @@ def _converter(tp: Any, flag: str) -> tuple[Callable[[str], Any] | None, str]:
     """(parse, metavar) for an annotation; ``None`` parse means a boolean switch."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
+        if dict in args and str in args:  # an inline JSON object, or a path
+            return (lambda v: json.loads(v) if v.lstrip().startswith("{") else v), "JSON|PATH"
         return _converter(next(a for a in args if a is not type(None)), flag)
     if tp is bool:
         return None, ""

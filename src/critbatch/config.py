@@ -52,9 +52,23 @@ PRECISIONS = ("auto", "fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
 
 
+MODEL_FAMILIES = ("gpt", "hf")
+
+
 @dataclass
 class ModelConfig:
-    """Shape of the GPT (pre-norm, causal attention, tied embeddings)."""
+    """The model: the built-in GPT (pre-norm, causal attention, tied embeddings) and its shape, or a
+    causal LM from Hugging Face ``transformers`` (``family='hf'``)."""
+
+    family: str = option("gpt", choices=MODEL_FAMILIES)
+    """``gpt`` (the built-in model, shaped by the fields below) or ``hf`` (a ``transformers`` causal
+    LM built from ``hf``; then only ``seq_len`` and ``vocab_size`` of the fields below apply)."""
+    hf: dict | str | None = None
+    """``family='hf'``: the ``transformers`` config — a mapping with ``model_type`` and its fields
+    (e.g. ``{"model_type": "olmo2", "hidden_size": 64, ...}``), a config.json, or a local model
+    directory. Never downloaded."""
+    hf_weights: str | None = None
+    """``family='hf'``: a local directory of ``*.safetensors`` to start from (default: a fresh init)."""
 
     n_layer: int = 3
     """Number of transformer blocks."""
@@ -346,10 +360,14 @@ def _require(cond: bool, msg: str) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Check every value that can be checked without data or devices. Raises ConfigError."""
     m, o, s = cfg.model, cfg.optim, cfg.lr_schedule
+    _require(m.family in MODEL_FAMILIES, f"model.family={m.family!r} is not one of {', '.join(MODEL_FAMILIES)}")
+    _require(m.family != "hf" or m.hf not in (None, "", {}),
+             "model.family 'hf' needs model.hf: a mapping with model_type, a config.json or a local model directory")
     for name in ("n_layer", "n_head", "d_model", "seq_len", "mlp_ratio"):
         v = getattr(m, name)
         _require(isinstance(v, int) and v > 0, f"model.{name}={v!r} must be a positive integer")
-    _require(m.d_model % m.n_head == 0, f"model.n_head={m.n_head} must divide model.d_model={m.d_model}")
+    _require(m.family != "gpt" or m.d_model % m.n_head == 0,
+             f"model.n_head={m.n_head} must divide model.d_model={m.d_model}")
     _require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive")
     _require(o.name in OPTIMIZERS, f"optim.name={o.name!r} is not one of {', '.join(OPTIMIZERS)}")
     _require(o.lr_rule in LR_RULES, f"optim.lr_rule={o.lr_rule!r} is not one of {', '.join(LR_RULES)}")

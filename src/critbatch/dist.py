@@ -94,12 +94,13 @@ def all_reduce_max_int(value: int, info: DistInfo, device: torch.device) -> int:
 
 
 def shard_model(model: torch.nn.Module, device: torch.device) -> None:
-    """``fully_shard`` each transformer block, then the root (embeddings, final norm), in place."""
+    """``fully_shard`` each of the model's ``fsdp_units()`` (transformer blocks, decoder layers), then
+    the root (embeddings, final norm), in place."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in model.blocks:
+    for block in model.fsdp_units():
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
 

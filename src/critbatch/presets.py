@@ -66,8 +66,8 @@ def gpt2_small() -> TrainConfig:
 
 
 def olmo_1b() -> TrainConfig:
-    """OLMo-1B-like shape (d=2048, 16 layers, sequence 4096, batch 1024 documents, lr 4e-4):
-    the scale of Merrill et al. 2025; for multi-GPU runs on your own tokens."""
+    """OLMo-1B's size on the built-in GPT block (d=2048, 16 layers, sequence 4096, batch 1024
+    documents, lr 4e-4); ``olmo2-1b`` is OLMo-2's own architecture."""
     return TrainConfig(
         model=ModelConfig(n_layer=16, n_head=16, d_model=2048, seq_len=4096),
         optim=OptimConfig(lr=4e-4),
@@ -96,6 +96,47 @@ def demo() -> TrainConfig:
     )
 
 
+def _hf_tiny(model_type: str, **extra) -> TrainConfig:
+    cfg = tiny()
+    cfg.model = ModelConfig(family="hf", seq_len=64, hf={
+        "model_type": model_type, "hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "max_position_embeddings": 64, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+        **extra})
+    return cfg
+
+
+def olmo2_tiny() -> TrainConfig:
+    """OLMo-2 blocks (RMSNorm after attention and MLP, QK-norm, SwiGLU, RoPE) at the tiny size: d=96,
+    3 layers, 4 heads, sequence 64, bytes; transformers' Olmo2ForCausalLM, CPU-sized."""
+    return _hf_tiny("olmo2", num_key_value_heads=4, tie_word_embeddings=False)
+
+
+def llama_tiny() -> TrainConfig:
+    """Llama blocks (pre-RMSNorm, SwiGLU, RoPE, grouped-query attention: 2 KV heads) at the tiny size;
+    transformers' LlamaForCausalLM, CPU-sized."""
+    return _hf_tiny("llama", num_key_value_heads=2, tie_word_embeddings=False)
+
+
+def olmo2_1b() -> TrainConfig:
+    """OLMo-2 1B's real architecture and dimensions (d=2048, 16 layers, 16 heads, MLP 8192, vocabulary
+    100,352, RoPE theta 500k, sequence 4096), batch 1024 sequences, lr 4e-4: the scale of Merrill
+    et al. 2025 on the model people train; for multi-GPU runs on your own tokens."""
+    return TrainConfig(
+        model=ModelConfig(family="hf", seq_len=4096, hf={
+            "model_type": "olmo2", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+            "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 100_352,
+            "max_position_embeddings": 4096, "rope_theta": 500_000.0, "rms_norm_eps": 1e-6,
+            "initializer_range": 0.02, "tie_word_embeddings": False}),
+        optim=OptimConfig(lr=4e-4),
+        lr_schedule=LRScheduleConfig(kind="cosine", warmup_tokens=2_000_000_000),
+        data=DataConfig(tokenizer="bpe", bpe_vocab_size=8192),
+        total_tokens=600_000_000_000,
+        batch_seqs=1024,
+        micro_batch_seqs=4,
+        eval_seqs=1024,
+    )
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "tiny": tiny,
     "demo": demo,
@@ -103,6 +144,9 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "small": small,
     "gpt2-small": gpt2_small,
     "olmo-1b": olmo_1b,
+    "olmo2-tiny": olmo2_tiny,
+    "llama-tiny": llama_tiny,
+    "olmo2-1b": olmo2_1b,
 }
 
 

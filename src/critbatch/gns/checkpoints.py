@@ -25,7 +25,7 @@ from ..data.dataset import check_capacity
 from ..dist import resolve_device
 from ..errors import ConfigError, DataError
 from ..io import read_json, write_json_atomic
-from ..model import GPT
+from ..model import build_model
 from ..train.checkpoint import find_kept, load_checkpoint
 from .probe import _check, estimate_noise_scale
 
@@ -77,7 +77,7 @@ def gns_at_checkpoints(cfg: GNSConfig, progress: bool | None = None) -> dict:
         raise ConfigError(f"{run} has no kept checkpoints; train with --checkpoint-tokens")
     # validate the estimator's arguments before any work
     with torch.device("meta"):
-        _check(GPT(train_cfg.model), cfg.b_small, cfg.b_big)
+        _check(build_model(train_cfg.model), cfg.b_small, cfg.b_big)
     T = train_cfg.model.seq_len
     stream = SequenceStream(open_data(train_cfg.data.path, verify=False), T, train_cfg.data.order_seed)
     need = max(c.meta["offset_seqs"] for c in points) + cfg.n_batches * cfg.b_big
@@ -99,7 +99,7 @@ def gns_at_checkpoints(cfg: GNSConfig, progress: bool | None = None) -> dict:
         if ck.tokens in done:
             continue
         t0 = time.perf_counter()
-        model = GPT(train_cfg.model)
+        model = build_model(train_cfg.model)
         model.load_state_dict(load_checkpoint(ck.path)["model"])
         model.to(device)
         off = int(ck.meta["offset_seqs"])

@@ -87,6 +87,10 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         return F.linear(x, self.wte.weight)  # tied output embedding
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The transformer blocks, each its own FSDP unit."""
+        return list(self.blocks)
+
     def loss_sum(self, seqs: torch.Tensor) -> torch.Tensor:
         """Summed next-token cross-entropy over a (B, T+1) batch of sequences (B·T loss tokens)."""
         logits = self(seqs[:, :-1])

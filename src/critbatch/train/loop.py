@@ -39,7 +39,8 @@ from ..dist import (DistInfo, all_reduce_max_int, all_reduce_sum, barrier, fsdp_
                     init_distributed, resolve_device, shard_model)
 from ..errors import CheckpointError, ConfigError
 from ..io import read_json, write_json_atomic
-from ..model import GPT, count_params, flops_per_token
+from ..model import build_model, count_params, flops_per_token
+from ..model.hf import hf_config
 from ..optim import build_optimizer, lr_schedule_factor
 from ..perf import peak_flops
 from ..schedules import BatchSchedule
@@ -65,7 +66,9 @@ def resolve_config(cfg: TrainConfig, data: TokenData) -> TrainConfig:
     cfg.data.path = str(data.path)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = data.vocab_size
-    elif cfg.model.vocab_size < data.vocab_size:
+    if cfg.model.family == "hf":  # the transformers config may fix its own vocabulary
+        cfg.model.vocab_size = hf_config(cfg.model).vocab_size
+    if cfg.model.vocab_size < data.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary {data.vocab_size}")
     if cfg.batch_schedule is None:
         cfg.batch_schedule = [[0, cfg.batch_seqs]]
@@ -233,7 +236,7 @@ class Trainer:
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # denormals made fp32 CPU steps 10-40x slower here
         torch.manual_seed(c.seed)
-        self.raw_model = GPT(c.model).to(self.device)  # built on CPU RNG, same init on every device
+        self.raw_model = build_model(c.model).to(self.device)  # built on CPU RNG, same init on every device
         if self._init is not None:
             self.raw_model.load_state_dict(self._init["model"])  # full weights, before any sharding
         if self.fsdp:
