@@ -10,6 +10,7 @@ state is ``offset``, the number of sequences consumed: a step of batch B reads s
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,15 @@ import torch
 
 from ..errors import DataError
 from .prepare import FORMAT, _sha256
+
+
+def _random_access(arr: np.memmap) -> np.memmap:
+    """Sequences are read at random positions: no kernel readahead (it would map megabytes around
+    every 130-byte sequence into the process)."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
+    return arr
 
 
 class TokenData:
@@ -53,7 +63,7 @@ class TokenData:
                     if got != sh["sha256"]:
                         raise DataError(f"data directory {self.path} is corrupt: {sh['file']} sha256 {got[:12]}… does not "
                                         f"match meta.json {sh['sha256'][:12]}…; prepare it again")
-                arrays.append(np.memmap(f, dtype=self.dtype, mode="r"))
+                arrays.append(_random_access(np.memmap(f, dtype=self.dtype, mode="r")))
             self._shards[split] = arrays
 
     def tokens(self, split: str = "train") -> int:
@@ -111,11 +121,15 @@ class SequenceStream:
             raise DataError(f"the {split!r} split of {data.path} holds no sequence of {seq_len + 1} tokens")
 
     def _perm(self, epoch: int) -> np.ndarray:
-        """The permutation of one epoch (the two most recent are cached)."""
+        """The permutation of one epoch (the two most recent are cached): 4 bytes a sequence, the
+        only memory that grows with the split (Generator.shuffle of an int32 range is the same
+        permutation as Generator.permutation(n))."""
         if epoch not in self._perms:
             if len(self._perms) >= 2:
                 self._perms.pop(next(iter(self._perms)))
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_seqs)
+            perm = np.arange(self.n_seqs, dtype=np.int32 if self.n_seqs < 2**31 else np.int64)
+            np.random.default_rng([self.seed, epoch]).shuffle(perm)
+            self._perms[epoch] = perm
         return self._perms[epoch]
 
     def seq_ids(self, start: int, n: int) -> np.ndarray:

@@ -34,19 +34,21 @@ import numpy as np
 from ..config import option
 from ..errors import ConfigError, DataError
 from ..io import public_mode
-from .tokenizer import BPETokenizer, ByteTokenizer
+from .sources import TOKEN_DTYPES, chunks, columnar_documents, expand, is_hf_dataset_dir, scan, token_file
+from .tokenizer import BPETokenizer, ByteTokenizer, FileTokenizer
 
 FORMAT = "critbatch-tokens-v1"
 EMBEDDED_CORPORA = ("sotu", "shakespeare")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz", ".ndjson")
+COLUMNAR_SUFFIXES = (".parquet", ".arrow")
 TOKEN_SUFFIXES = (".bin", ".npy")
 DEFAULT_SHARD_TOKENS = 1 << 28  # 268M tokens per shard
 
 
 def _suffix(p: Path) -> str:
     name = p.name.lower()
-    for s in JSONL_SUFFIXES + TEXT_SUFFIXES + TOKEN_SUFFIXES:
+    for s in JSONL_SUFFIXES + TEXT_SUFFIXES + TOKEN_SUFFIXES + COLUMNAR_SUFFIXES:
         if name.endswith(s):
             return s
     return p.suffix.lower()
@@ -89,38 +91,30 @@ def read_documents(paths: Iterable[str | Path], text_field: str = "text") -> lis
     docs: list[str] = []
     for raw in paths:
         p = Path(raw)
+        if is_hf_dataset_dir(p):
+            docs.extend(columnar_documents(p, text_field))
+            continue
         if not p.is_file():
             raise DataError(f"input file {str(p)!r} does not exist")
         suf = _suffix(p)
-        if suf in JSONL_SUFFIXES:
-            docs.extend(_read_jsonl(p, text_field))
-        elif suf in TEXT_SUFFIXES:
-            with _open_text(p) as f:
-                docs.append(f.read())
-        else:
-            raise DataError(f"input {str(p)!r} has an unknown type; accepted: text ({', '.join(TEXT_SUFFIXES)}), "
-                            f"JSON lines ({', '.join(JSONL_SUFFIXES)}) or token files ({', '.join(TOKEN_SUFFIXES)})")
+        try:
+            if suf in JSONL_SUFFIXES:
+                docs.extend(_read_jsonl(p, text_field))
+            elif suf in TEXT_SUFFIXES:
+                with _open_text(p) as f:
+                    docs.append(f.read())
+            elif suf in COLUMNAR_SUFFIXES:
+                docs.extend(columnar_documents(p, text_field))
+            else:
+                raise DataError(f"input {str(p)!r} has an unknown type; accepted: text ({', '.join(TEXT_SUFFIXES)}), "
+                                f"JSON lines ({', '.join(JSONL_SUFFIXES)}), parquet/arrow, a datasets directory or "
+                                f"token files ({', '.join(TOKEN_SUFFIXES)})")
+        except (UnicodeDecodeError, EOFError, lzma.LZMAError, gzip.BadGzipFile) as e:
+            raise DataError(f"{p} cannot be read as {suf} text: {type(e).__name__}") from None
     docs = [d for d in docs if d]
     if not docs:
         raise DataError("the inputs hold no text")
     return docs
-
-
-def _read_token_file(p: Path) -> np.ndarray:
-    if not p.is_file():
-        raise DataError(f"input file {str(p)!r} does not exist")
-    if _suffix(p) == ".npy":
-        try:
-            arr = np.load(p, mmap_mode="r", allow_pickle=False)
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"{p} is not a readable .npy array: {e}") from None
-        if arr.ndim != 1 or arr.dtype.kind not in "iu":
-            raise DataError(f"{p} must hold a 1-D integer array of token ids (got {arr.dtype} with shape {arr.shape})")
-        return np.asarray(arr)
-    size = p.stat().st_size
-    if size % 2:
-        raise DataError(f"{p} has an odd number of bytes ({size}); a nanoGPT .bin holds headerless uint16 tokens")
-    return np.memmap(p, dtype=np.uint16, mode="r")
 
 
 def _sha256(path: Path) -> str:
@@ -132,30 +126,36 @@ def _sha256(path: Path) -> str:
 
 
 def _write_split(out: Path, split: str, arrays: Iterable[np.ndarray], dtype, shard_tokens: int) -> dict:
-    """Write a split as shards of at most ``shard_tokens`` tokens; returns its meta entry."""
-    shards, buf, buf_n, total = [], [], 0, 0
+    """Write a split as shards of at most ``shard_tokens`` tokens, appending each array as it comes
+    (memory holds one array at a time, whatever the split's size); returns its meta entry."""
+    shards, total = [], 0
+    f = h = None
+    n = 0
 
-    def flush():
-        nonlocal buf, buf_n
-        if not buf_n:
-            return
-        name = f"{split}_{len(shards):03d}.bin"
-        arr = np.concatenate(buf).astype(dtype, copy=False)
-        arr.tofile(out / name)
-        shards.append({"file": name, "tokens": int(arr.size), "sha256": _sha256(out / name)})
-        buf, buf_n = [], 0
+    def close():
+        nonlocal f, h, n
+        if f is not None:
+            f.close()
+            shards.append({"file": name, "tokens": n, "sha256": h.hexdigest()})
+        f = h = None
+        n = 0
 
     for a in arrays:
         a = np.asarray(a)
         while a.size:
-            take = min(a.size, shard_tokens - buf_n)
-            buf.append(a[:take])
-            buf_n += take
+            if f is None:
+                name = f"{split}_{len(shards):03d}.bin"
+                f, h = open(out / name, "wb"), hashlib.sha256()
+            take = min(a.size, shard_tokens - n)
+            data = np.ascontiguousarray(a[:take], dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+            f.write(data)
+            h.update(data)
+            n += take
             total += take
             a = a[take:]
-            if buf_n == shard_tokens:
-                flush()
-    flush()
+            if n == shard_tokens:
+                close()
+    close()
     return {"tokens": int(total), "shards": shards}
 
 
@@ -189,12 +189,19 @@ class PrepareConfig:
     out: str
     """The data directory to create."""
     inputs: list[str] = option(default_factory=list, positional="*")
-    """Text (.txt/.md), JSON lines (.jsonl[.xz|.gz]) or token files (.bin uint16, .npy); none: the
-    embedded ``corpus``."""
+    """Text (.txt/.md), JSON lines (.jsonl[.xz|.gz]), parquet/arrow files or HF datasets
+    directories (--text-field), or token files (.bin headerless or llm.c, .npy) or directories of
+    them; none: the embedded ``corpus``."""
     corpus: str = "sotu"
     """The embedded corpus when no inputs are given: ``sotu`` or ``shakespeare``."""
-    tokenizer: str = option("bytes", choices=("bytes", "bpe"))
-    """``bytes`` (UTF-8 bytes + end-of-text) or ``bpe`` (a byte-level BPE trained here)."""
+    tokenizer: str = "bytes"
+    """``bytes`` (UTF-8 bytes + end-of-text), ``bpe`` (a byte-level BPE trained here), or the path of
+    a tokenizer you already have: a ``tokenizer.json`` or a local HF tokenizer directory."""
+    eos_token: str | None = None
+    """The end-of-text token put between documents (default: the tokenizer's own eos token)."""
+    dtype: str = option("auto", choices=("auto", "uint16", "uint32"))
+    """Token dtype: of headerless ``.bin`` inputs (nanoGPT; default uint16), and of the stored
+    shards (default: uint16 when the vocabulary fits, else uint32)."""
     vocab_size: int | None = None
     """The BPE's vocabulary (default 8192), or the vocabulary of token files (default: largest id + 1)."""
     holdout_fraction: float = 0.05
@@ -209,14 +216,12 @@ def prepare_config(cfg: PrepareConfig, quiet: bool = False) -> Path:
     """:func:`prepare` from a :class:`PrepareConfig` (the command line's)."""
     return prepare(cfg.out, cfg.inputs or None, corpus=cfg.corpus if not cfg.inputs else None,
                    tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, holdout_fraction=cfg.holdout_fraction,
-                   seed=cfg.seed, text_field=cfg.text_field, quiet=quiet)
+                   seed=cfg.seed, text_field=cfg.text_field, dtype=cfg.dtype, eos_token=cfg.eos_token, quiet=quiet)
 
 
 def _check_args(corpus, inputs, tokenizer, holdout_fraction, shard_tokens, vocab_size) -> None:
     if (corpus is None) == (not inputs):
         raise ConfigError("give either --corpus NAME or input files, not both and not neither")
-    if tokenizer not in ("bytes", "bpe"):
-        raise ConfigError(f"tokenizer {tokenizer!r} is not one of bytes, bpe")
     if not 0 < holdout_fraction < 0.5:
         raise ConfigError(f"holdout fraction {holdout_fraction} must be in (0, 0.5)")
     if shard_tokens <= 0:
@@ -245,34 +250,49 @@ def _existing(out: Path, recipe: dict) -> bool:
     return False
 
 
-def _token_arrays(paths: list[Path], vocab_size: int | None, holdout_fraction: float):
-    """Imported token files: (train arrays, val arrays, dtype, vocabulary, tokenizer meta, documents)."""
-    arr = np.concatenate([np.asarray(_read_token_file(p)) for p in paths])
-    if arr.size < 4:
+def _token_arrays(paths: list[Path], vocab_size: int | None, holdout_fraction: float, dtype: str):
+    """Imported token files, memory-mapped: (train chunks, val chunks, dtype, vocabulary, tokenizer
+    meta, documents). The held-out split is the tail of their concatenation."""
+    arrays = [token_file(p, dtype) for p in paths]
+    total, lo, hi = scan(arrays)
+    if total < 4:
         raise DataError("the token files hold fewer than 4 tokens")
-    top = int(arr.max())
-    vs = vocab_size if vocab_size is not None else top + 1
-    if top >= vs:
-        raise DataError(f"token id {top} is outside the vocabulary size {vs}; pass a larger --vocab-size")
-    cut = int(arr.size * (1 - holdout_fraction))
-    return [arr[:cut]], [arr[cut:]], _dtype_for(vs), vs, {"kind": "external", "eot_id": None}, {"train": None, "val": None}
+    if lo < 0:
+        raise DataError(f"token id {lo} is negative; token files hold ids from 0 to the vocabulary size - 1")
+    vs = vocab_size if vocab_size is not None else hi + 1
+    if hi >= vs:
+        raise DataError(f"token id {hi} is outside the vocabulary size {vs}; pass a larger --vocab-size")
+    narrow = [p for p, a in zip(paths, arrays) if a.dtype.itemsize == 2]
+    if narrow and vs > 1 << 16:
+        raise DataError(f"{narrow[0]} holds uint16 tokens but the vocabulary is {vs:,} > 65,536; if the file is "
+                        f"uint32, pass --dtype uint32")
+    cut = int(total * (1 - holdout_fraction))
+    return (chunks(arrays, 0, cut), chunks(arrays, cut, total), _dtype_for(vs), vs,
+            {"kind": "external", "eot_id": None}, {"train": None, "val": None})
 
 
 def _text_arrays(paths: list[Path], tokenizer: str, vocab_size: int | None, holdout_fraction: float, seed: int,
-                 text_field: str, tmp: Path):
+                 text_field: str, tmp: Path, dtype: str, eos_token: str | None):
     """Text: documents split by whole documents, tokenized, each followed by end-of-text (sequences
     are packed across documents)."""
-    docs = read_documents(paths, text_field)
-    train_docs, val_docs = _split_docs(docs, holdout_fraction, seed)
     if tokenizer == "bytes":
         tok = ByteTokenizer()
-    else:
+    elif tokenizer != "bpe":
+        tok = FileTokenizer.open(tokenizer, eos_token)
+    docs = read_documents(paths, text_field)
+    train_docs, val_docs = _split_docs(docs, holdout_fraction, seed)
+    if tokenizer == "bpe":
         tok = BPETokenizer.train(train_docs, vocab_size or 8192)
+    if tokenizer != "bytes":
         tok.save(tmp / "tokenizer.json")
+    out_dtype = _dtype_for(tok.vocab_size) if dtype == "auto" else TOKEN_DTYPES[dtype]
+    if tok.vocab_size > np.iinfo(out_dtype).max + 1:
+        raise DataError(f"the tokenizer's vocabulary of {tok.vocab_size:,} does not fit {np.dtype(out_dtype).name} "
+                        f"token ids; use --dtype uint32 (or auto)")
     eot = np.array([tok.eot_id], dtype=np.int64)
     train_arrays = (np.concatenate([a, eot]) for a in tok.encode_docs(train_docs))
     val_arrays = (np.concatenate([a, eot]) for a in tok.encode_docs(val_docs))
-    return (train_arrays, val_arrays, _dtype_for(tok.vocab_size), tok.vocab_size, tok.describe(),
+    return (train_arrays, val_arrays, out_dtype, tok.vocab_size, tok.describe(),
             {"train": len(train_docs), "val": len(val_docs)})
 
 
@@ -303,29 +323,42 @@ def prepare(
     holdout_fraction: float = 0.05,
     seed: int = 0,
     text_field: str = "text",
+    dtype: str = "auto",
+    eos_token: str | None = None,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     quiet: bool = False,
 ) -> Path:
     """Prepare a token data directory. Returns its path.
 
-    ``inputs`` are text / JSON-lines files, or token files (``.bin`` uint16, ``.npy``); ``corpus``
-    names an embedded corpus instead. ``vocab_size`` is the BPE size for ``tokenizer='bpe'``, or the
-    vocabulary of imported token files (default: largest id + 1). If ``out`` already holds the same
-    preparation it is returned unchanged; a different one is an error.
+    ``inputs`` are text (files, JSON lines, parquet/arrow files, HF ``datasets`` directories) or
+    token files (``.bin`` headerless ``dtype`` or llm.c shards, ``.npy``, directories of them, read as
+    memory maps); ``corpus`` names an embedded corpus instead. ``tokenizer`` is ``bytes``, ``bpe``
+    (trained here) or the path of an existing ``tokenizer.json`` / tokenizer directory.
+    ``vocab_size`` is the BPE size for ``tokenizer='bpe'``, or the vocabulary of imported token files
+    (default: largest id + 1). If ``out`` already holds the same preparation it is returned
+    unchanged; a different one is an error.
     """
     out = Path(out)
     _check_args(corpus, inputs, tokenizer, holdout_fraction, shard_tokens, vocab_size)
-    paths = [Path(p) for p in inputs] if inputs else [embedded_corpus_path(corpus)]
+    if dtype not in ("auto", *TOKEN_DTYPES):
+        raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(TOKEN_DTYPES)}")
+    paths = expand([Path(p) for p in inputs], TOKEN_SUFFIXES) if inputs else [embedded_corpus_path(corpus)]
     kinds = {"tokens" if _suffix(p) in TOKEN_SUFFIXES else "text" for p in paths}
     if len(kinds) > 1:
         raise ConfigError("inputs mix token files (.bin/.npy) and text; prepare them separately")
     is_tokens = kinds == {"tokens"}
     for p in paths:
-        if not p.is_file():
+        if not (p.is_file() or is_hf_dataset_dir(p)):
             raise DataError(f"input file {str(p)!r} does not exist")
+    tok_file = Path(tokenizer) if tokenizer not in ("bytes", "bpe") else None
+    if tok_file is not None and not is_tokens and not (tok_file.is_file() or tok_file.is_dir()):
+        raise DataError(f"tokenizer {tokenizer!r} is not bytes, bpe, or an existing tokenizer.json / directory")
     recipe = {
-        "sources": [{"name": corpus} if corpus else {"file": p.name, "sha256": _sha256(p)} for p in paths],
-        "tokenizer": "external" if is_tokens else tokenizer,
+        "sources": [{"name": corpus} if corpus else {"file": p.name, "sha256": _sha256(p)} if p.is_file() else
+                    {"dir": p.name, "files": [_sha256(q) for q in sorted(p.rglob("*.arrow"))]} for p in paths],
+        "tokenizer": "external" if is_tokens else tokenizer if tok_file is None else
+        {"file": _sha256(tok_file / "tokenizer.json" if tok_file.is_dir() else tok_file), "eos_token": eos_token},
+        "dtype": dtype,
         "vocab_size": vocab_size if (is_tokens or tokenizer == "bpe") else None,
         "holdout_fraction": holdout_fraction, "seed": seed, "text_field": None if is_tokens else text_field,
         "format": FORMAT,
@@ -336,14 +369,14 @@ def prepare(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        train_arrays, val_arrays, dtype, vs, tok_meta, n_docs = (
-            _token_arrays(paths, vocab_size, holdout_fraction) if is_tokens else
-            _text_arrays(paths, tokenizer, vocab_size, holdout_fraction, seed, text_field, tmp))
-        splits = {"train": _write_split(tmp, "train", train_arrays, dtype, shard_tokens),
-                  "val": _write_split(tmp, "val", val_arrays, dtype, shard_tokens)}
+        train_arrays, val_arrays, out_dtype, vs, tok_meta, n_docs = (
+            _token_arrays(paths, vocab_size, holdout_fraction, dtype) if is_tokens else
+            _text_arrays(paths, tokenizer, vocab_size, holdout_fraction, seed, text_field, tmp, dtype, eos_token))
+        splits = {"train": _write_split(tmp, "train", train_arrays, out_dtype, shard_tokens),
+                  "val": _write_split(tmp, "val", val_arrays, out_dtype, shard_tokens)}
         for k in splits:
             splits[k]["docs"] = n_docs[k]
-        meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": int(vs), "tokenizer": tok_meta,
+        meta = {"format": FORMAT, "dtype": np.dtype(out_dtype).name, "vocab_size": int(vs), "tokenizer": tok_meta,
                 "splits": splits, "recipe": recipe, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "prepare_seconds": round(time.time() - t0, 3)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

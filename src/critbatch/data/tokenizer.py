@@ -1,5 +1,6 @@
-"""Tokenizers: raw UTF-8 bytes (plus one end-of-text id) or a byte-level BPE trained locally with
-HF ``tokenizers``. Nothing is downloaded."""
+"""Tokenizers: raw UTF-8 bytes (plus one end-of-text id), a byte-level BPE trained locally with HF
+``tokenizers``, or a tokenizer people already have (a ``tokenizer.json``, or a local HF tokenizer
+directory holding one). Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -82,6 +83,63 @@ class BPETokenizer:
         return {"kind": self.kind, "eot_id": self.eot_id, "file": "tokenizer.json"}
 
 
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
+
+
+class FileTokenizer(BPETokenizer):
+    """An existing ``tokenizer.json`` (HF ``tokenizers`` format), or a local tokenizer directory
+    holding one. The end-of-text id between documents is ``eos_token`` if given, else the one
+    ``tokenizer_config.json`` names, else the first of :data:`EOS_CANDIDATES` in the vocabulary."""
+
+    kind = "file"
+
+    def __init__(self, tok, eot_id: int, source: str):
+        self._tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.eot_id = eot_id
+        self.source = source
+
+    @classmethod
+    def open(cls, path: str | Path, eos_token: str | None = None) -> "FileTokenizer":
+        from tokenizers import Tokenizer
+
+        p = Path(path)
+        file = p / "tokenizer.json" if p.is_dir() else p
+        if not file.is_file():
+            raise DataError(f"tokenizer {str(path)!r} is neither a tokenizer.json nor a directory holding one "
+                            f"(accepted: bytes, bpe, or such a local file; nothing is downloaded)")
+        try:
+            tok = Tokenizer.from_file(str(file))
+        except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+            raise DataError(f"tokenizer {str(file)!r} cannot be read: {str(e).splitlines()[0] if str(e) else e}") from None
+        name = eos_token or _configured_eos(file.parent)
+        names = [name] if name else list(EOS_CANDIDATES)
+        ids = [tok.token_to_id(n) for n in names]
+        found = [(n, i) for n, i in zip(names, ids) if i is not None]
+        if not found:
+            raise DataError(f"tokenizer {str(file)!r} has no end-of-text token "
+                            f"({', '.join(names)}): name one with --eos-token")
+        return cls(tok, found[0][1], str(file))
+
+    def save(self, path: Path) -> None:
+        self._tok.save(str(path))
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "eot_id": self.eot_id, "file": "tokenizer.json", "source": self.source,
+                "eot_token": self._tok.id_to_token(self.eot_id)}
+
+
+def _configured_eos(directory: Path) -> str | None:
+    cfg = directory / "tokenizer_config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        eos = json.loads(cfg.read_text()).get("eos_token")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return eos.get("content") if isinstance(eos, dict) else eos
+
+
 def load_tokenizer(data_dir: str | Path):
     """The tokenizer a prepared data directory was made with (``None`` for imported token files)."""
     data_dir = Path(data_dir)
@@ -89,7 +147,7 @@ def load_tokenizer(data_dir: str | Path):
     kind = meta["tokenizer"]["kind"]
     if kind == "bytes":
         return ByteTokenizer()
-    if kind == "bpe":
+    if kind in ("bpe", "file"):
         return BPETokenizer.load(data_dir / meta["tokenizer"]["file"])
     if kind == "external":
         return None
