@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -54,3 +56,32 @@ def test_bring_your_own_text_as_the_readme_shows(tmp_path):
     (tmp_path / "my_corpus.jsonl").write_text("\n".join('{"text": "%s"}' % ("words and more words " * 400) for _ in range(30)))
     run_lines(readme_block("own-data"), tmp_path)
     assert (tmp_path / "runs" / "mine" / "result.json").is_file()
+
+
+def test_measure_your_own_model_as_the_readme_shows(tmp_path):
+    """A tiny OLMo-2 config and a tokenizer.json of one's own, through prepare -> train -> branch ->
+    schedule (rescaled to the target's sequences, with the exports)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    pytest.importorskip("transformers")
+    words = "the model people actually pretrain measures its own critical batch size".split()
+    docs = [" ".join(words[(i * 7 + j * j) % len(words)] for j in range(300)) for i in range(400)]
+    (tmp_path / "my_corpus.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "my_tokenizer").mkdir()
+    tok.save(str(tmp_path / "my_tokenizer" / "tokenizer.json"))
+    (tmp_path / "my_olmo2.json").write_text(json.dumps({
+        "model_type": "olmo2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}))
+    run_lines(readme_block("own-model"), tmp_path)
+    doc = json.loads((tmp_path / "runs" / "own-schedule.json").read_text())
+    assert doc["seq_len"] == 256 and all(p["batch_seqs"] % 2 == 0 for p in doc["phases"])
+    assert "olmo_core_batch_size_scheduler" in doc["exports"]
+    cfg = json.loads((tmp_path / "runs" / "own-base" / "config.json").read_text())
+    assert cfg["model"]["family"] == "hf" and cfg["model"]["vocab_size"] == 300

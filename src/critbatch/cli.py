@@ -176,10 +176,12 @@ def cmd_schedule(ns: argparse.Namespace) -> int:
     for ph in doc["phases"]:
         print(f"  from {ph['start_tokens']:>12,} tokens: {ph['batch_seqs']:>6,} seqs ({ph['batch_tokens']:,} tokens), "
               f"LR x {ph['lr_multiplier']:.3f}")
-    for n in d.notes:
+    for n in doc["notes"]:
         print(f"  note: {n}")
-    print(f"  Megatron-LM: --step-batch-size-schedule \"{doc['exports']['megatron_step_batch_size_schedule']}\" "
-          f"--seq-length {d.schedule.seq_len}")
+    ex = doc["exports"]
+    print(f"  Megatron-LM: --step-batch-size-schedule \"{ex['megatron_step_batch_size_schedule']}\" "
+          f"--seq-length {doc['seq_len']} (no --global-batch-size)")
+    print(f"  Megatron-LM ramp-up: {ex['megatron_rampup_batch_size'] or 'not expressible: ' + ex['megatron_rampup_note']}")
     return 0
 
 

@@ -38,6 +38,12 @@ class ScheduleConfig:
     """The LR rule of the phases (default: the sweep's)."""
     adam_rule: str | None = option(None, choices=ADAM_RULES)
     """How Adam's betas and eps follow the batch (default: the sweep's)."""
+    target_seq_len: int | None = None
+    """Hand the schedule to a run with sequences of this many tokens (measured on a proxy at another
+    length): batches and thresholds keep their tokens."""
+    target_granularity: int | None = None
+    """Check that every phase's batch (in target sequences) is a multiple of this: the target's
+    data-parallel ranks x micro-batch."""
 
 
 def write_schedule(cfg: ScheduleConfig) -> tuple[dict, DerivedSchedule]:
@@ -50,9 +56,16 @@ def write_schedule(cfg: ScheduleConfig) -> tuple[dict, DerivedSchedule]:
     d = derive_schedule(curve, start, max_seqs=cfg.max_seqs, granularity=cfg.granularity, safety=cfg.safety,
                         source=cfg.source, rule=cfg.lr_rule or curve["lr_rule"],
                         adam_rule=cfg.adam_rule or curve.get("adam_rule", "none"), until_tokens=cfg.until_tokens)
-    doc = schedule_document(d.schedule, notes=d.notes, derived_from={
+    sched, notes = d.schedule, list(d.notes)
+    if cfg.target_seq_len or cfg.target_granularity:
+        sched = sched.rescaled(cfg.target_seq_len or sched.seq_len, cfg.target_granularity)
+        if sched.seq_len != d.schedule.seq_len:
+            notes.append(f"rescaled from {d.schedule.seq_len}-token to {sched.seq_len}-token sequences: batches and "
+                         f"thresholds keep their tokens")
+    doc = schedule_document(sched, notes=notes, derived_from={
         "sweep": str(Path(cfg.sweep)), "source": d.source, "safety": cfg.safety, "granularity": cfg.granularity,
         "start_seqs": start, "max_seqs": cfg.max_seqs, "decide_by": curve["decide_by"], "rule": curve["rule"],
-        "allowed": d.allowed})
+        "allowed": d.allowed, "measured_seq_len": d.schedule.seq_len,
+        "target_granularity": cfg.target_granularity})
     write_json_atomic(cfg.out, doc)
     return doc, d

@@ -119,6 +119,33 @@ class BatchSchedule:
         """rule(B_t / B_ref): multiplies the base LR; the LR schedule's shape is untouched."""
         return lr_rule_multiplier(self.rule, self.batch_seqs_at(tokens), self.reference)
 
+    def lr_multiplier_for(self, batch_seqs: int) -> float:
+        """rule(batch / reference) for any batch (a trainer that sets the batch itself)."""
+        return lr_rule_multiplier(self.rule, batch_seqs, self.reference)
+
+    def rescaled(self, seq_len: int, granularity: int | None = None) -> "BatchSchedule":
+        """The same schedule in tokens for sequences of ``seq_len`` (a schedule measured on a proxy,
+        handed to the target run): every phase keeps its batch in tokens and its threshold, rounded
+        up to whole target sequences. Each batch must be a whole number of target sequences and, with
+        ``granularity`` (data-parallel ranks x micro-batch), a multiple of it."""
+        if seq_len <= 0:
+            raise ConfigError(f"target sequence length {seq_len} must be positive")
+        phases = []
+        for i, (t, b) in enumerate(self.phases):
+            tokens = b * self.seq_len
+            if tokens % seq_len:
+                raise ConfigError(f"phase {i}'s batch of {tokens:,} tokens is not a whole number of {seq_len}-token "
+                                  f"sequences")
+            nb = tokens // seq_len
+            if granularity and nb % granularity:
+                raise ConfigError(f"phase {i}'s batch of {nb} target sequences (from {t:,} tokens) is not a multiple of "
+                                  f"the granularity {granularity} (data-parallel ranks x micro-batch)")
+            phases.append((-(-t // seq_len) * seq_len, nb))
+        ref = self.reference * self.seq_len
+        if ref % seq_len:
+            raise ConfigError(f"the reference batch of {ref:,} tokens is not a whole number of {seq_len}-token sequences")
+        return BatchSchedule(tuple(phases), seq_len, self.rule, ref // seq_len, self.adam_rule)
+
     def adam_at(self, tokens: int, beta1: float, beta2: float, eps: float) -> tuple[float, float, float]:
         """Adam's (beta1, beta2, eps) for the step after ``tokens`` under ``adam_rule``, given their
         values at the reference batch."""

@@ -7,7 +7,15 @@
   rescales the LR by sqrt(new/old) itself, so it matches the ``sqrt`` rule only.
 * Megatron-LM ``--step-batch-size-schedule "T0:BS0 T1:BS1 ..."``: thresholds in tokens (with
   ``--seq-length``; suffixes K/M/B/T = 1e3/1e6/1e9/1e12), batch sizes in samples (sequences), first
-  threshold 0. Megatron does not rescale the LR; the multipliers are in ``schedule.json``.
+  threshold 0. Megatron does not rescale the LR; the multipliers are in ``schedule.json``. It needs a
+  Megatron-LM whose calculator has this flag (megatron-core 0.18+), and ``--global-batch-size`` must
+  not be given with it (Megatron raises an error).
+* Megatron-LM ``--rampup-batch-size START INCR SAMPLES`` (with ``--global-batch-size FINAL``), the
+  linear ramp every Megatron version has: the batch is START + INCR·floor(s / (SAMPLES / n)) after s
+  consumed samples, n = (FINAL − START) / INCR increments, then FINAL. A schedule is expressible by
+  it exactly when its batch grows by the same increment at every phase and its thresholds (in
+  samples) are 1, 2, ..., n times the first one: one doubling always is; two doublings never are
+  (increments B and 2B); :func:`to_megatron_rampup` says why not when it cannot.
 """
 
 from __future__ import annotations
@@ -63,6 +71,27 @@ def to_megatron(s: BatchSchedule) -> str:
     return " ".join(f"{_fmt_tokens(t)}:{b}" for t, b in s.phases)
 
 
+def to_megatron_rampup(s: BatchSchedule) -> tuple[str | None, str]:
+    """(``--rampup-batch-size START INCR SAMPLES --global-batch-size FINAL``, or ``None``; the reason)."""
+    phases = s.phases
+    if len(phases) < 2:
+        return None, "a single batch needs no ramp-up: pass --global-batch-size"
+    steps = [b - a for (_, a), (_, b) in zip(phases, phases[1:])]
+    if any(d <= 0 for d in steps) or len(set(steps)) > 1:
+        return None, (f"Megatron's ramp-up adds the same increment at every step; this schedule adds "
+                      f"{', '.join(map(str, steps))} sequences (two or more doublings cannot be expressed)")
+    if any(t % s.seq_len for t, _ in phases):
+        return None, f"thresholds must be whole samples of {s.seq_len} tokens"
+    first = phases[1][0] // s.seq_len
+    starts = [t // s.seq_len for t, _ in phases[1:]]
+    if starts != [first * (j + 1) for j in range(len(starts))]:
+        return None, (f"Megatron's ramp-up steps at equal intervals; this schedule steps at samples "
+                      f"{', '.join(map(str, starts))}")
+    n = len(steps)
+    return (f"--rampup-batch-size {phases[0][1]} {steps[0]} {first * n} --global-batch-size {phases[-1][1]}",
+            f"{n} increment(s) of {steps[0]} sequences every {first:,} samples")
+
+
 _MEGATRON_RE = re.compile(r"^0:\d+( \d+[KMBT]?:\d+)*$")
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
@@ -93,8 +122,12 @@ def schedule_document(s: BatchSchedule, *, derived_from: dict | None = None, not
     except ConfigError as e:
         exports["olmo_core_batch_size_scheduler"] = None
         exports["olmo_core_note"] = str(e)
-    exports["megatron_note"] = ("pass with --seq-length " + str(s.seq_len) + "; Megatron does not rescale the LR: "
-                                "apply lr_multiplier per phase yourself")
+    exports["megatron_note"] = ("pass with --seq-length " + str(s.seq_len) + " and without --global-batch-size (Megatron "
+                                "refuses both); needs a Megatron-LM with --step-batch-size-schedule (megatron-core 0.18+); "
+                                "Megatron does not rescale the LR: apply lr_multiplier per phase yourself")
+    rampup, why = to_megatron_rampup(s)
+    exports["megatron_rampup_batch_size"] = rampup
+    exports["megatron_rampup_note"] = why
     doc["exports"] = exports
     if derived_from is not None:
         doc["derived_from"] = derived_from
