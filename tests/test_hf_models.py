@@ -147,21 +147,23 @@ def test_bad_model_configs_are_one_line_and_write_nothing(data_dir, tmp_path, ca
 
 
 def test_fsdp_wraps_decoder_layers_and_equals_one_process(data_dir, tmp_path):
-    """Two ranks under FSDP2 (one unit per decoder layer) train the HF model as one process does."""
+    """Two ranks under DDP, and under FSDP2 (one unit per decoder layer), train the HF model as one
+    process does."""
     worker = Path(__file__).parent / "dist_worker.py"
     over = {"model": {"family": "hf", "hf": TINY["olmo2"], "seq_len": 16}, "batch_seqs": 8, "micro_batch_seqs": 2,
             "total_tokens": 1024}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     outs = {}
-    for n, par in ((1, "ddp"), (2, "fsdp")):
+    for n, par, parallel in ((1, "ddp", "ddp"), (2, "ddp2", "ddp"), (2, "fsdp", "fsdp")):
         out = tmp_path / par
-        args = [str(data_dir), str(out), json.dumps({**over, "parallel": par})]
+        args = [str(data_dir), str(out), json.dumps({**over, "parallel": parallel})]
         cmd = [sys.executable, str(worker), *args] if n == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker), *args]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         outs[par] = [x["train/loss"] for x in read_jsonl(out / "metrics.jsonl") if "train/loss" in x]
     assert len(outs["ddp"]) == 8 and outs["ddp"] == pytest.approx(outs["fsdp"], rel=1e-4)
+    assert outs["ddp"] == pytest.approx(outs["ddp2"], rel=1e-4)  # DDP over two ranks too
 
 
 def test_checkpoints_record_the_hf_config(parent):
@@ -174,3 +176,20 @@ def test_checkpoints_record_the_hf_config(parent):
     assert hf_config(ModelConfig(family="hf", hf=short, seq_len=16, vocab_size=257)).vocab_size == 257
     with pytest.raises(ConfigError, match="exceeds the model's max_position_embeddings 16"):
         hf_config(ModelConfig(family="hf", hf=short, seq_len=32, vocab_size=257))
+
+
+def test_compare_and_report_on_an_hf_model(data_dir, tmp_path):
+    from critbatch.compare import CompareConfig, run_compare
+    from critbatch.report import build_report
+
+    cfg_file = tmp_path / "olmo2.json"
+    cfg_file.write_text(json.dumps({"model": {"family": "hf", "hf": TINY["olmo2"], "seq_len": 16}, "eval_seqs": 16,
+                                    "lr_schedule": {"kind": "constant", "warmup_tokens": 256}}))
+    comp = run_compare(CompareConfig(out=str(tmp_path / "cmp"), schedule="0:2,1024:4", config=str(cfg_file),
+                                     data=str(data_dir), total_tokens=2048, anneal_tokens=256, launcher="inprocess"),
+                       progress=False)
+    assert comp["runs"]["warmup"]["optimizer_steps"] < comp["runs"]["small"]["optimizer_steps"]
+    run = tmp_path / "run"
+    train(hf_cfg(data_dir, "olmo2", total_tokens=2048), run, progress=False)
+    html = build_report(run).read_text()
+    assert "olmo2 model from transformers (2 layers, d=32)" in html

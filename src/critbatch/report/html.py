@@ -278,6 +278,16 @@ def _num(v, fmt="{:.4f}"):
     return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
 
 
+def _model_text(m: dict) -> str:
+    if m.get("family") == "hf":
+        hf = m.get("hf")
+        if isinstance(hf, dict):
+            return (f"a {hf.get('model_type', 'transformers')} model from transformers ({hf.get('num_hidden_layers', '?')} "
+                    f"layers, d={hf.get('hidden_size', '?')})")
+        return f"a transformers model from {hf}"
+    return f"a {m['n_layer']}-layer GPT (d={m['d_model']})"
+
+
 def render_html(s: dict, figs: dict[str, Path]) -> str:
     e = html.escape
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>critbatch report</title>"
@@ -285,8 +295,8 @@ def render_html(s: dict, figs: dict[str, Path]) -> str:
     base = s["base"]["config"]
     m = base["model"]
     parts.append("<h1>critbatch: local critical batch size and batch-size warmup</h1>")
-    parts.append(f"<p class='muted'>Generated {e(s['generated'])} from the files of the study. Base run: a "
-                 f"{m['n_layer']}-layer GPT (d={m['d_model']}, {fmt_count(s['base']['result'].get('params'))} parameters), "
+    parts.append(f"<p class='muted'>Generated {e(s['generated'])} from the files of the study. Base run: "
+                 f"{e(_model_text(m))} ({fmt_count(s['base']['result'].get('params'))} parameters), "
                  f"sequences of {m['seq_len']} tokens, base batch {base['batch_seqs']} sequences, "
                  f"{fmt_count(base['total_tokens'])} tokens, AdamW lr {base['optim']['lr']:g}, LR rule "
                  f"{base['optim']['lr_rule']}. Method: Merrill et al. 2025, <i>Critical Batch Size Revisited</i>.</p>")
