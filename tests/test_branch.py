@@ -6,7 +6,7 @@ import pytest
 
 from conftest import StreamRecorder, small_cfg
 from critbatch.branch import SweepConfig, plan_sweep, run_branch_dir, run_sweep
-from critbatch.branch.sweep import branch_spec, ensure_branch
+from critbatch.branch.sweep import branch_spec, describe_point, ensure_branch
 from critbatch.errors import ConfigError, DataError
 from critbatch.io import read_json, read_jsonl
 from critbatch.optim import lr_rule_multiplier, lr_schedule_factor
@@ -261,6 +261,29 @@ def test_diverging_branch_is_a_failed_batch(parent, tmp_path, monkeypatch):
     assert p["passes"] == [True, True, False, False] and p["k_star"] == 1 and p["cbs_high_seqs"] == 8
     saved = read_json(res.sweep_dir / "cbs.json")["points"][0]
     assert saved["losses"]["eval"][2] == [None]  # written as null, the JSON stays valid
+
+
+def test_diverged_reference_branch_leaves_the_point_undetermined(parent, tmp_path, monkeypatch):
+    """The smallest batch diverges: the point is undetermined with the reason in cbs.json, on screen
+    and in the report, and the schedule derived from it never steps up to it."""
+    from critbatch.model import gpt
+
+    orig = gpt.GPT.forward
+
+    def forward(self, idx):
+        out = orig(self, idx)
+        return out * float("nan") if self.training and idx.shape[0] <= 2 else out  # small batches blow up
+
+    monkeypatch.setattr(gpt.GPT, "forward", forward)
+    run = fresh_parent(parent, tmp_path)
+    res = run_sweep(sweep_cfg(run, at=[4096], k=[0.5, 1, 2]), progress=False)
+    p = read_json(res.sweep_dir / "cbs.json")["points"][0]
+    assert p["diverged"][0] == [True] and p["passes"] == [False, False, False]
+    assert "k=0.5" in p["undetermined_reason"] and p["cbs_low_seqs"] == 0 and p["cbs_high_seqs"] is None
+    assert describe_point(p).startswith("CBS undetermined: the smallest batch (k=0.5) diverged")
+    from critbatch.report.html import build_report
+    html = build_report(run).read_text()
+    assert "undetermined: the smallest batch (k=0.5) diverged" in html
 
 
 BAD = [

@@ -54,6 +54,16 @@ def test_diverged_branch_fails_and_does_not_block_others():
     assert d2.k_star == 2 and d2.k_next == 4
 
 
+def test_diverged_reference_makes_the_point_undetermined():
+    """With the smallest k diverged nothing can be compared with it: no k passes, under either rule
+    (before, the larger k were "no worse than inf" and all passed)."""
+    for d in (decide_eps(KS, one([float("nan"), 3.0, 3.0, 3.0, 3.0, 3.0]), eps=0.01),
+              decide_noninf([1, 2, 4], [[float("nan"), 3.0], [3.0, 3.0], [3.0, 3.01]], eps=0.01)):
+        assert not any(d.passes) and set(d.status) == {"undetermined"}
+        assert d.undetermined_reason and "diverged" in d.undetermined_reason and not d.settled
+        assert not d.bounded_above and d.k_next is None
+
+
 def test_eps_uses_replicate_means_and_rejects_bad_eps():
     d = decide_eps([1, 2], [[3.0, 3.1], [3.06, 3.06]], eps=0.01)  # means 3.05 vs 3.06
     assert d.passes == [True, True]

@@ -194,6 +194,50 @@ def test_divergence_is_recorded_not_raised(cfg_factory, tmp_path):
     assert any(r.get("train/diverged") for r in read_jsonl(tmp_path / "d" / "metrics.jsonl"))
 
 
+def test_loss_explosion_without_nan_is_a_divergence(cfg_factory, tmp_path):
+    """AdamW at LR 3 sends the loss from 5.5 to ~55 without a NaN: recorded as diverged, with why."""
+    cfg = cfg_factory(optim={"lr": 3.0}, total_tokens=4096, lr_schedule={"kind": "constant", "warmup_tokens": 0})
+    res = train(cfg, tmp_path / "x", progress=False)
+    assert res["diverged"] is True and res["final_eval_loss"] is None and res["diverged_at_tokens"] < 4096
+    assert res["diverged_reason"].startswith("the eval loss rose to ")  # 319 at the first eval, from 5.5
+    assert json.loads((tmp_path / "x" / "result.json").read_text())["diverged_reason"] == res["diverged_reason"]
+    assert [r["train/diverged_reason"] for r in read_jsonl(tmp_path / "x" / "metrics.jsonl")
+            if r.get("train/diverged")] == [res["diverged_reason"]]
+
+
+def test_divergence_guard_rule():
+    """Above both 2x the lowest value and the lowest + 1 nat; a spike within either limit is not, and
+    neither is a one-step training-loss spike the run recovers from (the quick demo's large-batch
+    control had one: 3.10 -> 9.65 -> 3.04)."""
+    from critbatch.train.callbacks import DivergenceGuard
+
+    class T:
+        tokens, why = 0, None
+
+        def diverge(self, tokens, reason):
+            self.why = reason
+
+        def log(self, record):
+            assert record["train/diverged"]
+
+    def feed(key, seq, guard=None):
+        g, t = guard or DivergenceGuard(), T()
+        for v in seq:
+            g.on_log(t, {key: v})
+        return t.why
+
+    for seq, diverged in [([9.0, 4.0, 7.9], False), ([0.5, 0.3, 0.9], False), ([9.0, 4.0, 8.1], True),
+                          ([9.0, 3.0, 2.0, 5.5], True)]:
+        assert (feed("eval/loss", seq) is not None) == diverged, seq
+    spike = [5.5, 4.0] + [3.1] * 12 + [9.65] + [3.04] * 10
+    assert feed("train/loss", spike) is None
+    explosion = [5.5, 4.0] + [3.1] * 12 + [9.65, 12, 30, 55, 80, 120]
+    assert "median training loss of the last 9 steps rose to" in feed("train/loss", explosion)
+    g = DivergenceGuard()
+    g.load_state_dict(DivergenceGuard().state_dict() | {"best": {"eval": 2.0}})  # resumed: keeps its best
+    assert "lowest value 2 " in feed("eval/loss", [4.5], g)
+
+
 def test_sgd_and_wsd_train(cfg_factory, tmp_path):
     res = train(cfg_factory(optim={"name": "sgd", "lr": 0.3, "lr_rule": "linear"},
                             lr_schedule={"kind": "wsd", "warmup_tokens": 256, "decay_tokens": 1024}), tmp_path / "s",

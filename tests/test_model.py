@@ -3,7 +3,7 @@ import torch
 
 from critbatch import presets
 from critbatch.config import ModelConfig
-from critbatch.model import GPT, count_params, flops_per_token
+from critbatch.model import GPT, build_model, count_params, flops_per_token
 
 
 def test_param_count_and_flops():
@@ -49,7 +49,7 @@ def test_every_preset_builds(name):
     validate(cfg)
     mc = ModelConfig(**{**cfg.model.__dict__, "vocab_size": 8192})
     with torch.device("meta"):
-        m = GPT(mc)
+        m = build_model(mc)  # the family's own model: GPT or an HF causal LM
     assert sum(p.numel() for p in m.parameters()) == count_params(mc)
     assert flops_per_token(mc) > 6 * count_params(mc, embeddings=False)
 

@@ -131,3 +131,16 @@ def test_report_in_headless_chromium(quick_demo, tmp_path):
         assert _png_nonblank_fraction(page) > 0.01
     finally:
         drv.quit()
+
+
+def test_a_schedule_without_a_doubling_is_explained_not_compared():
+    from critbatch.report.html import _comparison_conclusions
+
+    s = {"compare_skipped": "the derived schedule has no batch change within the run: nothing to compare",
+         "schedule": {"notes": ["no warmup: the measured CBS (lower bound) never reaches 1 x 16 sequences before 1M tokens"]}}
+    out = _comparison_conclusions(s)
+    assert out[0].startswith("No comparison: the derived schedule has no batch change")
+    assert "stays at the start batch (no warmup: the measured CBS" in out[1]
+    assert "docs/LOG.md" in out[1]
+    # a skipped comparison for another reason gets no warmup explanation
+    assert len(_comparison_conclusions({"compare_skipped": "x", "schedule": {"notes": []}})) == 1

@@ -353,7 +353,6 @@ def test_resume_in_the_middle_of_a_warmup_phase(data_dir, tmp_path):
 @pytest.mark.parametrize("over,needle", [
     ({"schedule": "0:2,8000:4"}, "no batch change before 4,096 tokens"),
     ({"schedule": "0:2,1024:3", "micro_batch_seqs": 2}, "warmup run: batch 3 sequences of phase 1"),
-    ({"total_tokens": 4100}, "whole 16-token sequences"),
     ({"anneal_tokens": -16}, "anneal tokens -16 and anneal steps 0 must be >= 0"),
     ({"anneal_tokens": 16, "anneal_steps": 2}, "not both"),
     ({"schedule": "0:4,1024:2"}, "is not a warmup"),
@@ -365,6 +364,45 @@ def test_compare_bad_input(data_dir, tmp_path, over, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         run_compare(compare_cfg(data_dir, tmp_path / "c", **over))
     assert not (tmp_path / "c").exists()
+
+
+def test_a_diverged_comparison_run_is_reported_not_averaged(data_dir, tmp_path, monkeypatch):
+    """Batches of 8 blow up: the large run and the warmup (8 from 2,048 tokens) diverge, the small
+    one does not. Their losses and gaps are absent, not a mean of what survived; the table and the
+    report say "diverged" with the reason."""
+    from critbatch.analysis.comparison import markdown_table
+    from critbatch.compare import run_compare
+    from critbatch.model import gpt
+    from critbatch.report.html import _comparison_conclusions
+
+    orig = gpt.GPT.forward
+
+    def forward(self, idx):
+        out = orig(self, idx)
+        return out * float("nan") if self.training and idx.shape[0] >= 8 else out
+
+    monkeypatch.setattr(gpt.GPT, "forward", forward)
+    comp = run_compare(compare_cfg(data_dir, tmp_path / "c", seeds=[0, 1], anneal_tokens=0), progress=False)
+    r = comp["runs"]
+    assert not r["small"]["diverged"] and r["small"]["final_eval_loss"] is not None
+    for name in ("warmup", "large"):
+        assert r[name]["diverged"] and r[name]["diverged_seeds"] == [0, 1] and r[name]["final_eval_loss"] is None
+        assert r[name]["gap_to_small"]["final_eval_loss"] is None and "not finite" in r[name]["diverged_reasons"][0]
+    assert markdown_table(comp).count("diverged") >= 4
+    text = " ".join(_comparison_conclusions({"comparison": comp}))
+    assert "The warmup run diverged (seed 0, 1: the training loss" in text and "The large run diverged" in text
+
+
+def test_compare_rounds_tokens_up_to_whole_sequences_and_says_so(data_dir, tmp_path):
+    """Like train, compare takes a token count that is not whole sequences; it rounds up (every
+    run must stop at the same count) and records the adjustment."""
+    from critbatch.compare import build_configs
+
+    configs, _, facts = build_configs(compare_cfg(data_dir, tmp_path / "c", total_tokens=4100, anneal_tokens=20))
+    assert facts["pretrain_tokens"] == 4112 and facts["anneal_tokens"] == 32
+    assert facts["notes"] == ["total tokens 4,100 rounded up to 4,112: whole 16-token sequences",
+                              "anneal tokens 20 rounded up to 32: whole 16-token sequences"]
+    assert {c.total_tokens for c in configs[0].values()} == {4112 + 32}
 
 
 def test_schedule_cli_from_a_real_sweep(tmp_path, capsys, data_dir):

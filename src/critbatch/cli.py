@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import signal
 import sys
@@ -29,6 +30,7 @@ from .derive import ScheduleConfig, write_schedule
 from .errors import ConfigError, CritbatchError
 from .gns.checkpoints import GNSConfig, gns_at_checkpoints
 from .gns.online import NoiseScaleCallback
+from .io import read_json
 from .model import count_params
 from .report import build_report
 from .schedules import BatchSchedule
@@ -82,7 +84,7 @@ def build_train_config(cmd: TrainCommand, over: dict) -> TrainConfig:
     if cmd.preset is None and cmd.config is None:
         if not saved.is_file():
             raise ConfigError("give --preset NAME or --config FILE (or --out of an existing run to resume it)")
-        cfg = from_dict(TrainConfig, json.loads(saved.read_text()))
+        cfg = from_dict(TrainConfig, read_json(saved))
     else:
         cfg = presets.get(cmd.preset) if cmd.preset else TrainConfig()
         if cmd.config:
@@ -114,7 +116,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
         print(f"paused at {trainer.tokens:,} tokens; run the same command again to resume", file=sys.stderr)
         return 0
     if result.get("diverged"):
-        print(f"{cmd.out}: diverged at {result['diverged_at_tokens']:,} tokens (recorded in result.json)")
+        print(f"{cmd.out}: diverged at {result['diverged_at_tokens']:,} tokens: {result.get('diverged_reason')} "
+              f"(recorded in result.json)")
     else:
         print(f"{cmd.out}: tokens={result['tokens']:,} steps={result['steps']:,} "
               f"final_train_loss={result['final_train_loss']:.4f} final_eval_loss={result['final_eval_loss']:.4f} "
@@ -256,7 +259,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line and status 2 like every other expected mistake."""
 
     def error(self, message: str):
-        raise ConfigError(f"{self.prog}: {message}")
+        cmd = self.prog.split()[-1]
+        raise ConfigError(message if cmd == "critbatch" else f"{cmd}: {message} (see critbatch {cmd} --help)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -281,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     except CritbatchError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"critbatch: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine said no (disk full, permissions, a vanished file): one line too
+        where = f" ({e.filename})" if e.filename else ""
+        hint = "; free space and run the same command again to resume" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        print(f"critbatch: error: {e.strerror or e}{where}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("critbatch: interrupted", file=sys.stderr)

@@ -32,7 +32,7 @@ from . import presets
 from .analysis.comparison import GAPS, RUNS, gap_stats, markdown_table
 from .config import ADAM_RULES, TrainConfig, defining_dict, how, load_config_file, merge, option
 from .errors import ConfigError
-from .io import read_json, read_jsonl, write_json_atomic, write_text_atomic
+from .io import check_output, read_json, read_jsonl, write_json_atomic, write_text_atomic
 from .launch import LAUNCHERS, check_launch, check_single_process, default_jobs, run_jobs, write_job
 from .report.plots import plot_comparison
 from .schedules import BatchSchedule
@@ -86,10 +86,24 @@ class CompareConfig:
     """Log the online noise scale in each run."""
 
 
+def _whole_seqs(tokens: int, seq_len: int, what: str, notes: list[str]) -> int:
+    """``tokens`` rounded up to whole sequences (every run of a comparison must stop at the same
+    token count, so a partial sequence is not an option), with a note when it changed."""
+    up = -(-tokens // seq_len) * seq_len
+    if up != tokens:
+        notes.append(f"{what} {tokens:,} rounded up to {up:,}: whole {seq_len}-token sequences")
+    return up
+
+
 def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]], BatchSchedule, dict]:
     """The run configs per seed (validated against the data, nothing written) and facts about them."""
     if cfg.preset is None and cfg.config is None:
         raise ConfigError("give --preset NAME or --config FILE")
+    check_output(cfg.out, "--out")
+    if cfg.jobs is not None and cfg.jobs < 1:
+        raise ConfigError(f"jobs={cfg.jobs} must be >= 1")
+    if cfg.total_tokens is not None and cfg.total_tokens <= 0:
+        raise ConfigError(f"total tokens {cfg.total_tokens} must be positive")
     base = presets.get(cfg.preset) if cfg.preset else TrainConfig()
     if cfg.config:
         base = merge(base, load_config_file(cfg.config))
@@ -109,12 +123,13 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]]
         raise ConfigError("give anneal tokens or anneal steps, not both")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or any(s < 0 for s in cfg.seeds):
         raise ConfigError(f"seeds {cfg.seeds} must be distinct whole numbers >= 0")
-    N = cfg.total_tokens or base.total_tokens
+    N = cfg.total_tokens if cfg.total_tokens is not None else base.total_tokens
     if N <= 0:
         raise ConfigError(f"total tokens {N} must be positive")
     T = base.model.seq_len
-    if N % T or cfg.anneal_tokens % T:
-        raise ConfigError(f"total ({N}) and anneal ({cfg.anneal_tokens}) tokens must be whole {T}-token sequences")
+    notes = []
+    N = _whole_seqs(N, T, "total tokens", notes)
+    anneal_tokens = _whole_seqs(cfg.anneal_tokens, T, "anneal tokens", notes)
     sched = BatchSchedule.parse(cfg.schedule, T, base.optim.lr_rule, adam_rule=cfg.adam_rule)
     used = [(s, b) for s, b in sched.phases if s < N]
     B0, B1 = used[0][1], used[-1][1]
@@ -125,7 +140,7 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]]
         raise ConfigError(f"the schedule {' -> '.join(str(b) for _, b in used)} is not a warmup: every phase must "
                           f"have a larger batch than the one before")
     avg = cfg.avg_tokens or max(-(-N // 10 // T) * T, T)  # 10%, in whole sequences
-    anneal = {n: (cfg.anneal_steps * b * T if cfg.anneal_steps else cfg.anneal_tokens)
+    anneal = {n: (cfg.anneal_steps * b * T if cfg.anneal_steps else anneal_tokens)
               for n, b in (("warmup", B1), ("small", B0), ("large", B1))}
     configs: dict[int, dict[str, TrainConfig]] = {}
     for seed in cfg.seeds:
@@ -143,7 +158,7 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]]
             Trainer(c, None, quiet=True)  # validates divisibility, data capacity, eval set; writes nothing
         except ConfigError as e:
             raise ConfigError(f"{name} run: {e}") from None
-    facts = {"pretrain_tokens": N, "anneal_tokens": cfg.anneal_tokens, "anneal_steps": cfg.anneal_steps,
+    facts = {"pretrain_tokens": N, "anneal_tokens": anneal_tokens, "notes": notes, "anneal_steps": cfg.anneal_steps,
              "anneal_tokens_per_run": anneal, "avg_tokens": avg, "b0_seqs": B0, "final_seqs": B1, "seq_len": T,
              "rule": sched.rule, "adam_rule": sched.adam_rule, "seeds": list(cfg.seeds),
              "eval_seqs": base.eval_seqs, "ignored_phases": [list(p) for p in sched.phases if p[0] >= N]}
@@ -195,6 +210,7 @@ def _row(d: Path, facts: dict, cfg: TrainConfig) -> dict:
         "tokens": end,
         "wall_time_s": res["wall_time_s"],
         "diverged": res["diverged"],
+        "diverged_reason": res.get("diverged_reason"),
     }
     if end > N:
         a = min(avg, end - N)
@@ -221,12 +237,16 @@ def summarize(out: Path, facts: dict, configs: dict[int, dict[str, TrainConfig]]
     runs = {}
     for name in RUNS:
         rows = [per_seed[s][name] for s in configs]
-        agg = {"batch_schedule": rows[0]["batch_schedule"], "diverged": any(r["diverged"] for r in rows)}
+        bad = [(s, per_seed[s][name]["diverged_reason"]) for s in configs if per_seed[s][name]["diverged"]]
+        agg = {"batch_schedule": rows[0]["batch_schedule"], "diverged": bool(bad),
+               "diverged_seeds": [s for s, _ in bad], "diverged_reasons": [w for _, w in bad]}
         for key in (*GAPS, "optimizer_steps", "optimizer_steps_pretrain", "wall_time_s", "steps_saved_pct", "tokens"):
             vals = [r[key] for r in rows if r.get(key) is not None]
-            agg[key] = (sum(vals) / len(vals)) if vals else None
+            # a loss averaged over the seeds that did not diverge would be silently better than the run
+            agg[key] = (sum(vals) / len(vals)) if vals and not (bad and key in GAPS) else None
         if name != "small":
-            agg["gap_to_small"] = {key: gap_stats(per_seed, name, key, paired) for key in GAPS}
+            gone = bad or any(per_seed[s]["small"]["diverged"] for s in configs)
+            agg["gap_to_small"] = {key: None if gone else gap_stats(per_seed, name, key, paired) for key in GAPS}
         runs[name] = agg
     N, avg = facts["pretrain_tokens"], facts["avg_tokens"]
     return {**facts, "runs": runs, "per_seed": {str(s): rows for s, rows in per_seed.items()},
@@ -238,6 +258,8 @@ def summarize(out: Path, facts: dict, configs: dict[int, dict[str, TrainConfig]]
 
 def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
     configs, sched, facts = build_configs(cfg)
+    for note in facts["notes"]:
+        print(f"note: {note}")
     out = Path(cfg.out)
     spec = {**asdict(cfg), "facts": facts}
     if (out / "compare.json").is_file():

@@ -338,18 +338,23 @@ def _toml():
 
 
 def load_config_file(path: str) -> dict:
-    """Read a JSON or TOML config file into a dict."""
+    """Read a JSON or TOML config file into a dict (a mapping of config keys)."""
     import pathlib
 
     p = pathlib.Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist")
-    text = p.read_text()
-    loads = _toml().loads if p.suffix == ".toml" else json.loads
+    kind = "TOML" if p.suffix == ".toml" else "JSON"
+    loads = _toml().loads if kind == "TOML" else json.loads
     try:
-        return loads(text)
+        data = loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r} is not valid {kind}: it is not UTF-8 text") from None
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
-        raise ConfigError(f"config file {path!r} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from None
+        raise ConfigError(f"config file {path!r} is not valid {kind}: {str(e).splitlines()[0] if str(e) else e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must be a mapping of config keys, not a {type(data).__name__}")
+    return data
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -380,6 +385,9 @@ def validate(cfg: TrainConfig) -> None:
     _require(s.kind in LR_SCHEDULES, f"lr_schedule.kind={s.kind!r} is not one of {', '.join(LR_SCHEDULES)}")
     _require(0 <= s.min_lr_ratio <= 1, f"lr_schedule.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
     _require(cfg.total_tokens > 0, f"total_tokens={cfg.total_tokens} must be positive")
+    late = [t for t in cfg.checkpoint_tokens if t > cfg.total_tokens]
+    _require(not late, f"checkpoint_tokens {late[0] if late else ''} lies beyond the run's end at {cfg.total_tokens} "
+                       f"tokens: no step would reach it")
     _require(cfg.batch_seqs > 0, f"batch_seqs={cfg.batch_seqs} must be positive")
     _require(cfg.micro_batch_seqs is None or cfg.micro_batch_seqs > 0,
              f"micro_batch_seqs={cfg.micro_batch_seqs} must be positive")

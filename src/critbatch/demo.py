@@ -29,7 +29,7 @@ from .data import prepare
 from .derive import ScheduleConfig, write_schedule
 from .errors import ConfigError
 from .gns.checkpoints import GNSConfig, gns_at_checkpoints
-from .io import read_json, write_json_atomic
+from .io import check_output, read_json, write_json_atomic
 from .report import build_report
 from .train import train
 
@@ -148,6 +148,16 @@ def _validate(cfg: DemoConfig, seq_len: int) -> None:
             raise ConfigError(f"demo {name}={v} must be a whole number of {seq_len}-token sequences")
     if not cfg.points or max(cfg.points) >= cfg.total_tokens:
         raise ConfigError(f"demo branch points {cfg.points} must lie inside the run of {cfg.total_tokens} tokens")
+    if cfg.jobs is not None and cfg.jobs < 1:
+        raise ConfigError(f"jobs={cfg.jobs} must be >= 1")
+    if not 0 <= cfg.cooldown_fraction <= 1:
+        raise ConfigError(f"cooldown_fraction={cfg.cooldown_fraction:g} must be in [0, 1]")
+    if not 0 < cfg.k_min < cfg.k_max:
+        raise ConfigError(f"demo needs 0 < k_min < k_max (got {cfg.k_min:g}, {cfg.k_max:g})")
+    if cfg.eval_seqs < 1 or cfg.gns_b_big < 2 or cfg.gns_batches < 1 or not cfg.seeds:
+        raise ConfigError(f"demo eval_seqs={cfg.eval_seqs}, gns_b_big={cfg.gns_b_big}, gns_batches={cfg.gns_batches} "
+                          f"and seeds={cfg.seeds} must be positive (gns_b_big at least 2)")
+    check_output(cfg.out, "--out")
 
 
 def run_demo(cfg: DemoConfig) -> dict:

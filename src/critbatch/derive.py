@@ -9,7 +9,7 @@ from pathlib import Path
 from .analysis.schedule import SOURCES, DerivedSchedule, derive_schedule
 from .config import ADAM_RULES, LR_RULES, option
 from .errors import DataError
-from .io import read_json, write_json_atomic
+from .io import check_output, read_json, write_json_atomic
 from .schedules.export import schedule_document
 
 
@@ -51,8 +51,11 @@ def write_schedule(cfg: ScheduleConfig) -> tuple[dict, DerivedSchedule]:
     cbs = Path(cfg.sweep) / "cbs.json"
     if not cbs.is_file():
         raise DataError(f"{cfg.sweep} is not a finished sweep directory (no cbs.json)")
+    check_output(cfg.out, "--out", "file")
     curve = read_json(cbs)
-    start = cfg.start_seqs or curve["points"][0]["base_batch_seqs"]
+    if not isinstance(curve, dict) or not curve.get("points"):
+        raise DataError(f"{cbs} is corrupt: it holds no branch points")
+    start = cfg.start_seqs if cfg.start_seqs is not None else curve["points"][0]["base_batch_seqs"]
     d = derive_schedule(curve, start, max_seqs=cfg.max_seqs, granularity=cfg.granularity, safety=cfg.safety,
                         source=cfg.source, rule=cfg.lr_rule or curve["lr_rule"],
                         adam_rule=cfg.adam_rule or curve.get("adam_rule", "none"), until_tokens=cfg.until_tokens)

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ConfigError, DataError
+
 
 def _umask() -> int:
     um = os.umask(0)
@@ -74,25 +76,60 @@ def write_npy_atomic(path: str | Path, array) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file of a run, sweep or study; damaged content is a DataError naming the file."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        what = "empty" if p.stat().st_size == 0 else f"not valid JSON ({str(e).splitlines()[0]})"
+        raise DataError(f"{p} is corrupt: {what}; remove it (it is rebuilt where it can be) or restore it") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSON-lines file; a torn last line (a killed writer) is ignored."""
+    """Records of a JSON-lines file; a torn last line (a killed writer) is ignored, a damaged line
+    followed by others is a DataError (records would silently go missing)."""
     out = []
     p = Path(path)
     if not p.is_file():
         return out
-    with open(p) as f:
-        for line in f:
+    bad = None
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
+            if bad is not None:
+                raise DataError(f"{p} is corrupt at line {bad}: not valid JSON, and records follow it")
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
-                break
+                bad = i
     return out
+
+
+def check_output(path: str | Path, flag: str, kind: str = "dir") -> None:
+    """Refuse an output path that cannot be one, before anything is written: a file where a
+    directory belongs (``kind='dir'``), a directory where a file belongs (``kind='file'``), or a
+    place that cannot be written (tried with a temporary entry in the nearest existing parent)."""
+    p = Path(path)
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {p} is a file, not a directory")
+    if kind == "file" and p.is_dir():
+        raise ConfigError(f"{flag} {p} is a directory, not a file")
+    if kind == "dir" and p.is_dir():
+        probe_in = p
+    else:
+        probe_in = p.parent
+        while not probe_in.exists() and probe_in != probe_in.parent:
+            probe_in = probe_in.parent
+    verb = "created" if kind == "dir" else "written"
+    if not probe_in.is_dir():
+        raise ConfigError(f"{flag} {p} cannot be {verb}: {probe_in} is not a directory")
+    try:
+        tmp = tempfile.mkdtemp(prefix=".critbatch-probe-", dir=probe_in)
+        os.rmdir(tmp)
+    except OSError as e:
+        raise ConfigError(f"{flag} {p} cannot be {verb}: {e.strerror or e}") from None
 
 
 class JsonlWriter:

@@ -46,12 +46,15 @@ def table(c: dict) -> tuple[list[str], list[list[str]], str]:
     if annealed:
         head += ["eval after anneal", "gap after anneal"]
     head += ["optimizer steps", "steps saved", "wall time"]
-    f = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
     rows = []
     for name in RUNS:
         r = c["runs"][name]
         gaps = r.get("gap_to_small") or {}
         sched = " → ".join(f"{b}" + (f" at {s:,}" if s else "") for s, b in r["batch_schedule"])
+        if r.get("diverged"):
+            f = lambda v: "diverged" if v is None else f"{v:.4f}"  # noqa: E731
+        else:
+            f = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
         cells = [name, sched, f(r["final_train_loss"]), f(r["final_eval_loss"]),
                  pm(gaps.get("final_eval_loss")) if name != "small" else "0"]
         if annealed:

@@ -27,16 +27,18 @@ def point_record(tokens: int, requested: int, base_batch_seqs: int, seq_len: int
     B, T = base_batch_seqs, seq_len
     lo, hi = dec.interval(B)
     clo, chi = dec.interval(B, conservative=True)
-    lo_eff = 0.0 if dec.below_grid else lo  # only the reference k passed, vacuously: the CBS may lie below it
+    lo_eff = 0.0 if (dec.below_grid or dec.undetermined_reason) else lo  # only the reference k passed, vacuously: the CBS may lie below it
     needed = [n for n in dec.replicates_needed if n]
     se_tab = dec.details.get("diff_se")
     max_pair_se = max((max(r) for r in se_tab), default=0.0) if se_tab else None
+    if dec.undetermined_reason:
+        hi = None
     rec = {
         "tokens": tokens, "requested_tokens": requested, "base_batch_seqs": B, "seq_len": T,
         "ks": ks, "batch_seqs": [k * B for k in ks], "decide_by": decide_by, "rule": dec.rule,
         "losses": losses, "mean_loss": {m: [sum(v) / len(v) for v in vals] for m, vals in losses.items()},
         "diverged": diverged, "status": dec.status, "passes": dec.passes,
-        "undetermined_ks": dec.undetermined, "settled": dec.settled,
+        "undetermined_ks": dec.undetermined, "settled": dec.settled, "undetermined_reason": dec.undetermined_reason,
         "replicates_needed": max(needed) if needed else None,
         "eval_seqs_needed": max((n for n in dec.details.get("eval_seqs_needed", []) if n), default=None),
         "max_paired_eval_se": max_pair_se,

@@ -8,7 +8,9 @@ fixed held-out set, which every replicate shares (computed from per-sequence eva
 Pure functions, no I/O.
 
 Every k gets one of three statuses against every smaller k' (the smallest k is the reference and
-passes vacuously):
+passes vacuously; a diverged branch fails its k under every rule, and when the reference itself
+diverged nothing can be compared, so every k and the point as a whole are undetermined, with the
+reason in ``undetermined_reason``):
 
 * ``pass`` — the data show L_k ≤ L_k' + ε for every smaller k';
 * ``fail`` — the data show L_k > L_k' + ε for some smaller k';
@@ -78,6 +80,8 @@ class Decision:
     """Per k: paired replicates that would settle an undetermined k at the rule's confidence with
     80% power, from the measured variance and mean gap (``None``: settled, or not estimable)."""
     details: dict = field(default_factory=dict)
+    undetermined_reason: str | None = None
+    """Set when the whole point is undetermined (the reference k diverged): why."""
 
     def interval(self, base_batch_seqs: float, conservative: bool = False) -> tuple[float, float | None]:
         k, kn = (self.k_star_conservative, self.k_next_conservative) if conservative else (self.k_star, self.k_next)
@@ -86,6 +90,8 @@ class Decision:
     @property
     def settled(self) -> bool:
         """No k between k* and k_next (or above k*, when unbounded) is undetermined."""
+        if self.undetermined_reason:
+            return False
         hi = self.k_next if self.k_next is not None else math.inf
         return not any(self.k_star < k < hi for k in self.undetermined)
 
@@ -105,9 +111,25 @@ def _clean(losses: list[list[float]]) -> list[np.ndarray]:
     return out
 
 
+def _reference_diverged(rule: str, ks: list[float], means: list[float], details: dict) -> Decision:
+    """The smallest k diverged: there is no reference to compare with, so no k passes or fails and
+    the point is undetermined as a whole (a diverged branch is never evidence that a larger batch
+    is as good)."""
+    n = len(ks)
+    reason = (f"the smallest batch (k={ks[0]:g}) diverged, so no batch can be compared with it; lower the base "
+              f"learning rate or branch from a later checkpoint")
+    return Decision(
+        rule=rule, ks=list(ks), status=[UNDETERMINED] * n, passes=[False] * n, k_star=ks[0],
+        k_star_conservative=ks[0], k_next=None, k_next_conservative=None, readings_disagree=False,
+        bounded_above=False, below_grid=False, means=means, undetermined=list(ks), replicates_needed=[None] * n,
+        details=details, undetermined_reason=reason)
+
+
 def _finish(rule: str, ks: list[float], status: list[str], means: list[float], needed: list[int | None],
             details: dict) -> Decision:
     n = len(ks)
+    if not math.isfinite(means[0]):
+        return _reference_diverged(rule, ks, means, details)
     status = [PASS] + list(status[1:])  # the reference passes vacuously
     passes = [s == PASS for s in status]
     paper = max(i for i in range(n) if passes[i])

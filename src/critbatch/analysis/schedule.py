@@ -55,7 +55,10 @@ def measured_envelope(curve: dict) -> tuple[list[tuple[int, float]], list[str]]:
         if a < (p["cbs_low_seqs"] or 0):
             notes.append(f"the CBS lower bound at {t:,} tokens ({p['cbs_low_seqs']:g} seqs) is capped at {a:g} by a "
                          f"later point: the CBS is taken as non-decreasing, so the smaller later bound holds earlier")
-        if p.get("settled") is False:
+        if p.get("undetermined_reason"):
+            notes.append(f"the point at {t:,} tokens is undetermined ({p['undetermined_reason']}): it allows only "
+                         f"the start batch, up to it")
+        elif p.get("settled") is False:
             notes.append(f"the point at {t:,} tokens has undetermined batches above its lower bound "
                          f"({', '.join(f'{k:g}' for k in p.get('undetermined_ks', []))} x B): only the lower bound, "
                          f"shown to pass, is used")

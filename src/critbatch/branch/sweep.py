@@ -31,7 +31,7 @@ from ..config import ADAM_RULES, LR_RULES, TrainConfig, config_hash, defining_di
 from ..data import SequenceStream, open_data
 from ..data.dataset import check_capacity
 from ..errors import CheckpointError, ConfigError, DataError
-from ..io import read_json, write_json_atomic, write_text_atomic
+from ..io import check_output, read_json, write_json_atomic, write_text_atomic
 from ..launch import LAUNCHERS, check_launch, check_single_process, default_jobs, run_job, run_jobs, write_job
 from ..report.plots import plot_cbs_curve, plot_loss_vs_batch
 from ..schedules.rules import adam_hparams, lr_rule_multiplier
@@ -40,6 +40,9 @@ from ..train.loop import EVAL_LOSSES_FILE
 from ..units import fmt_count
 
 BRANCH_FORMAT = 1
+EMA_MIN_STEPS = 8
+"""Fewest optimizer steps a branch needs for its EMA (alpha 0.5) reading: 1 - 0.5^8 = 99.6% of the
+weight on the branch's own steps (with one step the EMA is mostly the loss before it)."""
 DECIDE_BY = ("eval", "train-ema")
 SEARCHES = ("grid", "adaptive")
 
@@ -292,9 +295,30 @@ def _candidates(points: list[BranchPoint], window_seqs: int, k_min: float, k_max
     return out
 
 
+def _check_steps(cfg: SweepConfig, points: list[BranchPoint], ks: list[float], window_seqs: int) -> None:
+    """An explicit micro-batch must divide every probed batch it is smaller than (it is not silently
+    changed; one at least as large as a batch takes that batch whole); the EMA
+    reading needs enough steps in every branch to be an average."""
+    for p in points:
+        for k in ks:
+            kb = int(round(k * p.base_batch_seqs))
+            if cfg.micro_batch_seqs is not None and kb % cfg.micro_batch_seqs and cfg.micro_batch_seqs < kb:
+                raise ConfigError(f"micro-batch {cfg.micro_batch_seqs} does not divide the batch of {kb} sequences at "
+                                  f"k={k:g}; give one that divides every probed batch (or is at least as large), or none")
+            if cfg.decide_by == "train-ema" and window_seqs // kb < EMA_MIN_STEPS:
+                raise ConfigError(f"decide-by train-ema needs at least {EMA_MIN_STEPS} optimizer steps in every branch "
+                                  f"for its EMA to average over; k={k:g} takes {window_seqs // kb} in the window: "
+                                  f"lengthen the window or decide by eval")
+
+
 def _check_capacity(parent: TrainConfig, points: list[BranchPoint], replicates: int, window_seqs: int) -> None:
-    """Every replicate window must lie inside the training split."""
-    stream = SequenceStream(open_data(parent.data.path, verify=False), parent.model.seq_len, parent.data.order_seed)
+    """The data are intact (checked before any branch directory exists) and every replicate window
+    lies inside the training split."""
+    try:
+        data = open_data(parent.data.path, verify=parent.data.verify)
+    except DataError as e:
+        raise DataError(f"the parent run's data: {e}") from None
+    stream = SequenceStream(data, parent.model.seq_len, parent.data.order_seed)
     need = max(p.ckpt.meta["offset_seqs"] for p in points) + replicates * window_seqs
     check_capacity(stream, need, parent.data.allow_repeat, "the sweep",
                    "use a shorter window, fewer replicates or earlier branch points")
@@ -311,7 +335,13 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     k_min, k_max, res, step_ks = _search_range(cfg, ks)
     window_seqs, notes = _whole_step_window(cfg, points, step_ks, T)
     candidates = _candidates(points, window_seqs, k_min, k_max, res) if cfg.search == "adaptive" else None
+    if candidates is not None and cfg.micro_batch_seqs is not None:  # only batches the micro-batch divides
+        candidates = [k for k in candidates if all(int(round(k * p.base_batch_seqs)) % cfg.micro_batch_seqs == 0
+                                                   or int(round(k * p.base_batch_seqs)) <= cfg.micro_batch_seqs
+                                                   for p in points)]
+    _check_steps(cfg, points, step_ks, window_seqs)
     _check_capacity(parent, points, cfg.replicates, window_seqs)
+    check_output(run_dir / "sweeps", "the parent run")
     window = window_seqs * T
     parent_hash = config_hash(defining_dict(parent))
     spec = defining_dict(cfg)
@@ -534,6 +564,8 @@ def describe_point(p: dict) -> str:
     lo, hi = p["cbs_low_seqs"], p["cbs_high_seqs"]
     if len(p["ks"]) < 2:
         return f"one batch size only (k={p['ks'][0]:g}): no decision"
+    if p.get("undetermined_reason"):
+        return f"CBS undetermined: {p['undetermined_reason']}"
     und = [k * p["base_batch_seqs"] for k in p.get("undetermined_ks", [])]
     if hi is None:
         s = (f"CBS >= {lo:g} seqs ({fmt_count(lo * T)} tokens): no probed batch was shown to fail, bounded below only"

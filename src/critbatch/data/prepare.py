@@ -33,7 +33,7 @@ import numpy as np
 
 from ..config import option
 from ..errors import ConfigError, DataError
-from ..io import public_mode
+from ..io import check_output, public_mode
 from .sources import TOKEN_DTYPES, chunks, columnar_documents, expand, is_hf_dataset_dir, scan, token_file
 from .tokenizer import BPETokenizer, ByteTokenizer, FileTokenizer
 
@@ -363,6 +363,7 @@ def prepare(
         "holdout_fraction": holdout_fraction, "seed": seed, "text_field": None if is_tokens else text_field,
         "format": FORMAT,
     }
+    check_output(out, "--out")
     if _existing(out, recipe):
         return out
     t0 = time.time()

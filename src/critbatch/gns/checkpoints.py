@@ -24,7 +24,7 @@ from ..data import SequenceStream, open_data
 from ..data.dataset import check_capacity
 from ..dist import resolve_device
 from ..errors import ConfigError, DataError
-from ..io import read_json, write_json_atomic
+from ..io import check_output, read_json, write_json_atomic
 from ..model import build_model
 from ..train.checkpoint import find_kept, load_checkpoint
 from .probe import _check, estimate_noise_scale
@@ -71,6 +71,9 @@ def gns_at_checkpoints(cfg: GNSConfig, progress: bool | None = None) -> dict:
         raise DataError(f"run {run} is missing or incomplete (no config.json)")
     if cfg.n_batches < 1:
         raise ConfigError(f"n_batches={cfg.n_batches} must be >= 1")
+    if not 0.5 <= cfg.confidence < 1:
+        raise ConfigError(f"confidence={cfg.confidence} must be in [0.5, 1)")
+    check_output(run / "gns.json", "the run directory", "file")
     train_cfg = from_dict(TrainConfig, read_json(run / "config.json"))
     points = find_kept(run, cfg.at)
     if not points:

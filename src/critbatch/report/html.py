@@ -18,7 +18,7 @@ from pathlib import Path
 from ..analysis.comparison import RUNS, markdown_table, pm, table
 from ..analysis.curve import noise_scale_points
 from ..errors import DataError
-from ..io import read_json, read_jsonl, write_json_atomic, write_text_atomic
+from ..io import check_output, read_json, read_jsonl, write_json_atomic, write_text_atomic
 from ..units import fmt_count
 from .plots import plot_cbs_curve, plot_comparison, plot_loss_vs_batch, plot_schedule
 
@@ -66,6 +66,8 @@ def _interval_text(p: dict) -> str:
     lo, hi = p["cbs_low_seqs"], p["cbs_high_seqs"]
     if len(p["ks"]) < 2:
         return "no decision (one batch size)"
+    if p.get("undetermined_reason"):
+        return "undetermined: " + p["undetermined_reason"]
     und = ""
     if p.get("settled") is False:
         und = " (undetermined: " + ", ".join(f"{k * p['base_batch_seqs']:g}" for k in p.get("undetermined_ks", [])) + ")"
@@ -94,6 +96,7 @@ def summarize(d: Path) -> dict:
             "readings_disagree": p["readings_disagree"], "bounded_above": p["bounded_above"],
             "below_grid": p["below_grid"], "interval": _interval_text(p),
             "settled": p.get("settled", True), "undetermined_ks": p.get("undetermined_ks", []),
+            "undetermined_reason": p.get("undetermined_reason"),
             "replicates_needed": p.get("replicates_needed"), "eval_seqs_needed": p.get("eval_seqs_needed"),
             "max_paired_eval_se": p.get("max_paired_eval_se"), "eval_noise_ok": p.get("eval_noise_ok"),
             "noise_scale_seqs": (p.get("noise_scale") or {}).get("b_simple_seqs"),
@@ -143,7 +146,10 @@ def _cbs_conclusions(s: dict, pts: list[dict]) -> list[str]:
                        "passed after a smaller one failed); the report shows the paper's.")
         if any(not p["bounded_above"] for p in pts if len(p["probed_k"]) > 1):
             out.append("Where no probed batch was shown to fail, the CBS is only bounded below.")
-        unsettled = [p for p in pts if p.get("settled") is False]
+        for p in pts:
+            if p.get("undetermined_reason"):
+                out.append(f"At {fmt_count(p['tokens'])} tokens the CBS is undetermined: {p['undetermined_reason']}.")
+        unsettled = [p for p in pts if p.get("settled") is False and not p.get("undetermined_reason")]
         if unsettled:
             need = [p["replicates_needed"] for p in unsettled if p.get("replicates_needed")]
             out.append(f"Not settled at {', '.join(fmt_count(p['tokens']) for p in unsettled)} tokens: some batches are "
@@ -202,6 +208,14 @@ def _comparison_conclusions(s: dict) -> list[str]:
         gw, gl = w.get("gap_to_small") or {}, lg.get("gap_to_small") or {}
         S = len(c.get("seeds", [0]))
         seeds = f"mean of {S} seeds" if S > 1 else "one seed"
+        gone = [n for n in RUNS if c["runs"][n].get("diverged")]
+        if gone:
+            for n in gone:
+                r = c["runs"][n]
+                out.append(f"The {n} run diverged (seed {', '.join(str(x) for x in r['diverged_seeds'])}: "
+                           f"{r['diverged_reasons'][0]}), so its loss is not compared: a mean over the seeds that "
+                           f"survived would flatter it.")
+            return out
         out.append(f"Batch-size warmup reached a held-out loss of {w['final_eval_loss']:.4f} against "
                    f"{sm['final_eval_loss']:.4f} for the small-batch control (gap {pm(gw.get('final_eval_loss'))} nats, "
                    f"{seeds}) with {w['steps_saved_pct']:.0f}% fewer optimizer steps; the large-batch control at the "
@@ -217,6 +231,12 @@ def _comparison_conclusions(s: dict) -> list[str]:
                    "wall time only where a larger batch runs faster per token (GPUs), not on this CPU.")
     elif s.get("compare_skipped"):
         out.append(f"No comparison: {s['compare_skipped']}.")
+        no_warmup = [n for n in (s.get("schedule") or {}).get("notes", []) if n.startswith("no warmup")]
+        if no_warmup:
+            out.append(f"The derived schedule stays at the start batch ({no_warmup[0]}): a doubling the annealed "
+                       "probes do not show within ε is not taken. Plain probes (--cooldown-fraction 0) read the "
+                       "loss at full LR, where a larger batch looks no worse, and a warmup derived from them trailed "
+                       "the small-batch control by 0.02–0.08 nats (docs/LOG.md, the warmup study).")
     return out
 
 
@@ -389,6 +409,7 @@ def build_report(d: str | Path) -> Path:
     """Write ``report.html``, ``summary.json`` and ``summary.md`` into ``d``; returns the HTML path."""
     d = Path(d)
     s = summarize(d)
+    check_output(d, "report directory")
     figs = draw_figures(d, s)
     lean = {k: v for k, v in s.items() if k != "curve"}
     lean["figures"] = {k: str(p.relative_to(d)) for k, p in figs.items()}

@@ -9,6 +9,8 @@ checkpoints (branch points) and ``RUN/ckpt/resume_tok_…`` for the newest perio
 from __future__ import annotations
 
 import copy
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -62,15 +64,31 @@ def save_checkpoint(ckpt_root: Path, *, tokens: int, kept: bool, model_state: di
         torch.save(state, tmp / "state.pt")
         for name, arr in (arrays or {}).items():
             np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
-        (tmp / "meta.json").write_text(dumps({"format": FORMAT, "tokens": tokens, "kept": kept, **meta}) + "\n")
+        sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        (tmp / "meta.json").write_text(dumps({"format": FORMAT, "tokens": tokens, "kept": kept, **meta,
+                                              "sha256": sums}) + "\n")
         if final.exists():  # a torn directory without meta.json (cannot happen with rename, but be safe)
             shutil.rmtree(final)
         public_mode(tmp, directory=True)
         os.rename(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"the disk is full: the checkpoint at {tokens:,} tokens was not written (nothing is "
+                                  f"lost); free space and run the same command again to resume") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
@@ -150,6 +168,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
     try:
         meta = json.loads(meta_p.read_text())
+        for name, expect in (meta.get("sha256") or {}).items():
+            if sha256_file(path / name) != expect:
+                raise CheckpointError(f"checkpoint {path} is corrupt: the checksum of {name} does not match the one "
+                                      f"written with it (the file changed since)")
         out = {"meta": meta}
         for key in ("model", "optim", "state"):
             out[key] = torch.load(path / f"{key}.pt", map_location=map_location, weights_only=True)

@@ -38,7 +38,7 @@ from ..data.dataset import check_capacity, eval_sequences, step_slices
 from ..dist import (DistInfo, all_reduce_max_int, all_reduce_sum, barrier, fsdp_full_state, fsdp_load_optimizer,
                     init_distributed, resolve_device, shard_model)
 from ..errors import CheckpointError, ConfigError
-from ..io import read_json, write_json_atomic
+from ..io import check_output, read_json, read_jsonl, write_json_atomic
 from ..model import build_model, count_params, flops_per_token
 from ..model.hf import hf_config
 from ..optim import build_optimizer, lr_schedule_factor
@@ -143,6 +143,8 @@ class Trainer:
                  eval_at_start: bool = True, keep_final_checkpoint: bool = True, stop_on_signals: bool = False):
         validate(cfg)
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        if self.out_dir is not None:
+            check_output(self.out_dir, "--out")
         self.quiet = quiet
         self.stop_after_tokens = stop_after_tokens
         self.stop_on_signals = stop_on_signals
@@ -192,6 +194,7 @@ class Trainer:
                 self.existing_result = read_json(self.out_dir / "result.json")
             elif ckpts := list_checkpoints(self.out_dir):
                 self.resume_from = ckpts[-1].path
+                read_jsonl(self.out_dir / "metrics.jsonl")  # damaged records fail here, before anything is written
         self._init = None
         if self.resume_from is not None:
             self._init, where = load_checkpoint(self.resume_from), str(self.resume_from)
@@ -292,10 +295,10 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_log(self, record)
 
-    def diverge(self, tokens: int) -> None:
-        """Record a divergence at ``tokens``; the loop stops at this boundary."""
+    def diverge(self, tokens: int, reason: str) -> None:
+        """Record a divergence at ``tokens`` and why; the loop stops at this boundary."""
         if self.diverged_at is None:
-            self.diverged_at = tokens
+            self.diverged_at, self.diverged_reason = tokens, reason
 
     def kept_due(self, tokens_before: int | None) -> list[int]:
         """Requested kept checkpoints due at this boundary: those in (tokens_before, tokens], or, for
@@ -476,7 +479,8 @@ class Trainer:
                 write_json_atomic(self.out_dir / "config.json", to_dict(self.cfg))
             write_json_atomic(self.out_dir / "env.json", environment())
         self._build()
-        self.diverged_at, self.last_eval, self.last_eval_se, self.last_boundary = None, None, None, self.tokens
+        self.diverged_at, self.diverged_reason = None, None
+        self.last_eval, self.last_eval_se, self.last_boundary = None, None, self.tokens
         for cb in self.callbacks:
             cb.on_train_start(self)
         paused = False
@@ -491,7 +495,7 @@ class Trainer:
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     self.log({"step": self.state["step"], "tokens": plan.tokens, "train/diverged": True,
                               "train/loss": loss, "train/grad_norm": grad_norm})
-                    self.diverge(plan.tokens)
+                    self.diverge(plan.tokens, f"the training loss ({loss}) or gradient norm ({grad_norm}) is not finite")
                     break
                 rec = self._advance(plan, loss, grad_norm, rec)
                 for cb in self.callbacks:
@@ -533,7 +537,7 @@ class Trainer:
             "final_train_loss": s["loss_ema"] if ok else None,
             "final_train_loss_last_step": s["last_loss"] if ok else None,
             "train_loss_smoothing": f"EMA alpha={EMA_ALPHA} over steps",
-            "diverged": not ok, "diverged_at_tokens": self.diverged_at,
+            "diverged": not ok, "diverged_at_tokens": self.diverged_at, "diverged_reason": self.diverged_reason,
             "epochs": s["offset_seqs"] / self.stream.n_seqs, "params": self.n_params,
             "flops_per_token": self.flops_per_token, "wall_time_s": s["elapsed_s"],
             "tokens_per_s": (self.tokens - s["start_tokens"]) / s["elapsed_s"] if s["elapsed_s"] > 0 else None,
