@@ -19,7 +19,7 @@ LAYERS = [
     ("launch", ["critbatch.launch"]),
     ("analysis", ["critbatch.analysis"]),
     ("report", ["critbatch.report"]),
-    ("pipelines", ["critbatch.branch", "critbatch.compare", "critbatch.demo", "critbatch.derive",
+    ("pipelines", ["critbatch.branch", "critbatch.compare", "critbatch.demo", "critbatch.derive", "critbatch.autobatch", "critbatch.plan",
                    "critbatch.gns.checkpoints"]),
     ("integrations", ["critbatch.integrations"]),
     ("cli", ["critbatch.cli", "critbatch.clispec", "critbatch.__main__", "critbatch.__init__"]),

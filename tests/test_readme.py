@@ -50,6 +50,7 @@ def test_each_stage_alone_as_the_readme_shows(tmp_path):
     run_lines(lines, tmp_path)
     assert (tmp_path / "runs" / "base" / "report.html").is_file()
     assert (tmp_path / "runs" / "compare" / "comparison.md").is_file()
+    assert (tmp_path / "runs" / "auto" / "decisions.jsonl").is_file()  # the closed loop
 
 
 def test_bring_your_own_text_as_the_readme_shows(tmp_path):

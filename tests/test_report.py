@@ -19,18 +19,23 @@ def quick_demo(tmp_path_factory):
 
 def test_quick_demo_runs_every_stage(quick_demo):
     demo = read_json(quick_demo / "demo.json")
-    assert set(demo["stages"]) == {"prepare", "base", "sweep", "gns", "schedule", "compare", "report"}
+    assert set(demo["stages"]) == {"prepare", "base", "sweep", "gns", "schedule", "autobatch", "compare", "report"}
     assert all(s["done"] and s["seconds"] >= 0 for s in demo["stages"].values())
     s = read_json(quick_demo / "summary.json")
     assert [p["tokens"] for p in s["points"]] == [5_120, 20_480]  # the requested points, on step boundaries
     assert all(p["noise_scale_seqs"] is not None for p in s["points"])
     assert s["schedule"]["phases"][0]["batch_seqs"] == 8
-    assert set(s["comparison"]["runs"]) == {"warmup", "small", "large"}
+    cl = s["closed_loop"]
+    assert [d["requested_tokens"] for d in cl["decisions"]] == [30_000, 60_000]
+    # the closed loop is compared beside the warmup when it changed the batch
+    assert set(s["comparison"]["runs"]) == {"warmup", "small", "large"} | ({"closed-loop"} if cl["raises"] else set())
+    assert any(c.startswith("The closed loop (one run probing its own CBS at 2 points") for c in s["conclusions"])
     assert s["conclusions"] and all(isinstance(c, str) and c for c in s["conclusions"])
     md = (quick_demo / "summary.md").read_text()
     assert md.startswith("# critbatch report") and "## What was found" in md
     html = (quick_demo / "report.html").read_text()
     assert html.count("<figure") == len(s["figures"]) >= 3
+    assert "id='closed-loop'" in html and "## Closed loop" in md
     import re
 
     # self-contained: nothing is loaded from anywhere (namespace URIs are names, not fetched)
@@ -42,7 +47,7 @@ def test_rerun_skips_finished_stages(quick_demo, capsys):
     before = read_json(quick_demo / "demo.json")["stages"]
     assert main(["demo", "--quick", "--out", str(quick_demo)]) == 0
     err = capsys.readouterr().err
-    for stage in ("prepare", "base", "sweep", "gns", "schedule", "compare"):
+    for stage in ("prepare", "base", "sweep", "gns", "schedule", "autobatch", "compare"):
         assert f"{stage}: done earlier" in err
     after = read_json(quick_demo / "demo.json")["stages"]
     assert {k: v["seconds"] for k, v in before.items()} == {k: v["seconds"] for k, v in after.items()}

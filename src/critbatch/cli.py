@@ -23,6 +23,8 @@ from .branch.sweep import describe_point
 from .clispec import Flag, add_dataclass_args, overrides
 from .compare import CompareConfig, run_compare
 from .analysis.comparison import markdown_table
+from .autobatch import AutoBatchConfig, run_auto_batch
+from .autobatch import describe as describe_auto_batch
 from .config import TrainConfig, from_dict, load_config_file, merge, option
 from .data.prepare import PrepareConfig, prepare_config
 from .demo import DemoConfig, run_demo
@@ -32,6 +34,8 @@ from .gns.checkpoints import GNSConfig, gns_at_checkpoints
 from .gns.online import NoiseScaleCallback
 from .io import read_json
 from .model import count_params
+from .plan import PlanConfig, run_plan
+from .plan import describe as describe_plan
 from .report import build_report
 from .schedules import BatchSchedule
 from .train import Trainer
@@ -56,6 +60,10 @@ class TrainCommand:
     """Log the gradient noise scale online (needs accumulation or DDP)."""
     progress: bool = True
     """Show a progress bar (when stderr is a terminal)."""
+    auto_batch: bool = False
+    """The closed loop: measure the local CBS at probe points during the run and double the batch
+    when the probe shows it safe (``--auto.*`` set the probes; results in OUT/decisions.jsonl)."""
+    auto: AutoBatchConfig = field(default_factory=AutoBatchConfig)
 
 
 @dataclass
@@ -101,9 +109,30 @@ def build_train_config(cmd: TrainCommand, over: dict) -> TrainConfig:
     return merge(cfg, over) if over else cfg
 
 
+def cmd_auto_batch(cmd: TrainCommand, cfg: TrainConfig) -> int:
+    if cmd.init_from or cmd.stop_after_tokens or cmd.gns:
+        raise ConfigError("--auto-batch runs the whole closed loop; it does not take --init-from, --stop-after-tokens "
+                          "or --gns")
+    result = run_auto_batch(cfg, cmd.auto, cmd.out, verbose=cmd.progress)
+    print(f"{cmd.out}: closed loop ({cmd.auto.act_on} trigger), decisions in {Path(cmd.out) / 'decisions.jsonl'}")
+    for line in describe_auto_batch(result):
+        print(f"  {line}")
+    return 0
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     cmd = _pick(ns, ns.flags["cmd"], TrainCommand)
-    cfg = build_train_config(cmd, overrides(ns, ns.flags["cfg"]))
+    if "auto" in overrides(ns, ns.flags["cmd"]) and not cmd.auto_batch:
+        raise ConfigError("--auto.* options set the closed loop: add --auto-batch")
+    if cmd.auto_batch and cmd.preset is None and cmd.config is None and (Path(cmd.out) / "autobatch.json").is_file():
+        saved = read_json(Path(cmd.out) / "autobatch.json")  # resume the loop with its own settings
+        cfg = merge(from_dict(TrainConfig, saved["train"]), overrides(ns, ns.flags["cfg"]))
+        given = overrides(ns, ns.flags["cmd"]).get("auto", {})
+        cmd.auto = from_dict(AutoBatchConfig, {**saved["auto"], **given})
+    else:
+        cfg = build_train_config(cmd, overrides(ns, ns.flags["cfg"]))
+    if cmd.auto_batch:
+        return cmd_auto_batch(cmd, cfg)
     trainer = Trainer(cfg, cmd.out, init_from=cmd.init_from, progress=None if cmd.progress else False,
                       stop_after_tokens=cmd.stop_after_tokens, callbacks=[NoiseScaleCallback()] if cmd.gns else [],
                       stop_on_signals=True)
@@ -207,6 +236,13 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(ns: argparse.Namespace) -> int:
+    est = run_plan(_pick(ns, ns.flags["cfg"], PlanConfig))
+    for line in describe_plan(est):
+        print(line)
+    return 0
+
+
 def cmd_report(ns: argparse.Namespace) -> int:
     print(build_report(_pick(ns, ns.flags["cfg"], ReportCommand).dir))
     return 0
@@ -248,6 +284,8 @@ COMMANDS = [
     Command("gns", "gradient noise scale at kept checkpoints (beside the CBS)", cmd_gns, GNSConfig, Progress),
     Command("schedule", "derive a batch-size warmup schedule from a sweep's CBS curve", cmd_schedule, ScheduleConfig),
     Command("compare", "warmup schedule against small- and large-batch controls", cmd_compare, CompareConfig, Progress),
+    Command("plan", "before a run: what the closed loop (train --auto-batch) would cost and save", cmd_plan,
+            PlanConfig),
     Command("demo", "the whole study on the embedded corpus, ending in report.html", cmd_demo, DemoConfig),
     Command("report", "rebuild report.html, summary.json and summary.md from a study directory", cmd_report,
             ReportCommand),

@@ -13,7 +13,9 @@ per seed, and the loss gap of each run to the small-batch control is reported as
 error over seeds. Every eval loss is on one held-out sample shared by all runs, so within a seed a
 gap also has a paired standard error from the per-sequence losses.
 
-Output in ``DIR``: ``compare.json`` (the spec), ``runs/s<seed>/{warmup,small,large}/`` (run
+With ``closed_loop`` a fourth run replays the batch schedule a closed-loop run took.
+
+Output in ``DIR``: ``compare.json`` (the spec), ``runs/s<seed>/{warmup,small,large,closed-loop}/`` (run
 directories), ``comparison.json``, ``comparison.md`` and ``loss_vs_tokens.png|svg``.
 """
 
@@ -29,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import presets
-from .analysis.comparison import GAPS, RUNS, gap_stats, markdown_table
+from .analysis.comparison import CLOSED_LOOP, GAPS, gap_stats, markdown_table
 from .config import ADAM_RULES, TrainConfig, defining_dict, how, load_config_file, merge, option
 from .errors import ConfigError
 from .io import check_output, read_json, read_jsonl, write_json_atomic, write_text_atomic
@@ -84,6 +86,24 @@ class CompareConfig:
     """Options of the ``slurm``/``submitit-local`` launchers (keys of ``critbatch.launch.slurm.SlurmConfig``)."""
     gns: bool = False
     """Log the online noise scale in each run."""
+    closed_loop: str | None = None
+    """A closed-loop run directory (``train --auto-batch``): the batch schedule it took is replayed as
+    a fourth run, ``closed-loop``, with the same seeds and anneal (with its own seed and config the
+    replay's pretraining is the closed-loop run itself). The warmup schedule may then have no batch
+    change (when the offline derivation found none)."""
+
+
+def _closed_loop_phases(d: str, T: int, N: int, B0: int) -> list[list[int]]:
+    p = Path(d) / "schedule.json"
+    if not p.is_file():
+        raise ConfigError(f"closed_loop={d} is not a finished closed-loop run (no schedule.json); run "
+                          f"`critbatch train --auto-batch --out {d}` to the end")
+    sched = BatchSchedule.parse(str(p), T)
+    used = [list(x) for x in sched.phases if x[0] < N]
+    if used[0][1] != B0:
+        raise ConfigError(f"the closed-loop run {d} started at batch {used[0][1]}, the warmup at {B0}: compare runs "
+                          f"that start from the same batch")
+    return used
 
 
 def _whole_seqs(tokens: int, seq_len: int, what: str, notes: list[str]) -> int:
@@ -133,19 +153,24 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]]
     sched = BatchSchedule.parse(cfg.schedule, T, base.optim.lr_rule, adam_rule=cfg.adam_rule)
     used = [(s, b) for s, b in sched.phases if s < N]
     B0, B1 = used[0][1], used[-1][1]
-    if len(used) < 2:
+    loop = _closed_loop_phases(cfg.closed_loop, T, N, B0) if cfg.closed_loop else None
+    if loop:
+        B1 = max(B1, loop[-1][1])
+    if len(used) < 2 and B1 == B0:
         raise ConfigError(f"the schedule has no batch change before {N:,} tokens: nothing to compare "
                           f"(its phases start at {', '.join(str(s) for s, _ in sched.phases)})")
     if any(b <= a for (_, a), (_, b) in zip(used, used[1:])):
         raise ConfigError(f"the schedule {' -> '.join(str(b) for _, b in used)} is not a warmup: every phase must "
                           f"have a larger batch than the one before")
     avg = cfg.avg_tokens or max(-(-N // 10 // T) * T, T)  # 10%, in whole sequences
-    anneal = {n: (cfg.anneal_steps * b * T if cfg.anneal_steps else anneal_tokens)
-              for n, b in (("warmup", B1), ("small", B0), ("large", B1))}
+    runs = [("warmup", [list(p) for p in used]), ("small", [[0, B0]]), ("large", [[0, B1]])]
+    if loop:
+        runs.append((CLOSED_LOOP, loop))
+    anneal = {n: (cfg.anneal_steps * phases[-1][1] * T if cfg.anneal_steps else anneal_tokens) for n, phases in runs}
     configs: dict[int, dict[str, TrainConfig]] = {}
     for seed in cfg.seeds:
         per = {}
-        for name, phases in (("warmup", [list(p) for p in used]), ("small", [[0, B0]]), ("large", [[0, B1]])):
+        for name, phases in runs:
             per[name] = merge(base, {
                 "total_tokens": N + anneal[name], "exact_total_tokens": True, "lr_ref_batch_seqs": B0,
                 "optim": {"lr_rule": sched.rule, "adam_rule": sched.adam_rule}, "checkpoint_tokens": [N],
@@ -161,7 +186,8 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]]
     facts = {"pretrain_tokens": N, "anneal_tokens": anneal_tokens, "notes": notes, "anneal_steps": cfg.anneal_steps,
              "anneal_tokens_per_run": anneal, "avg_tokens": avg, "b0_seqs": B0, "final_seqs": B1, "seq_len": T,
              "rule": sched.rule, "adam_rule": sched.adam_rule, "seeds": list(cfg.seeds),
-             "eval_seqs": base.eval_seqs, "ignored_phases": [list(p) for p in sched.phases if p[0] >= N]}
+             "eval_seqs": base.eval_seqs, "ignored_phases": [list(p) for p in sched.phases if p[0] >= N],
+             "runs": [n for n, _ in runs], "closed_loop": cfg.closed_loop}
     return configs, sched, facts
 
 
@@ -222,20 +248,21 @@ def _row(d: Path, facts: dict, cfg: TrainConfig) -> dict:
 def summarize(out: Path, facts: dict, configs: dict[int, dict[str, TrainConfig]]) -> dict:
     per_seed: dict[int, dict] = {}
     paired: dict = {}
+    names = list(next(iter(configs.values())))
     for seed, cfgs in configs.items():
-        rows = {name: _row(run_dir(out, seed, name), facts, cfgs[name]) for name in RUNS}
+        rows = {name: _row(run_dir(out, seed, name), facts, cfgs[name]) for name in names}
         small = rows["small"]["optimizer_steps"]
         for r in rows.values():
             r["steps_saved_pct"] = 100.0 * (1 - r["optimizer_steps"] / small)
         per_seed[seed] = rows
-        seqs = {name: _per_seq(run_dir(out, seed, name), facts["pretrain_tokens"]) for name in RUNS}
-        for name in ("warmup", "large"):
+        seqs = {name: _per_seq(run_dir(out, seed, name), facts["pretrain_tokens"]) for name in names}
+        for name in [n for n in names if n != "small"]:
             for key, when in (("final_eval_loss", "pre"), ("anneal_eval_loss", "end")):
                 a, b = seqs[name][when], seqs["small"][when]
                 if a is not None and b is not None and a.shape == b.shape and a.size > 1:
                     paired[(seed, name, key)] = float(np.std(a - b, ddof=1) / math.sqrt(a.size))
     runs = {}
-    for name in RUNS:
+    for name in names:
         rows = [per_seed[s][name] for s in configs]
         bad = [(s, per_seed[s][name]["diverged_reason"]) for s in configs if per_seed[s][name]["diverged"]]
         agg = {"batch_schedule": rows[0]["batch_schedule"], "diverged": bool(bad),
@@ -250,7 +277,7 @@ def summarize(out: Path, facts: dict, configs: dict[int, dict[str, TrainConfig]]
         runs[name] = agg
     N, avg = facts["pretrain_tokens"], facts["avg_tokens"]
     return {**facts, "runs": runs, "per_seed": {str(s): rows for s, rows in per_seed.items()},
-            "run_dirs": {str(s): {n: str(run_dir(Path("."), s, n)) for n in RUNS} for s in configs},
+            "run_dirs": {str(s): {n: str(run_dir(Path("."), s, n)) for n in names} for s in configs},
             "final_train_loss_definition": f"token-weighted mean training loss over the last {avg:,} tokens before "
                                            f"{N:,}" + ("; after the anneal, over its last tokens (at most as many)"
                                                        if any(facts["anneal_tokens_per_run"].values()) else "")}
@@ -270,7 +297,7 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "compare.json", spec)
     dirs = [write_job(run_dir(out, seed, name), configs[seed][name], callbacks=["gns"] if cfg.gns else [])
-            for seed in cfg.seeds for name in RUNS]
+            for seed in cfg.seeds for name in configs[seed]]
     jobs = cfg.jobs or min(len(dirs), default_jobs(cfg.threads_per_job, cfg.device))
     t0 = time.time()
     bar = tqdm(total=len(dirs), desc="comparison runs", unit="run", disable=True if progress is False else None,
@@ -284,7 +311,8 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
     write_json_atomic(out / "comparison.json", comp)
     write_text_atomic(out / "comparison.md", markdown_table(comp))
     s0 = cfg.seeds[0]
-    plot_comparison({n: read_jsonl(run_dir(out, s0, n) / "metrics.jsonl") for n in RUNS}, comp, out / "loss_vs_tokens")
+    plot_comparison({n: read_jsonl(run_dir(out, s0, n) / "metrics.jsonl") for n in configs[s0]}, comp,
+                    out / "loss_vs_tokens")
     return comp
 
 

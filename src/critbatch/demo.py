@@ -7,8 +7,11 @@ Stages (each skipped when already finished, so a rerun only does what is missing
 3. sweep     an adaptive branch search at every checkpoint           -> DIR/base/sweeps/<id>
 4. gns       the gradient noise scale at every checkpoint            -> DIR/base/gns.json
 5. schedule  batch-size warmup derived from the CBS curve            -> DIR/schedule.json
-6. compare   warmup against small- and large-batch controls          -> DIR/compare
-7. report    report.html, summary.json, summary.md                   -> DIR
+6. autobatch the closed loop: one run that probes its own CBS and      -> DIR/autobatch
+             doubles its batch when the probe shows it safe
+7. compare   warmup and the closed loop against small- and           -> DIR/compare
+             large-batch controls
+8. report    report.html, summary.json, summary.md                   -> DIR
 
 ``DIR/demo.json`` records the configuration, the finished stages and the cost of each.
 """
@@ -22,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import presets
+from .autobatch import AutoBatchConfig, run_auto_batch
 from .branch import SweepConfig, run_sweep
 from .compare import CompareConfig, run_compare
 from .config import defining_dict, how, merge, to_dict
@@ -33,7 +37,7 @@ from .io import check_output, read_json, write_json_atomic
 from .report import build_report
 from .train import train
 
-STAGES = ("prepare", "base", "sweep", "gns", "schedule", "compare", "report")
+STAGES = ("prepare", "base", "sweep", "gns", "schedule", "autobatch", "compare", "report")
 
 
 @dataclass
@@ -67,6 +71,12 @@ class DemoConfig:
     """Big batches averaged by the noise scale."""
     anneal_tokens: int = 102_400
     """The comparison's LR anneal after the pretraining tokens, at each run's final batch."""
+    closed_loop: bool = True
+    """Also run the closed loop (``train --auto-batch``) and compare it."""
+    auto_probe_at: list[int] | None = None
+    """The closed loop's probe points (default: its own, log-spaced from total/16)."""
+    auto_window_tokens: int | None = None
+    """The closed loop's probe window (default: its own, 0.25 x the point's tokens)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds (initialisation and data order) of the comparison; several give each gap a standard error."""
     jobs: int | None = how(None)
@@ -82,7 +92,7 @@ class DemoConfig:
         if quick:
             base = dict(total_tokens=120_000, points=[5_000, 20_000], window_tokens=8_192, k_min=0.5,
                         k_max=8.0, eval_seqs=256, gns_b_big=16, gns_batches=4, anneal_tokens=8_192,
-                        launcher="inprocess")
+                        launcher="inprocess", auto_probe_at=[30_000, 60_000], auto_window_tokens=8_192)
             base.update(over)
             over = base
         return cls(out=out, quick=quick, **over)
@@ -188,17 +198,33 @@ def run_demo(cfg: DemoConfig) -> dict:
                                       start_seqs=tcfg.batch_seqs, until_tokens=cfg.total_tokens))
 
     st.run("schedule", schedule)
+    loop_cfg = merge(tcfg, {"checkpoint_tokens": []})
+
+    def autobatch():
+        if cfg.closed_loop:
+            run_auto_batch(loop_cfg, AutoBatchConfig(probe_at=cfg.auto_probe_at, window_tokens=cfg.auto_window_tokens,
+                                                     gns_b_big=cfg.gns_b_big, gns_batches=cfg.gns_batches,
+                                                     eval_seqs=cfg.eval_seqs, cooldown_fraction=cfg.cooldown_fraction,
+                                                     jobs=cfg.jobs, launcher=cfg.launcher,
+                                                     threads_per_branch=_threads(cfg)),
+                           out / "autobatch", threads=_threads(cfg) if cfg.launcher == "inprocess" else None)
+
+    st.run("autobatch", autobatch)
 
     def compare():
         doc = read_json(out / "schedule.json")
-        if len([p for p in doc["phases"] if p["start_tokens"] < cfg.total_tokens]) < 2:
-            st.artifact("compare_skipped", "the derived schedule has no batch change within the run: nothing to compare")
+        changes = len([p for p in doc["phases"] if p["start_tokens"] < cfg.total_tokens]) > 1
+        loop = read_json(out / "autobatch" / "result.json") if cfg.closed_loop else None
+        if not changes and not (loop and loop["raises"]):
+            st.artifact("compare_skipped", "neither the derived schedule nor the closed loop changed the batch within "
+                                           "the run: nothing to compare")
             return
         cfg_file = out / "compare-config.json"
-        write_json_atomic(cfg_file, to_dict(merge(tcfg, {"checkpoint_tokens": []})))
+        write_json_atomic(cfg_file, to_dict(loop_cfg))
         run_compare(CompareConfig(out=str(out / "compare"), schedule=str(out / "schedule.json"), config=str(cfg_file),
                                   total_tokens=cfg.total_tokens, anneal_tokens=cfg.anneal_tokens, seeds=cfg.seeds,
-                                  jobs=cfg.jobs, launcher=cfg.launcher, threads_per_job=_threads(cfg)))
+                                  jobs=cfg.jobs, launcher=cfg.launcher, threads_per_job=_threads(cfg),
+                                  closed_loop=str(out / "autobatch") if loop else None))
 
     st.run("compare", compare)
     st.run("report", lambda: build_report(out), always=True)

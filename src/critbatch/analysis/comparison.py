@@ -9,6 +9,13 @@ import math
 import numpy as np
 
 RUNS = ("warmup", "small", "large")
+CLOSED_LOOP = "closed-loop"
+"""The optional fourth run: a closed-loop run's schedule (``train --auto-batch``) replayed."""
+
+
+def run_names(c: dict) -> list[str]:
+    """The runs of a comparison, in table order (the closed loop when there is one)."""
+    return [n for n in (*RUNS, CLOSED_LOOP) if n in c["runs"]]
 GAPS = ("final_eval_loss", "anneal_eval_loss", "final_train_loss", "anneal_train_loss")
 
 
@@ -47,7 +54,7 @@ def table(c: dict) -> tuple[list[str], list[list[str]], str]:
         head += ["eval after anneal", "gap after anneal"]
     head += ["optimizer steps", "steps saved", "wall time"]
     rows = []
-    for name in RUNS:
+    for name in run_names(c):
         r = c["runs"][name]
         gaps = r.get("gap_to_small") or {}
         sched = " → ".join(f"{b}" + (f" at {s:,}" if s else "") for s, b in r["batch_schedule"])

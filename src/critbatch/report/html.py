@@ -15,7 +15,7 @@ import re
 import time
 from pathlib import Path
 
-from ..analysis.comparison import RUNS, markdown_table, pm, table
+from ..analysis.comparison import markdown_table, pm, run_names, table
 from ..analysis.curve import noise_scale_points
 from ..errors import DataError
 from ..io import check_output, read_json, read_jsonl, write_json_atomic, write_text_atomic
@@ -23,6 +23,7 @@ from ..units import fmt_count
 from .plots import plot_cbs_curve, plot_comparison, plot_loss_vs_batch, plot_schedule
 
 FIGURES = ("loss_vs_batch", "cbs_curve", "schedule", "comparison")
+CLOSED_LOOP_CAPTION = " Red: the closed loop's batch, with its probes (▲: 2B shown within ε and taken; ▽: not shown)."
 
 
 def _layout(d: Path) -> dict:
@@ -33,11 +34,12 @@ def _layout(d: Path) -> dict:
         sweep = d / demo["artifacts"]["sweep_dir"] if demo.get("artifacts", {}).get("sweep_dir") else None
         return {"kind": "demo", "demo": demo, "run": run, "sweep": sweep,
                 "schedule": d / "schedule.json" if (d / "schedule.json").is_file() else None,
-                "compare": d / "compare" if (d / "compare" / "comparison.json").is_file() else None}
+                "compare": d / "compare" if (d / "compare" / "comparison.json").is_file() else None,
+                "autobatch": d / "autobatch" if (d / "autobatch" / "result.json").is_file() else None}
     if (d / "config.json").is_file():
         sweeps = sorted((d / "sweeps").glob("*/cbs.json"), key=lambda p: p.stat().st_mtime)
         return {"kind": "run", "demo": None, "run": d, "sweep": sweeps[-1].parent if sweeps else None,
-                "schedule": None, "compare": None}
+                "schedule": None, "compare": None, "autobatch": None}
     raise DataError(f"{d} is neither a demo directory (demo.json) nor a run directory (config.json)")
 
 
@@ -110,6 +112,9 @@ def summarize(d: Path) -> dict:
         s["schedule"] = read_json(lay["schedule"])
     if lay["compare"] is not None:
         s["comparison"] = read_json(lay["compare"] / "comparison.json")
+    if lay.get("autobatch") is not None:
+        s["closed_loop"] = read_json(lay["autobatch"] / "result.json")
+        s["closed_loop"]["decisions"] = read_jsonl(lay["autobatch"] / "decisions.jsonl")
     if lay["demo"] is not None:
         # the report's own cost cannot be in the report it is writing
         s["stages"] = {k: v for k, v in lay["demo"]["stages"].items() if k != "report"}
@@ -200,6 +205,34 @@ def conclusions(s: dict) -> list[str]:
     return out + _comparison_conclusions(s)
 
 
+def _closed_loop_conclusions(s: dict, c: dict | None) -> list[str]:
+    cl = s.get("closed_loop")
+    if not cl:
+        return []
+    if cl.get("diverged"):
+        return [f"The closed-loop run diverged: {cl.get('diverged_reason')}."]
+    sched = " → ".join(f"{b}" + (f" at {fmt_count(t)}" if t else "") for t, b in cl["schedule"])
+    txt = (f"The closed loop (one run probing its own CBS at {cl['probe_points']} points, "
+           f"{cl['act_on']} trigger) took the batch {sched} sequences, {cl['steps_saved_pct']:.0f}% fewer optimizer "
+           f"steps than the small batch; its probes cost {fmt_count(cl['probe_tokens'])} tokens "
+           f"({100 * (cl['probe_fraction'] or 0):.0f}% of its own) and the noise scale "
+           f"{fmt_count(cl['gns_tokens'])} more")
+    r = (c or {}).get("runs", {}).get("closed-loop")
+    if r and not r.get("diverged"):
+        g = r.get("gap_to_small") or {}
+        txt += (f"; replayed beside the controls it reached {r['final_eval_loss']:.4f} (gap "
+                f"{pm(g.get('final_eval_loss'))})")
+        if r.get("anneal_eval_loss") is not None:
+            txt += f" and {r['anneal_eval_loss']:.4f} after the anneal (gap {pm(g.get('anneal_eval_loss'))})"
+    out = [txt + "."]
+    ag = cl.get("agreement") or {}
+    said = [f"the {'noise-scale' if n == 'gns' else 'norm-test'} trigger agreed at {v['agree']} of {v['points']}"
+            for n, v in ag.items() if v["points"]]
+    if said:
+        out.append("Against the branch probe's verdicts, " + " and ".join(said) + " probe points.")
+    return out
+
+
 def _comparison_conclusions(s: dict) -> list[str]:
     out = []
     c = s.get("comparison")
@@ -208,7 +241,7 @@ def _comparison_conclusions(s: dict) -> list[str]:
         gw, gl = w.get("gap_to_small") or {}, lg.get("gap_to_small") or {}
         S = len(c.get("seeds", [0]))
         seeds = f"mean of {S} seeds" if S > 1 else "one seed"
-        gone = [n for n in RUNS if c["runs"][n].get("diverged")]
+        gone = [n for n in run_names(c) if c["runs"][n].get("diverged")]
         if gone:
             for n in gone:
                 r = c["runs"][n]
@@ -225,12 +258,14 @@ def _comparison_conclusions(s: dict) -> list[str]:
             how = (f"{c['anneal_steps']:,}-step" if c.get("anneal_steps") else f"{fmt_count(c['anneal_tokens'])}-token")
             out.append(f"After the {how} anneal: warmup {w['anneal_eval_loss']:.4f}, small {sm['anneal_eval_loss']:.4f} "
                        f"(gap {pm(gw.get('anneal_eval_loss'))}), large {lg['anneal_eval_loss']:.4f}.")
+        out += _closed_loop_conclusions(s, c)
         caveat = ("differences are read against the ± beside them" if S > 1 else
                   "with one seed the run-to-run noise is not measured (docs/LOG.md has multi-seed numbers)")
         out.append(f"What this does not show: a tiny model on a 10 MB corpus; {caveat}; fewer optimizer steps save "
                    "wall time only where a larger batch runs faster per token (GPUs), not on this CPU.")
     elif s.get("compare_skipped"):
         out.append(f"No comparison: {s['compare_skipped']}.")
+        out += _closed_loop_conclusions(s, None)
         no_warmup = [n for n in (s.get("schedule") or {}).get("notes", []) if n.startswith("no warmup")]
         if no_warmup:
             out.append(f"The derived schedule stays at the start batch ({no_warmup[0]}): a doubling the annealed "
@@ -259,7 +294,8 @@ def draw_figures(d: Path, s: dict) -> dict[str, Path]:
     out = {}
     if s.get("curve"):
         plot_loss_vs_batch(s["curve"], fig_dir / "loss_vs_batch")
-        plot_cbs_curve(s["curve"], fig_dir / "cbs_curve", noise_scale=noise_scale_points(s["curve"]) or None)
+        plot_cbs_curve(s["curve"], fig_dir / "cbs_curve", noise_scale=noise_scale_points(s["curve"]) or None,
+                       decisions=(s.get("closed_loop") or {}).get("decisions"))
         out["loss_vs_batch"] = fig_dir / "loss_vs_batch.svg"
         out["cbs_curve"] = fig_dir / "cbs_curve.svg"
     if s.get("schedule") and s.get("curve"):
@@ -269,13 +305,27 @@ def draw_figures(d: Path, s: dict) -> dict[str, Path]:
     if s.get("comparison"):
         c = s["comparison"]
         seed = str(c["seeds"][0])
-        metrics = {n: read_jsonl(lay["compare"] / c["run_dirs"][seed][n] / "metrics.jsonl") for n in RUNS}
+        metrics = {n: read_jsonl(lay["compare"] / c["run_dirs"][seed][n] / "metrics.jsonl") for n in run_names(c)}
         plot_comparison(metrics, s["comparison"], fig_dir / "comparison")
         out["comparison"] = fig_dir / "comparison.svg"
     return out
 
 
 # ---- HTML -----------------------------------------------------------------------------------------
+
+
+def _closed_loop_html(cl: dict) -> str:
+    rows = [[fmt_count(d["tokens"]), d["batch_before"],
+             " / ".join(f"{sum(v) / len(v):.4f}" for v in d["probe"]["eval_losses"]) if d.get("probe") else "—",
+             ", ".join(f"{k}: {v}" for k, v in d["verdicts"].items() if v is not None), d["acted_on"],
+             d["batch_after"], fmt_count(d["cost"]["probe_tokens"])] for d in cl["decisions"]]
+    return ("<h2 id='closed-loop'>The closed loop: one run that measures its own CBS</h2>"
+            + _table(["tokens", "batch", "probe eval loss (B / 2B)", "verdicts", "acted on", "batch after",
+                      "probe tokens"], rows)
+            + f"<p class='muted'>Probe tokens {fmt_count(cl['probe_tokens'])} "
+              f"({100 * (cl['probe_fraction'] or 0):.0f}% of the run's {fmt_count(cl['tokens'])}); noise-scale tokens "
+              f"{fmt_count(cl['gns_tokens'])}; {cl['steps']:,} optimizer steps against {cl['small_control_steps']:,} "
+              f"at the starting batch. Evidence per point: autobatch/decisions.jsonl.</p>")
 
 CSS = """
 body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
@@ -335,7 +385,8 @@ def render_html(s: dict, figs: dict[str, Path]) -> str:
             "the tolerance; the dashed line is the CBS reading.")
         fig("cbs_curve", "CBS against training tokens, with the fit and the noise scale (Figs. 2–3)",
             "Bars: measured CBS intervals [k*·B, k_next·B] (dots at their geometric mean; arrows: one-sided). "
-            "Dashed: the censored saturating power-law fit. Squares: the gradient noise scale B_simple with 95% intervals.")
+            "Dashed: the censored saturating power-law fit. Squares: the gradient noise scale B_simple with 95% intervals."
+            + CLOSED_LOOP_CAPTION * bool(s.get("closed_loop")))
         rows = [[fmt_count(p["tokens"]), p["base_batch_seqs"], " ".join(f"{k:g}" for k in p["probed_k"]), p["interval"],
                  "yes" if p["readings_disagree"] else "", _num(p["noise_scale_seqs"], "{:.3g}")] for p in s["points"]]
         parts.append(_table(["tokens", "base batch", "probed k", "CBS (sequences)", "readings disagree",
@@ -355,6 +406,8 @@ def render_html(s: dict, figs: dict[str, Path]) -> str:
         parts.append(f"<p>Megatron-LM: <code>--step-batch-size-schedule \"{e(ex.get('megatron_step_batch_size_schedule', ''))}\" "
                      f"--seq-length {sch['seq_len']}</code>. OLMo-core BatchSizeSchedulerCallback: "
                      f"<code>{e(json.dumps(ex.get('olmo_core_batch_size_scheduler')))}</code></p>")
+    if s.get("closed_loop"):
+        parts.append(_closed_loop_html(s["closed_loop"]))
     if s.get("comparison"):
         c = s["comparison"]
         parts.append("<h2 id='comparison'>Warmup against small- and large-batch controls</h2>")
@@ -399,6 +452,13 @@ def render_markdown(s: dict) -> str:
                                                f"LR × {p['lr_multiplier']:.3f}" for p in s["schedule"]["phases"]] + [""]
     if s.get("comparison"):
         lines += ["## Comparison", "", markdown_table(s["comparison"])]
+    if s.get("closed_loop"):
+        cl = s["closed_loop"]
+        lines += ["## Closed loop", ""] + [f"- at {d['tokens']:,} tokens, batch {d['batch_before']}: "
+                                           f"{', '.join(f'{k} {v}' for k, v in d['verdicts'].items() if v is not None)}"
+                                           f" -> batch {d['batch_after']}" for d in cl["decisions"]]
+        lines += [f"- probe tokens {cl['probe_tokens']:,} ({100 * (cl['probe_fraction'] or 0):.0f}% of the run), "
+                  f"{cl['steps']:,} steps ({cl['steps_saved_pct']:.0f}% fewer than the small batch)", ""]
     if s.get("stages"):
         lines += ["## Cost", ""] + [f"- {k}: {v['seconds']:.1f} s" for k, v in s["stages"].items()] + \
                  [f"- total: {s['total_seconds']:.1f} s", ""]

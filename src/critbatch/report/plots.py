@@ -33,9 +33,12 @@ def save(fig, base: Path) -> None:
     _fig().close(fig)
 
 
-def plot_cbs_curve(curve: dict, base: Path, noise_scale: list[dict] | None = None) -> None:
+def plot_cbs_curve(curve: dict, base: Path, noise_scale: list[dict] | None = None,
+                   decisions: list[dict] | None = None) -> None:
     """CBS intervals (tokens) against training tokens, log-log, with the fitted curve and, when
-    given, the gradient noise scale (Merrill et al. Figures 2-3)."""
+    given, the gradient noise scale (Merrill et al. Figures 2-3) and a closed-loop run's decisions
+    (decisions.jsonl: ▲ the larger probed batch shown within ε and taken, ▼ not shown, so the
+    batch stayed; the closed loop's batch as a step line)."""
     plt = _fig()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     pts = [p for p in curve["points"] if p["tokens"] > 0]
@@ -70,6 +73,20 @@ def plot_cbs_curve(curve: dict, base: Path, noise_scale: list[dict] | None = Non
                               [g["ci_high_tokens"] - g["b_simple_tokens"] for g in ns]],
                         fmt="s", color="C2", label="gradient noise scale B_simple")
     ax.plot([], [], "-", color="C0", lw=3, alpha=0.6, label="local CBS interval")
+    if decisions:
+        T = curve["seq_len"]
+        for d in decisions:
+            probed = max(d["probe"]["batch_seqs"]) if d.get("probe") else 2 * d["batch_before"]
+            up = d["batch_after"] > d["batch_before"]
+            ax.plot([d["tokens"]], [probed * T], "^" if up else "v", color="C3", ms=7, mfc="C3" if up else "none")
+        xs, ys = [], []
+        for i, d in enumerate(decisions):
+            nxt = decisions[i + 1]["tokens"] if i + 1 < len(decisions) else d["tokens"] * 2
+            xs += [d["tokens"], nxt]
+            ys += [d["batch_after"] * T] * 2
+        ax.plot(xs, ys, "-", color="C3", lw=1.2, alpha=0.8,
+                label="closed loop: batch (▲ raised, ▽ probe not shown within ε)")
+        drawn += len(decisions)
     if not drawn and not fit:
         ax.text(0.5, 0.5, "no branch point bounds the CBS", ha="center", va="center", transform=ax.transAxes)
     else:
@@ -135,7 +152,7 @@ def plot_comparison(metrics: dict[str, list[dict]], comp: dict, base: Path) -> N
     (Merrill et al. Figure 4), batch changes and the anneal start marked."""
     plt = _fig()
     fig, ax = plt.subplots(figsize=(6.8, 4.2))
-    colors = {"warmup": "C0", "small": "C1", "large": "C2"}
+    colors = {"warmup": "C0", "small": "C1", "large": "C2", "closed-loop": "C3"}
     shown: list[float] = []
     total = comp["pretrain_tokens"] + max((comp.get("anneal_tokens_per_run") or {}).values(),
                                           default=comp.get("anneal_tokens", 0))
@@ -150,8 +167,9 @@ def plot_comparison(metrics: dict[str, list[dict]], comp: dict, base: Path) -> N
         ev = [r for r in recs if r.get("eval/loss") is not None and r["tokens"] > 0]
         ax.plot([r["tokens"] for r in ev], [r["eval/loss"] for r in ev], "o", ms=3, color=colors.get(name))
         shown += [y for x, y in zip(xs, ys) if x > 0.15 * total] + [r["eval/loss"] for r in ev if r["tokens"] > 0.15 * total]
-    for s, _ in comp["runs"]["warmup"]["batch_schedule"][1:]:
-        ax.axvline(s, color="C0", ls="--", lw=0.6, alpha=0.6)
+    for name in ("warmup", "closed-loop"):
+        for s, _ in (comp["runs"].get(name) or {}).get("batch_schedule", [])[1:]:
+            ax.axvline(s, color=colors[name], ls="--", lw=0.6, alpha=0.6)
     if shown:
         lo, hi = min(shown), max(shown)
         pad = 0.08 * (hi - lo) + 0.02
@@ -162,7 +180,8 @@ def plot_comparison(metrics: dict[str, list[dict]], comp: dict, base: Path) -> N
         ax.text(N, ax.get_ylim()[1], " anneal", va="top", fontsize=8, color="0.4")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (nats/token); dots: held-out eval")
-    ax.set_title("Batch-size warmup against small- and large-batch controls")
+    ax.set_title("Batch-size warmup against small- and large-batch controls"
+                 + (" (and the closed loop)" if "closed-loop" in comp["runs"] else ""))
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.2)
     save(fig, base)

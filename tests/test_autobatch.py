@@ -1,0 +1,321 @@
+"""The closed loop (``train --auto-batch``): planted CBS, equivalence with the plain run, real probes,
+resume after a kill, the triggers and the cost."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import small_cfg
+from critbatch.analysis.triggers import (calibrate, cbs_estimate, gns_verdict, log_spaced_points, norm_verdict,
+                                         probe_verdict, steps_for)
+from critbatch.autobatch import AutoBatchConfig, run_auto_batch
+from critbatch.errors import ConfigError
+from critbatch.io import read_json, read_jsonl
+from critbatch.train import Trainer
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def loop_cfg(data_dir, **over):
+    return small_cfg(data_dir, **{"total_tokens": 8192, "batch_seqs": 4, "eval_interval_tokens": 2048,
+                                  "lr_schedule": {"kind": "constant", "warmup_tokens": 256}, **over})
+
+
+# ---- pure pieces ---------------------------------------------------------------------------------
+
+def test_probe_verdict_reads_the_decided_point():
+    pt = {"ks": [1.0, 2.0], "cbs_low_seqs": 16.0, "cbs_high_seqs": None, "undetermined_ks": []}
+    assert probe_verdict(pt, 8) == ("raise", 16)
+    assert probe_verdict(pt, 8, max_batch_seqs=12) == ("stay", 8)
+    assert probe_verdict({**pt, "cbs_low_seqs": 8.0, "cbs_high_seqs": 16.0}, 8) == ("stay", 8)
+    assert probe_verdict({**pt, "ks": [1.0, 2.0, 4.0], "cbs_low_seqs": 32.0}, 8) == ("raise", 32)
+    assert probe_verdict({**pt, "cbs_low_seqs": 8.0, "undetermined_ks": [2.0]}, 8) == ("undetermined", 8)
+    assert probe_verdict({**pt, "undetermined_reason": "the reference diverged"}, 8) == ("undetermined", 8)
+
+
+def test_triggers_and_their_calibration():
+    assert cbs_estimate({"cbs_low_seqs": 8.0, "cbs_high_seqs": 32.0}) == pytest.approx(16.0)
+    assert cbs_estimate({"cbs_low_seqs": 16.0, "cbs_high_seqs": None}) == 16.0
+    assert cbs_estimate({"cbs_low_seqs": 0.0, "cbs_high_seqs": 8.0}) is None
+    assert calibrate([]) is None and calibrate([(None, None, 3.0)]) is None and calibrate([(8.0, None, None)]) is None
+    # a raise at B_simple 2 (m >= 16/2) and a stay at B_simple 4 (m < 64/4): the middle of [8, 16]
+    assert calibrate([(16.0, None, 2.0), (16.0, 64.0, 4.0)]) == pytest.approx(math.sqrt(8 * 16))
+    assert calibrate([(None, 16.0, 4.0), (None, 32.0, 4.0)]) == pytest.approx(4.0)  # only stays: the tightest
+    assert calibrate([(16.0, None, 2.0)]) == pytest.approx(8.0)  # only a raise
+    assert gns_verdict(5.0, 8, None) is None  # never assumed
+    assert gns_verdict(5.0, 8, 4.0) == "raise" and gns_verdict(3.9, 8, 4.0) == "stay"
+    assert gns_verdict(None, 8, 4.0) == "raise"
+    assert norm_verdict(9.0, 8) == "raise" and norm_verdict(8.0, 8) == "stay"
+    assert norm_verdict(9.0, 8, eta=2.0) == "stay"  # B_simple / eta^2 = 2.25
+
+
+def test_steps_and_points():
+    assert steps_for([(0, 8)], 64, 1_000_000) == -(-1_000_000 // 512)
+    # a phase starts at the first step at or after its threshold
+    assert steps_for([(0, 1), (100, 2)], 10, 200) == 10 + 5
+    assert steps_for([(0, 1), (95, 2)], 10, 200) == 10 + 5
+    assert log_spaced_points(1000, 100) == [100, 200, 400, 800]
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+def test_a_loop_that_never_raises_is_the_plain_run_bit_for_bit(data_dir, tmp_path):
+    cfg = loop_cfg(data_dir)
+    plain = Trainer(cfg, tmp_path / "plain", progress=False, quiet=True).run()
+    never = lambda tokens, batch: batch  # noqa: E731
+    r = run_auto_batch(cfg, AutoBatchConfig(probe_at=[1024, 3000, 5000], launcher="inprocess"), tmp_path / "loop",
+                       decide=never)
+    assert len(r["segments"]) == 4 and r["raises"] == 0
+    assert r["final_eval_loss"] == plain["final_eval_loss"]  # exact: the chain is the run
+    # (the smoothed train loss is re-summed from the last segment's records: equal to rounding)
+    assert r["final_train_loss"] == pytest.approx(plain["final_train_loss"], abs=1e-12)
+    assert r["steps"] == plain["steps"] == r["small_control_steps"]
+
+
+def test_planted_cbs_doubles_exactly_at_the_planted_thresholds(data_dir, tmp_path):
+    cfg = loop_cfg(data_dir, total_tokens=12288)
+    planted = [(0, 4), (2000, 8), (5000, 16), (9000, 32)]  # the true CBS in sequences, from these tokens
+
+    def cbs(t):
+        return max(b for s, b in planted if t >= s)
+
+    def decide(tokens, batch):
+        return 2 * batch if cbs(tokens) >= 2 * batch else batch
+
+    probes = [1024, 2048, 3072, 4096, 5120, 6144, 8192, 9216, 10240]
+    r = run_auto_batch(cfg, AutoBatchConfig(probe_at=probes, launcher="inprocess"), tmp_path / "loop", decide=decide)
+    T = cfg.model.seq_len
+    # the first probe point at or after each threshold (where the run's last step ended)
+    decisions = read_jsonl(tmp_path / "loop" / "decisions.jsonl")
+    raised = [(d["tokens"], d["batch_after"]) for d in decisions if d["batch_after"] > d["batch_before"]]
+    assert [b for _, b in raised] == [8, 16, 32]
+    for (t, b), (s, want) in zip(raised, planted[1:]):
+        assert b == want and t >= s
+        earlier = [d for d in decisions if d["tokens"] < t and d["batch_before"] == b // 2]
+        assert all(d["tokens"] < s for d in earlier)  # no probe at or after the threshold was missed
+        assert t - s < 2048 + 32 * T  # within one probe spacing (plus a step)
+    doc = read_json(tmp_path / "loop" / "schedule.json")
+    assert [p["batch_seqs"] for p in doc["phases"]] == [4, 8, 16, 32]
+    assert doc["phases"][1]["lr_multiplier"] == pytest.approx(2 ** 0.5)
+    # the batch really changed in training: the segments' configs carry the schedule
+    last = read_json(tmp_path / "loop" / r["segments"][-1] / "config.json")
+    assert last["batch_schedule"] == r["schedule"] and last["lr_ref_batch_seqs"] == 4
+    assert r["steps"] < r["small_control_steps"]
+    assert r["steps_saved_pct"] == pytest.approx(100 * (1 - r["steps"] / r["small_control_steps"]))
+
+
+def test_real_probes_record_their_evidence(data_dir, tmp_path):
+    cfg = loop_cfg(data_dir)
+    a = AutoBatchConfig(probe_at=[2048, 4096], window_tokens=1024, launcher="inprocess", gns_b_big=8, gns_batches=4)
+    r = run_auto_batch(cfg, a, tmp_path / "loop")
+    ds = read_jsonl(tmp_path / "loop" / "decisions.jsonl")
+    assert len(ds) == 2
+    for d in ds:
+        p = d["probe"]
+        assert p["ks"] == [1.0, 2.0] and len(p["eval_losses"]) == 2 and len(p["eval_losses"][0]) == 1
+        assert p["rule"] == "eps" and p["eps"] == 0.01
+        assert d["verdicts"]["branch"] in ("raise", "stay", "undetermined")
+        want = 2 * d["batch_before"] if d["verdicts"]["branch"] == "raise" else d["batch_before"]
+        assert d["batch_after"] == want and d["acted_on"] == "branch"
+        assert (tmp_path / "loop" / p["sweep"] / "cbs.json").is_file()
+        assert d["cost"]["probe_tokens"] == 2 * p["window_tokens"]
+        assert "b_simple_seqs" in d["noise_scale"] and d["verdicts"]["norm"] in ("raise", "stay")  # None: |G|^2 <= 0
+    assert ds[0]["verdicts"]["gns"] is None  # nothing to calibrate on yet
+    assert ds[1]["noise_scale"]["calibrated_on"] == 1
+    assert r["probe_tokens"] == sum(d["cost"]["probe_tokens"] for d in ds)
+    assert r["probe_fraction"] == pytest.approx(r["probe_tokens"] / r["tokens"])
+    # a rerun trains nothing and decides the same
+    t0 = time.time()
+    r2 = run_auto_batch(cfg, a, tmp_path / "loop")
+    assert {k: v for k, v in r2.items() if k != "wall_time_s"} == {k: v for k, v in r.items() if k != "wall_time_s"}
+    assert time.time() - t0 < 30
+
+
+def test_norm_trigger_acts_without_branch_probes(data_dir, tmp_path):
+    cfg = loop_cfg(data_dir)
+    a = AutoBatchConfig(probe_at=[2048], act_on="norm", norm_eta=1e-3, launcher="inprocess", gns_b_big=8, gns_batches=4)
+    r = run_auto_batch(cfg, a, tmp_path / "loop")
+    d = read_jsonl(tmp_path / "loop" / "decisions.jsonl")[0]
+    assert d["probe"] is None and d["acted_on"] == "norm" and d["verdicts"]["norm"] == "raise"
+    assert d["batch_after"] == 8 and r["probe_tokens"] == 0 and r["gns_tokens"] == 4 * 8 * 16
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"probe_k": [2.0]}, "must hold 1"),
+    ({"probe_k": [1.0, 0.5]}, "only raises"),
+    ({"probe_at": [0]}, "must lie inside the run"),
+    ({"probe_at": [99999]}, "must lie inside the run"),
+    ({"act_on": "magic"}, "act_on='magic' is not one of"),
+    ({"max_batch_seqs": 2}, "below the starting batch 4"),
+    ({"window_tokens": 0}, "must be positive"),
+    ({"norm_eta": 0}, "must be > 0"),
+    ({"act_on": "gns", "noise_scale": False}, "needs the noise scale"),
+])
+def test_bad_settings_are_one_line_errors_and_write_nothing(data_dir, tmp_path, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        run_auto_batch(loop_cfg(data_dir), AutoBatchConfig(launcher="inprocess", **bad), tmp_path / "loop")
+    assert not (tmp_path / "loop").exists()
+
+
+def test_other_settings_in_the_same_directory_are_refused(data_dir, tmp_path):
+    never = lambda tokens, batch: batch  # noqa: E731
+    cfg = loop_cfg(data_dir, total_tokens=2048)
+    run_auto_batch(cfg, AutoBatchConfig(probe_at=[1024], launcher="inprocess"), tmp_path / "loop", decide=never)
+    with pytest.raises(ConfigError, match="holds a closed-loop run of other settings"):
+        run_auto_batch(cfg, AutoBatchConfig(probe_at=[512], launcher="inprocess"), tmp_path / "loop", decide=never)
+    with pytest.raises(ConfigError, match="decides the batch schedule itself"):
+        run_auto_batch(loop_cfg(data_dir, batch_schedule=[[0, 4], [1024, 8]]), AutoBatchConfig(), tmp_path / "x")
+
+
+KILL_SCRIPT = """
+import sys, json
+from critbatch.config import TrainConfig, from_dict
+from critbatch.autobatch import AutoBatchConfig, run_auto_batch
+cfg = from_dict(TrainConfig, json.loads(sys.argv[2]))
+run_auto_batch(cfg, AutoBatchConfig(probe_at=[2048, 4096], window_tokens=8192, launcher="inprocess",
+               gns_b_big=8, gns_batches=4, threads_per_branch=1), sys.argv[1], threads=1)
+"""
+
+
+def test_killed_between_and_inside_probes_resumes_to_the_same_decisions(data_dir, tmp_path):
+    from critbatch.config import to_dict
+
+    cfg = loop_cfg(data_dir)
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(ref), json.dumps(to_dict(cfg))], env=env, check=True)
+    want = read_jsonl(ref / "decisions.jsonl")
+    # kill once inside the first probe's branches, once between (while the second segment trains)
+    inside = lambda d: any(not (m.parent / "result.json").is_file()  # noqa: E731
+                           for m in (d / "main").glob("*/branches/*/metrics.jsonl"))
+    for name, ready in [("inside", inside),
+                        ("between", lambda d: len(list((d / "main").glob("seg*"))) >= 2)]:
+        out = tmp_path / name
+        p = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), json.dumps(to_dict(cfg))], env=env)
+        t0 = time.time()
+        while p.poll() is None and not ((out / "main").is_dir() and ready(out)) and time.time() - t0 < 120:
+            time.sleep(0.01)
+        assert p.poll() is None, f"{name}: the run finished before the kill"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert not (out / "result.json").is_file()
+        subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(out), json.dumps(to_dict(cfg))], env=env, check=True)
+        got = read_jsonl(out / "decisions.jsonl")
+        strip = lambda ds: [{k: v for k, v in d.items() if k not in ("noise_scale",)} | (  # noqa: E731
+            {"b_simple": d["noise_scale"]["b_simple_seqs"]} if d.get("noise_scale") else {}) for d in ds]
+        assert strip(got) == strip(want), name
+        assert read_json(out / "result.json")["final_eval_loss"] == read_json(ref / "result.json")["final_eval_loss"]
+
+
+# ---- the command line and the plan -------------------------------------------------------------
+
+def test_train_auto_batch_on_the_command_line(data_dir, tmp_path, capsys):
+    from critbatch.cli import main
+    from critbatch.config import to_dict
+
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(to_dict(loop_cfg(data_dir))))
+    args = ["train", "--config", str(cfg_file), "--out", str(tmp_path / "loop"), "--auto-batch",
+            "--auto.probe-at", "4096", "--auto.window-tokens", "1024", "--auto.launcher", "inprocess",
+            "--auto.gns-b-big", "8", "--auto.gns-batches", "4"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    assert "closed loop (branch trigger)" in cap.out and "1 probe points" in cap.out and "measurement cost" in cap.out
+    assert "[auto-batch] at 4,096 tokens: batch 4 -> " in cap.err  # one line per decision as it is taken
+    assert len(read_jsonl(tmp_path / "loop" / "decisions.jsonl")) == 1
+    # resuming needs only --out and --auto-batch (settings come from the directory)
+    assert main(["train", "--out", str(tmp_path / "loop"), "--auto-batch", "--no-progress"]) == 0
+    assert main(["train", "--config", str(cfg_file), "--out", str(tmp_path / "x"), "--auto.eps", "0.02"]) == 2
+    assert "--auto.* options set the closed loop: add --auto-batch" in capsys.readouterr().err
+
+
+def test_plan_arithmetic_known_answer():
+    from critbatch.plan import PlanConfig, estimate
+
+    # 1M tokens, seq 64, start 8: control 1954 steps at 10 ms; probes at 250k, 500k (window 20,480)
+    cfg = PlanConfig(total_tokens=1_000_000, start_seqs=8, seq_len=64,
+                     auto=AutoBatchConfig(probe_at=[250_000, 500_000], window_tokens=20_480, noise_scale=False))
+    est = estimate(cfg, {8: 0.010, 16: 0.016})
+    assert est["control"] == {"steps": 1954, "seconds": pytest.approx(19.54)}
+    no, best = est["scenarios"]["no raise"], est["scenarios"]["doubling at every probe point"]
+    assert no["steps"] == 1954 and no["probe_tokens"] == 2 * 2 * 20_480
+    # probes: at B=8, 40 steps of 8 (0.4 s) + 20 of 16 (0.32 s) at each point
+    assert no["probe_seconds"] == pytest.approx(2 * (0.40 + 0.32)) and not no["pays_off"]
+    assert best["schedule"] == [[0, 8], [250_000, 16], [500_000, 32]]
+    assert best["steps"] == steps_for([(0, 8), (250_000, 16), (500_000, 32)], 64, 1_000_000)
+    # 32 is beyond the given times: extrapolated in proportion to the batch (2 x 16 ms)
+    s = -(-250_000 // 512)  # steps at 8 up to 250k
+    s16 = -(-(500_000 - s * 512) // 1024)
+    s32 = -(-(1_000_000 - s * 512 - s16 * 1024) // 2048)
+    assert best["run_seconds"] == pytest.approx(s * 0.010 + s16 * 0.016 + s32 * 0.032)
+    assert best["pays_off"] == (best["total_seconds"] < 19.54)
+
+
+def test_plan_on_the_command_line(tmp_path, capsys):
+    from critbatch.cli import main
+
+    assert main(["plan", "--total-tokens", "1M", "--start-seqs", "8", "--seq-len", "64", "--step-seconds",
+                 '{"8": 0.01, "64": 0.05}', "--expected", "0:8,500k:16", "--out", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "small-batch control: 1,954 steps" in out and "expected: " in out and "x the control" in out
+    assert read_json(tmp_path / "p.json")["scenarios"]["expected"]["schedule"] == [[0, 8], [500_000, 16]]
+    assert main(["plan", "--total-tokens", "1M", "--start-seqs", "8", "--seq-len", "64"]) == 2
+    assert "give step_seconds" in capsys.readouterr().err
+    assert main(["plan", "--total-tokens", "1M", "--start-seqs", "8", "--seq-len", "64", "--step-seconds",
+                 '{"8": -1}']) == 2
+    # measured on a preset's model, here
+    assert main(["plan", "--total-tokens", "200k", "--start-seqs", "8", "--seq-len", "64", "--preset", "demo",
+                 "--auto.gns-b-big", "16"]) == 0
+    assert "no raise" in capsys.readouterr().out
+
+
+def test_compare_replays_the_closed_loop_as_a_fourth_run(data_dir, tmp_path):
+    from critbatch.analysis.comparison import markdown_table
+    from critbatch.compare import CompareConfig, run_compare
+    from critbatch.config import to_dict
+
+    cfg = loop_cfg(data_dir)
+    double_at_4k = lambda tokens, batch: 8 if tokens >= 4096 else batch  # noqa: E731
+    r = run_auto_batch(cfg, AutoBatchConfig(probe_at=[2048, 4096], launcher="inprocess"), tmp_path / "loop",
+                       decide=double_at_4k)
+    assert r["schedule"] == [[0, 4], [4096, 8]]
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(to_dict(cfg)))
+    # the offline schedule found no change: with a closed loop the comparison still runs
+    comp = run_compare(CompareConfig(out=str(tmp_path / "cmp"), schedule="0:4", config=str(cfg_file),
+                                     closed_loop=str(tmp_path / "loop"), launcher="inprocess", anneal_tokens=512),
+                       progress=False)
+    assert list(comp["runs"]) == ["warmup", "small", "large", "closed-loop"]
+    cl = comp["runs"]["closed-loop"]
+    assert cl["batch_schedule"] == [[0, 4], [4096, 8]] and comp["runs"]["large"]["batch_schedule"] == [[0, 8]]
+    assert cl["final_eval_loss"] == r["final_eval_loss"]  # the replay is the closed-loop run itself
+    assert cl["gap_to_small"]["final_eval_loss"] is not None and cl["anneal_eval_loss"] is not None
+    assert "| closed-loop | 4 → 8 at 4,096 |" in markdown_table(comp)
+    with pytest.raises(ConfigError, match="not a finished closed-loop run"):
+        run_compare(CompareConfig(out=str(tmp_path / "c2"), schedule="0:4", config=str(cfg_file),
+                                  closed_loop=str(tmp_path / "nowhere"), launcher="inprocess"), progress=False)
+
+
+def test_speculation_trains_the_next_segment_beside_the_probes_and_changes_nothing(data_dir, tmp_path):
+    cfg = loop_cfg(data_dir)
+    kw = dict(probe_at=[2048], window_tokens=1024, gns_b_big=8, gns_batches=4, threads_per_branch=1,
+              launcher="local", jobs=3)
+    plain = run_auto_batch(cfg, AutoBatchConfig(**kw), tmp_path / "plain", threads=1)
+    spec = run_auto_batch(cfg, AutoBatchConfig(**kw, speculate=True), tmp_path / "spec", threads=1)
+    assert spec["schedule"] == plain["schedule"] and spec["final_eval_loss"] == plain["final_eval_loss"]
+    ds = read_jsonl(tmp_path / "spec" / "decisions.jsonl")
+    assert all("speculative_segment" in d for d in ds)
+    s = spec["speculation"]
+    assert s["segments"] == 1 and s["kept"] == sum(d["batch_after"] == d["batch_before"] for d in ds)
+    # a kept speculative segment is the segment the run continued with (trained once, beside the probes)
+    for d in ds:
+        if d["speculative_segment"]["kept"]:
+            assert d["speculative_segment"]["dir"] in spec["segments"]
+    assert (s["discarded_tokens"] > 0) == (s["kept"] < 1)
