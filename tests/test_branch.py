@@ -64,6 +64,8 @@ def test_grid_sweep_writes_curve(parent, tmp_path):
     for f in ("cbs.png", "cbs.svg", "loss_vs_batch.png", "sweep.json"):
         assert (res.sweep_dir / f).is_file()
     assert c["cost"]["branches"] == 10 and c["cost"]["branch_tokens"] == 10 * 512
+    # what the curve cost against the run it measures (issue 15): 5120 branch tokens / 8192
+    assert c["cost"]["base_tokens"] == 8192 and c["cost"]["branch_tokens_over_base"] == pytest.approx(5120 / 8192)
 
 
 def test_each_branch_lr_and_sequences(parent, tmp_path):

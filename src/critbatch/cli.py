@@ -178,7 +178,10 @@ def cmd_branch(ns: argparse.Namespace) -> int:
     for p in c["points"]:
         print(f"  at {p['tokens']:>12,} tokens (base batch {p['base_batch_seqs']}): {describe_point(p)}")
     cost = c["cost"]
-    line = f"  branches {cost['branches']}, branch tokens {cost['branch_tokens']:,}, {cost['wall_time_s']:.1f}s"
+    line = f"  branches {cost['branches']}, branch tokens {cost['branch_tokens']:,}"
+    if cost.get("branch_tokens_over_base") is not None:
+        line += f" ({cost['branch_tokens_over_base']:.2f}x the base run's {cost['base_tokens']:,})"
+    line += f", {cost['wall_time_s']:.1f}s"
     if "full_grid_branch_tokens" in cost:
         line += f" (full grid would spend {cost['full_grid_branch_tokens']:,})"
     print(line)

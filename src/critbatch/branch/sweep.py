@@ -471,6 +471,10 @@ def build_curve(plan: SweepPlan, results: dict[int, dict[float, list[dict]]], wa
     }
     if cfg.search == "adaptive":
         curve["cost"]["full_grid_branch_tokens"] = sum(p["full_grid_branch_tokens"] for p in points)
+    base = read_json(plan.run_dir / "result.json")
+    base_tokens = base["tokens"] - base.get("start_tokens", 0)
+    curve["cost"]["base_tokens"] = base_tokens
+    curve["cost"]["branch_tokens_over_base"] = curve["cost"]["branch_tokens"] / base_tokens if base_tokens else None
     curve["fit"] = fit_or_none(points)
     return curve
 

@@ -424,6 +424,8 @@ def render_html(s: dict, figs: dict[str, Path]) -> str:
     if s.get("sweep_cost"):
         sc = s["sweep_cost"]
         parts.append(f"<p>Branches: {sc['branches']}, {sc['branch_tokens']:,} branch tokens"
+                     + (f" ({sc['branch_tokens_over_base']:.2f}× the base run's {sc['base_tokens']:,})"
+                        if sc.get("branch_tokens_over_base") is not None else "")
                      + (f" (a full grid at the same resolution: {sc['full_grid_branch_tokens']:,})"
                         if sc.get("full_grid_branch_tokens") else "") + ".</p>")
     parts.append("<h2 id='configs'>Configuration and versions</h2>")
