@@ -338,6 +338,11 @@ th{background:#f6f6f6}td:first-child,th:first-child{text-align:left}pre{backgrou
 """
 
 
+def _over_base(cost: dict) -> str:
+    r = cost.get("branch_tokens_over_base")
+    return "" if r is None else f" ({r:.2f}× the base run's {cost['base_tokens']:,})"
+
+
 def _table(headers: list[str], rows: list[list]) -> str:
     h = "".join(f"<th>{html.escape(str(x))}</th>" for x in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>" for r in rows)
@@ -423,9 +428,7 @@ def render_html(s: dict, figs: dict[str, Path]) -> str:
                             + [["total", f"{s['total_seconds']:.1f}"]]))
     if s.get("sweep_cost"):
         sc = s["sweep_cost"]
-        parts.append(f"<p>Branches: {sc['branches']}, {sc['branch_tokens']:,} branch tokens"
-                     + (f" ({sc['branch_tokens_over_base']:.2f}× the base run's {sc['base_tokens']:,})"
-                        if sc.get("branch_tokens_over_base") is not None else "")
+        parts.append(f"<p>Branches: {sc['branches']}, {sc['branch_tokens']:,} branch tokens" + _over_base(sc)
                      + (f" (a full grid at the same resolution: {sc['full_grid_branch_tokens']:,})"
                         if sc.get("full_grid_branch_tokens") else "") + ".</p>")
     parts.append("<h2 id='configs'>Configuration and versions</h2>")
