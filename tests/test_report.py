@@ -149,3 +149,18 @@ def test_a_schedule_without_a_doubling_is_explained_not_compared():
     assert "docs/LOG.md" in out[1]
     # a skipped comparison for another reason gets no warmup explanation
     assert len(_comparison_conclusions({"compare_skipped": "x", "schedule": {"notes": []}})) == 1
+
+
+def test_a_warmup_without_a_change_is_called_the_small_control():
+    from critbatch.report.html import _comparison_conclusions
+
+    run = lambda sched, loss: {"batch_schedule": sched, "final_eval_loss": loss, "steps_saved_pct": 0.0,  # noqa: E731
+                               "gap_to_small": {"final_eval_loss": {"mean": loss - 1.70, "se": None}}}
+    c = {"runs": {"warmup": run([[0, 8]], 1.70), "small": run([[0, 8]], 1.70), "large": run([[0, 16]], 2.10)},
+         "seeds": [0], "anneal_tokens": 0}
+    s = {"comparison": c, "schedule": {"notes": ["no warmup: the measured CBS never reaches 16"]}}
+    out = _comparison_conclusions(s)
+    assert out[0].startswith("The derived warmup has no batch change within the run, so its run is the small-batch")
+    assert "large-batch control at 16 sequences reached 2.1000" in out[0]
+    assert out[1].startswith("The derived schedule stays at the start batch (no warmup")
+    assert not any(o.startswith("Batch-size warmup reached") for o in out)

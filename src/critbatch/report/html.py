@@ -211,9 +211,9 @@ def _closed_loop_conclusions(s: dict, c: dict | None) -> list[str]:
         return []
     if cl.get("diverged"):
         return [f"The closed-loop run diverged: {cl.get('diverged_reason')}."]
-    sched = " → ".join(f"{b}" + (f" at {fmt_count(t)}" if t else "") for t, b in cl["schedule"])
+    sched = " → ".join(f"{b}" + (f" at {fmt_count(t)} tokens" if t else "") for t, b in cl["schedule"])
     txt = (f"The closed loop (one run probing its own CBS at {cl['probe_points']} points, "
-           f"{cl['act_on']} trigger) took the batch {sched} sequences, {cl['steps_saved_pct']:.0f}% fewer optimizer "
+           f"{cl['act_on']} trigger) took the batch (sequences) {sched}, {cl['steps_saved_pct']:.0f}% fewer optimizer "
            f"steps than the small batch; its probes cost {fmt_count(cl['probe_tokens'])} tokens "
            f"({100 * (cl['probe_fraction'] or 0):.0f}% of its own) and the noise scale "
            f"{fmt_count(cl['gns_tokens'])} more")
@@ -233,6 +233,25 @@ def _closed_loop_conclusions(s: dict, c: dict | None) -> list[str]:
     return out
 
 
+def _warmup_sentence(w: dict, sm: dict, lg: dict, gw: dict, gl: dict, seeds: str) -> str:
+    return (f"Batch-size warmup reached a held-out loss of {w['final_eval_loss']:.4f} against "
+            f"{sm['final_eval_loss']:.4f} for the small-batch control (gap {pm(gw.get('final_eval_loss'))} nats, "
+            f"{seeds}) with {w['steps_saved_pct']:.0f}% fewer optimizer steps; the large-batch control at the "
+            f"final batch from the start reached {lg['final_eval_loss']:.4f} (gap "
+            f"{pm(gl.get('final_eval_loss'))}, {lg['steps_saved_pct']:.0f}% fewer steps).")
+
+
+def _no_warmup(s: dict) -> list[str]:
+    """Why a derived schedule stays at the start batch, when its notes say so."""
+    no_warmup = [n for n in (s.get("schedule") or {}).get("notes", []) if n.startswith("no warmup")]
+    if not no_warmup:
+        return []
+    return [f"The derived schedule stays at the start batch ({no_warmup[0]}): a doubling the annealed probes do not "
+            "show within ε is not taken. Plain probes (--cooldown-fraction 0) read the loss at full LR, where a larger "
+            "batch looks no worse, and a warmup derived from them trailed the small-batch control by 0.02–0.08 nats "
+            "(docs/LOG.md, the warmup study)."]
+
+
 def _comparison_conclusions(s: dict) -> list[str]:
     out = []
     c = s.get("comparison")
@@ -249,11 +268,13 @@ def _comparison_conclusions(s: dict) -> list[str]:
                            f"{r['diverged_reasons'][0]}), so its loss is not compared: a mean over the seeds that "
                            f"survived would flatter it.")
             return out
-        out.append(f"Batch-size warmup reached a held-out loss of {w['final_eval_loss']:.4f} against "
-                   f"{sm['final_eval_loss']:.4f} for the small-batch control (gap {pm(gw.get('final_eval_loss'))} nats, "
-                   f"{seeds}) with {w['steps_saved_pct']:.0f}% fewer optimizer steps; the large-batch control at the "
-                   f"final batch from the start reached {lg['final_eval_loss']:.4f} (gap "
-                   f"{pm(gl.get('final_eval_loss'))}, {lg['steps_saved_pct']:.0f}% fewer steps).")
+        if len(w["batch_schedule"]) < 2:  # the derived schedule never left the start batch
+            out.append(f"The derived warmup has no batch change within the run, so its run is the small-batch control "
+                       f"({w['final_eval_loss']:.4f}); the large-batch control at {lg['batch_schedule'][0][1]} sequences "
+                       f"reached {lg['final_eval_loss']:.4f} (gap {pm(gl.get('final_eval_loss'))}).")
+            out += _no_warmup(s)
+        else:
+            out.append(_warmup_sentence(w, sm, lg, gw, gl, seeds))
         if w.get("anneal_eval_loss") is not None:
             how = (f"{c['anneal_steps']:,}-step" if c.get("anneal_steps") else f"{fmt_count(c['anneal_tokens'])}-token")
             out.append(f"After the {how} anneal: warmup {w['anneal_eval_loss']:.4f}, small {sm['anneal_eval_loss']:.4f} "
@@ -265,13 +286,7 @@ def _comparison_conclusions(s: dict) -> list[str]:
                    "wall time only where a larger batch runs faster per token (GPUs), not on this CPU.")
     elif s.get("compare_skipped"):
         out.append(f"No comparison: {s['compare_skipped']}.")
-        out += _closed_loop_conclusions(s, None)
-        no_warmup = [n for n in (s.get("schedule") or {}).get("notes", []) if n.startswith("no warmup")]
-        if no_warmup:
-            out.append(f"The derived schedule stays at the start batch ({no_warmup[0]}): a doubling the annealed "
-                       "probes do not show within ε is not taken. Plain probes (--cooldown-fraction 0) read the "
-                       "loss at full LR, where a larger batch looks no worse, and a warmup derived from them trailed "
-                       "the small-batch control by 0.02–0.08 nats (docs/LOG.md, the warmup study).")
+        out += _no_warmup(s) + _closed_loop_conclusions(s, None)
     return out
 
 

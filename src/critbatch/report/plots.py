@@ -79,7 +79,7 @@ def plot_cbs_curve(curve: dict, base: Path, noise_scale: list[dict] | None = Non
             probed = max(d["probe"]["batch_seqs"]) if d.get("probe") else 2 * d["batch_before"]
             up = d["batch_after"] > d["batch_before"]
             ax.plot([d["tokens"]], [probed * T], "^" if up else "v", color="C3", ms=7, mfc="C3" if up else "none")
-        xs, ys = [], []
+        xs, ys = [decisions[0]["tokens"] / 3, decisions[0]["tokens"]], [decisions[0]["batch_before"] * T] * 2
         for i, d in enumerate(decisions):
             nxt = decisions[i + 1]["tokens"] if i + 1 < len(decisions) else d["tokens"] * 2
             xs += [d["tokens"], nxt]
