@@ -113,7 +113,8 @@ def test_planted_cbs_doubles_exactly_at_the_planted_thresholds(data_dir, tmp_pat
 
 def test_real_probes_record_their_evidence(data_dir, tmp_path):
     cfg = loop_cfg(data_dir)
-    a = AutoBatchConfig(probe_at=[2048, 4096], window_tokens=1024, launcher="inprocess", gns_b_big=8, gns_batches=4)
+    a = AutoBatchConfig(probe_at=[2048, 4096], window_tokens=1024, launcher="inprocess", gns_b_big=8, gns_batches=4,
+                        confirm=1)
     r = run_auto_batch(cfg, a, tmp_path / "loop")
     ds = read_jsonl(tmp_path / "loop" / "decisions.jsonl")
     assert len(ds) == 2
@@ -140,7 +141,8 @@ def test_real_probes_record_their_evidence(data_dir, tmp_path):
 
 def test_norm_trigger_acts_without_branch_probes(data_dir, tmp_path):
     cfg = loop_cfg(data_dir)
-    a = AutoBatchConfig(probe_at=[2048], act_on="norm", norm_eta=1e-3, launcher="inprocess", gns_b_big=8, gns_batches=4)
+    a = AutoBatchConfig(probe_at=[2048], act_on="norm", norm_eta=1e-3, launcher="inprocess", gns_b_big=8, gns_batches=4,
+                        confirm=1)
     r = run_auto_batch(cfg, a, tmp_path / "loop")
     d = read_jsonl(tmp_path / "loop" / "decisions.jsonl")[0]
     assert d["probe"] is None and d["acted_on"] == "norm" and d["verdicts"]["norm"] == "raise"
@@ -320,3 +322,30 @@ def test_speculation_trains_the_next_segment_beside_the_probes_and_changes_nothi
         if d["speculative_segment"]["kept"]:
             assert d["speculative_segment"]["dir"] in spec["segments"]
     assert (s["discarded_tokens"] > 0) == (s["kept"] < 1)
+
+
+def test_confirm_raises_only_after_consecutive_passes(data_dir, tmp_path, monkeypatch):
+    """The probe's verdicts planted (pass, fail, pass, pass): confirm=2 ignores the isolated pass and
+    raises at the second of two consecutive ones; confirm=1 raises at the first pass."""
+    from critbatch import autobatch
+
+    passes = {1024: True, 2048: False, 3072: True, 4096: True}
+
+    def fake_sweep(self, seg, t, beside=None):
+        B = int(autobatch.find_kept(seg, [t])[0].meta["batch_seqs"])
+        ok = passes[t]
+        point = {"ks": [1.0, 2.0], "cbs_low_seqs": 2.0 * B if ok else 0.0, "cbs_high_seqs": None if ok else 2.0 * B,
+                 "undetermined_ks": []}
+        return {"ks": [1.0, 2.0], "cbs_low_seqs": point["cbs_low_seqs"], "cbs_high_seqs": point["cbs_high_seqs"],
+                "probe_tokens": 0, "_point": point}
+
+    monkeypatch.setattr(autobatch._Loop, "_sweep", fake_sweep)
+    cfg = loop_cfg(data_dir)
+    kw = dict(probe_at=sorted(passes), noise_scale=False, launcher="inprocess")
+    r1 = run_auto_batch(cfg, AutoBatchConfig(**kw, confirm=1), tmp_path / "c1")
+    assert r1["schedule"] == [[0, 4], [1024, 8], [3072, 16], [4096, 32]]  # a raise at every pass
+    r2 = run_auto_batch(cfg, AutoBatchConfig(**kw), tmp_path / "c2")  # the default: confirm 2
+    assert r2["schedule"] == [[0, 4], [4096, 8]]
+    ds = read_jsonl(tmp_path / "c2" / "decisions.jsonl")
+    assert [d.get("confirmations") for d in ds] == ["1 of 2", None, "1 of 2", "2 of 2"]
+    assert [d["batch_after"] for d in ds] == [4, 4, 4, 8]

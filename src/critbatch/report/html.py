@@ -212,9 +212,14 @@ def _closed_loop_conclusions(s: dict, c: dict | None) -> list[str]:
     if cl.get("diverged"):
         return [f"The closed-loop run diverged: {cl.get('diverged_reason')}."]
     sched = " → ".join(f"{b}" + (f" at {fmt_count(t)} tokens" if t else "") for t, b in cl["schedule"])
+    took = f"took the batch (sequences) {sched}, {cl['steps_saved_pct']:.0f}% fewer optimizer steps than the small batch"
+    if not cl["raises"]:
+        once = [d for d in cl.get("decisions", []) if d.get("confirmations", "").startswith("1 of")]
+        took = (f"kept the batch at {cl['start_batch_seqs']} sequences: no raise was confirmed"
+                + (f" (2B passed at {', '.join(fmt_count(d['tokens']) for d in once)} tokens, never at two "
+                   f"consecutive points)" if once else ""))
     txt = (f"The closed loop (one run probing its own CBS at {cl['probe_points']} points, "
-           f"{cl['act_on']} trigger) took the batch (sequences) {sched}, {cl['steps_saved_pct']:.0f}% fewer optimizer "
-           f"steps than the small batch; its probes cost {fmt_count(cl['probe_tokens'])} tokens "
+           f"{cl['act_on']} trigger) {took}; its probes cost {fmt_count(cl['probe_tokens'])} tokens "
            f"({100 * (cl['probe_fraction'] or 0):.0f}% of its own) and the noise scale "
            f"{fmt_count(cl['gns_tokens'])} more")
     r = (c or {}).get("runs", {}).get("closed-loop")
