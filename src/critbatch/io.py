@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -153,3 +154,12 @@ def truncate_jsonl(path: str | Path, max_tokens: int) -> None:
         return
     keep = [r for r in read_jsonl(p) if r.get("tokens", 0) <= max_tokens]
     write_text_atomic(p, "".join(dumps(r, indent=None) + "\n" for r in keep))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks (data shards, checkpoints, tokenizer files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .analysis.triggers import log_spaced_points, steps_for
+from .analysis.triggers import log_spaced_points, phase_steps, steps_for
 from .autobatch import AutoBatchConfig, default_window
 from .config import TrainConfig, option
 from .errors import ConfigError
@@ -101,14 +101,9 @@ def measure_step_seconds(cfg: TrainConfig, batches: list[int], reps: int = 3) ->
 
 
 def _phases_time(phases: list[tuple[int, int]], T: int, total: int, t) -> tuple[int, float]:
-    """(steps, seconds) of a run under ``phases`` (the walk of :func:`steps_for`, timed per phase)."""
-    steps, secs, tok = 0, 0.0, 0
-    for i, (_s, b) in enumerate(phases):
-        end = min(phases[i + 1][0] if i + 1 < len(phases) else total, total)
-        if tok < end:
-            n = -(-(end - tok) // (b * T))
-            tok, steps, secs = tok + n * b * T, steps + n, secs + n * t(b)
-    return steps, secs
+    """(steps, seconds) of a run under ``phases``: each phase's steps timed at its batch."""
+    n = phase_steps(phases, T, total)
+    return sum(n), sum(k * t(b) for k, (_s, b) in zip(n, phases))
 
 
 def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:

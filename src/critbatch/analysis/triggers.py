@@ -89,15 +89,19 @@ def log_spaced_points(total_tokens: int, first_tokens: int, factor: float = 2.0)
     return out
 
 
-def steps_for(phases: list[tuple[int, int]], seq_len: int, total_tokens: int) -> int:
-    """Optimizer steps to train ``total_tokens`` under ``((start_tokens, batch_seqs), ...)``: a phase
-    applies from the first step that starts at or after its threshold; the last step may end past
-    the total (as a run does)."""
-    steps, t = 0, 0
+def phase_steps(phases: list[tuple[int, int]], seq_len: int, total_tokens: int) -> list[int]:
+    """Optimizer steps in each phase of ``((start_tokens, batch_seqs), ...)`` when training
+    ``total_tokens``: a phase applies from the first step that starts at or after its threshold; the
+    last step may end past the total (as a run does)."""
+    out, t = [], 0
     for i, (_start, b) in enumerate(phases):
         end = min(phases[i + 1][0] if i + 1 < len(phases) else total_tokens, total_tokens)
-        if t < end:
-            n = -(-(end - t) // (b * seq_len))
-            t += n * b * seq_len
-            steps += n
-    return steps
+        n = -(-(end - t) // (b * seq_len)) if t < end else 0
+        t += n * b * seq_len
+        out.append(n)
+    return out
+
+
+def steps_for(phases: list[tuple[int, int]], seq_len: int, total_tokens: int) -> int:
+    """Optimizer steps to train ``total_tokens`` under ``phases`` (:func:`phase_steps`, summed)."""
+    return sum(phase_steps(phases, seq_len, total_tokens))

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .prepare import FORMAT, _sha256
+from ..io import sha256_file
+from .prepare import FORMAT
 
 
 def _random_access(arr: np.memmap) -> np.memmap:
@@ -59,7 +60,7 @@ class TokenData:
                     raise DataError(f"data directory {self.path} is corrupt: {sh['file']} has {f.stat().st_size} bytes, "
                                     f"meta.json says {expect}")
                 if verify:
-                    got = _sha256(f)
+                    got = sha256_file(f)
                     if got != sh["sha256"]:
                         raise DataError(f"data directory {self.path} is corrupt: {sh['file']} sha256 {got[:12]}… does not "
                                         f"match meta.json {sh['sha256'][:12]}…; prepare it again")

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..config import option
 from ..errors import ConfigError, DataError
-from ..io import check_output, public_mode
+from ..io import check_output, public_mode, sha256_file
 from .sources import TOKEN_DTYPES, chunks, columnar_documents, expand, is_hf_dataset_dir, scan, token_file
 from .tokenizer import BPETokenizer, ByteTokenizer, FileTokenizer
 
@@ -115,14 +115,6 @@ def read_documents(paths: Iterable[str | Path], text_field: str = "text") -> lis
     if not docs:
         raise DataError("the inputs hold no text")
     return docs
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_split(out: Path, split: str, arrays: Iterable[np.ndarray], dtype, shard_tokens: int) -> dict:
@@ -354,10 +346,10 @@ def prepare(
     if tok_file is not None and not is_tokens and not (tok_file.is_file() or tok_file.is_dir()):
         raise DataError(f"tokenizer {tokenizer!r} is not bytes, bpe, or an existing tokenizer.json / directory")
     recipe = {
-        "sources": [{"name": corpus} if corpus else {"file": p.name, "sha256": _sha256(p)} if p.is_file() else
-                    {"dir": p.name, "files": [_sha256(q) for q in sorted(p.rglob("*.arrow"))]} for p in paths],
+        "sources": [{"name": corpus} if corpus else {"file": p.name, "sha256": sha256_file(p)} if p.is_file() else
+                    {"dir": p.name, "files": [sha256_file(q) for q in sorted(p.rglob("*.arrow"))]} for p in paths],
         "tokenizer": "external" if is_tokens else tokenizer if tok_file is None else
-        {"file": _sha256(tok_file / "tokenizer.json" if tok_file.is_dir() else tok_file), "eos_token": eos_token},
+        {"file": sha256_file(tok_file / "tokenizer.json" if tok_file.is_dir() else tok_file), "eos_token": eos_token},
         "dtype": dtype,
         "vocab_size": vocab_size if (is_tokens or tokenizer == "bpe") else None,
         "holdout_fraction": holdout_fraction, "seed": seed, "text_field": None if is_tokens else text_field,

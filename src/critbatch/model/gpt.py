@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .losses import NextTokenLosses
 
 
 class CausalSelfAttention(nn.Module):
@@ -54,7 +55,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class GPT(nn.Module):
+class GPT(NextTokenLosses, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size is None:
@@ -90,17 +91,6 @@ class GPT(nn.Module):
     def fsdp_units(self) -> list[nn.Module]:
         """The transformer blocks, each its own FSDP unit."""
         return list(self.blocks)
-
-    def loss_sum(self, seqs: torch.Tensor) -> torch.Tensor:
-        """Summed next-token cross-entropy over a (B, T+1) batch of sequences (B·T loss tokens)."""
-        logits = self(seqs[:, :-1])
-        return F.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(), reduction="sum")
-
-    def seq_loss_sums(self, seqs: torch.Tensor) -> torch.Tensor:
-        """Per-sequence summed next-token cross-entropy of a (B, T+1) batch: shape (B,)."""
-        logits = self(seqs[:, :-1])
-        tok = F.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(), reduction="none")
-        return tok.view(seqs.shape[0], -1).sum(dim=1)
 
 
 def count_params(cfg: ModelConfig, embeddings: bool = True) -> int:

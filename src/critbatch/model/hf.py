@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from .losses import NextTokenLosses
 
 # token ids a generation config carries: critbatch never generates, and ids outside a small
 # vocabulary make transformers warn, so they are dropped unless the config sets them in range
@@ -111,7 +111,7 @@ def _load_weights(module: nn.Module, directory: str) -> None:
                           f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
 
 
-class HFCausalLM(nn.Module):
+class HFCausalLM(NextTokenLosses, nn.Module):
     """A ``transformers`` causal LM, seeded like every critbatch model (the caller seeds torch)."""
 
     def __init__(self, cfg: ModelConfig):
@@ -130,15 +130,6 @@ class HFCausalLM(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, T) int64 -> logits (B, T, vocab)."""
         return self.inner(input_ids=idx, use_cache=False).logits
-
-    def loss_sum(self, seqs: torch.Tensor) -> torch.Tensor:
-        logits = self(seqs[:, :-1])
-        return F.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(), reduction="sum")
-
-    def seq_loss_sums(self, seqs: torch.Tensor) -> torch.Tensor:
-        logits = self(seqs[:, :-1])
-        tok = F.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(), reduction="none")
-        return tok.view(seqs.shape[0], -1).sum(dim=1)
 
     def fsdp_units(self) -> list[nn.Module]:
         """The decoder layers, each its own FSDP unit."""

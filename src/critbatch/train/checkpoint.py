@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import torch
 
 from ..config import to_dict
 from ..errors import CheckpointError, ConfigError
-from ..io import dumps, public_mode
+from ..io import dumps, public_mode, sha256_file
 
 FORMAT = "critbatch-ckpt-v1"
 EVAL_LOSSES_FILE = "eval_seq_losses.npy"  # per-sequence held-out losses (of a run's final evaluation, or at a kept checkpoint)
@@ -81,14 +80,6 @@ def save_checkpoint(ckpt_root: Path, *, tokens: int, kept: bool, model_state: di
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
