@@ -349,3 +349,35 @@ def test_confirm_raises_only_after_consecutive_passes(data_dir, tmp_path, monkey
     ds = read_jsonl(tmp_path / "c2" / "decisions.jsonl")
     assert [d.get("confirmations") for d in ds] == ["1 of 2", None, "1 of 2", "2 of 2"]
     assert [d["batch_after"] for d in ds] == [4, 4, 4, 8]
+
+
+def test_confirm_factor_confirms_a_pass_sooner(data_dir, tmp_path, monkeypatch):
+    """A pass at 1024 tokens is confirmed at 1.5 × 1024 = 1536 (a point inserted between the
+    scheduled 1024 and 4096) instead of waiting for 4096; a failed confirmation returns to the grid."""
+    from critbatch import autobatch
+
+    seen = []
+
+    def fake_sweep(self, seg, t, beside=None):
+        B = int(autobatch.find_kept(seg, [t])[0].meta["batch_seqs"])
+        seen.append((t, B))
+        ok = (t, B) in {(1024, 4), (1536, 4), (4096, 8)}
+        point = {"ks": [1.0, 2.0], "cbs_low_seqs": 2.0 * B if ok else 0.0, "cbs_high_seqs": None if ok else 2.0 * B,
+                 "undetermined_ks": []}
+        return {"ks": [1.0, 2.0], "cbs_low_seqs": point["cbs_low_seqs"], "cbs_high_seqs": point["cbs_high_seqs"],
+                "probe_tokens": 0, "_point": point}
+
+    monkeypatch.setattr(autobatch._Loop, "_sweep", fake_sweep)
+    cfg = loop_cfg(data_dir)
+    kw = dict(probe_at=[1024, 4096], noise_scale=False, launcher="inprocess")
+    r = run_auto_batch(cfg, AutoBatchConfig(**kw, confirm_factor=1.5), tmp_path / "cf")
+    # 4096 passes at batch 8 once; its confirmation point 6144 fails: no second raise
+    assert seen == [(1024, 4), (1536, 4), (4096, 8), (6144, 8)]
+    assert r["schedule"] == [[0, 4], [1536, 8]]
+    ds = read_jsonl(tmp_path / "cf" / "decisions.jsonl")
+    assert [d.get("confirmations") for d in ds] == ["1 of 2", "2 of 2", "1 of 2", None]
+    seen.clear()
+    r0 = run_auto_batch(cfg, AutoBatchConfig(**kw), tmp_path / "grid")  # without it: only the scheduled points
+    assert seen == [(1024, 4), (4096, 4)] and r0["schedule"] == [[0, 4]]
+    with pytest.raises(ConfigError, match="confirm_factor=1.0 must be > 1"):
+        run_auto_batch(cfg, AutoBatchConfig(**kw, confirm_factor=1.0), tmp_path / "bad")

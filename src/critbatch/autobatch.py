@@ -97,6 +97,11 @@ class AutoBatchConfig:
     (2: a raise seen once is confirmed at the next point first). A wrong raise is never undone, a
     wrong stay is revisited at the next point; confirmation trades a later raise for fewer wrong ones
     (docs/LOG.md: with 1, every seed raised at 125k and ended 0.03 nats behind after the anneal)."""
+    confirm_factor: float | None = None
+    """With ``confirm`` > 1: after a point whose raise is not yet confirmed, probe next at this factor ×
+    the point's tokens (when that comes before the next scheduled point) instead of waiting for the
+    next scheduled point, so a confirmed raise comes sooner; the extra point costs its probes.
+    ``None``: confirm only at the scheduled points."""
     calibration_points: int = 2
     """Probe points whose branch probes calibrate the noise-scale trigger when it acts."""
     norm_eta: float = 1.0
@@ -160,6 +165,8 @@ def _check(cfg: TrainConfig, a: AutoBatchConfig) -> tuple[list[int], int]:
         raise ConfigError(f"norm_eta={a.norm_eta} must be > 0")
     if a.confirm < 1:
         raise ConfigError(f"confirm={a.confirm} must be >= 1")
+    if a.confirm_factor is not None and a.confirm_factor <= 1:
+        raise ConfigError(f"confirm_factor={a.confirm_factor} must be > 1 (or unset)")
     if a.calibration_points < 1:
         raise ConfigError(f"calibration_points={a.calibration_points} must be >= 1")
     if a.max_batch_seqs is not None and a.max_batch_seqs < B0:
@@ -304,6 +311,20 @@ class _Loop:
                    cost={"probe_tokens": probe["probe_tokens"] if probe else 0, "gns_tokens": ns["tokens"] if ns else 0})
         return rec
 
+    def next_point(self, cur: int, last: dict | None = None) -> int:
+        """The next probe point after ``cur`` tokens (the run's end when none is left): the next
+        scheduled point, or sooner, ``confirm_factor`` × ``cur``, when ``last`` saw a raise that is
+        still unconfirmed."""
+        total = self.cfg.total_tokens
+        end = next((p for p in self.points if p > cur), total)
+        a = self.a
+        if (last is not None and a.confirm_factor and last["batch_after"] == last["batch_before"]
+                and str(last.get("confirmations", "")).startswith(tuple(f"{n} of" for n in range(1, a.confirm)))):
+            sooner = int(round(cur * a.confirm_factor))
+            if cur < sooner < end:
+                return sooner
+        return end
+
     def write_decisions(self) -> None:
         write_text_atomic(self.out / "decisions.jsonl", "".join(json.dumps(d, sort_keys=True) + "\n" for d in self.decisions))
 
@@ -311,9 +332,8 @@ class _Loop:
         t0 = time.time()
         init, total, cur = None, self.cfg.total_tokens, 0
         res: dict = {}
-        for i, end in enumerate(self.points + [total]):
-            if end <= cur:  # the last step already passed this probe point
-                continue
+        end = self.next_point(cur)
+        while True:
             seg, res = self.segment(len(self.segments), cur, end, init, keep=end < total)
             if res.get("diverged") or end == total:
                 break
@@ -334,6 +354,10 @@ class _Loop:
             if rec["batch_after"] != rec["batch_before"]:
                 self.sched.append([rec["tokens"], rec["batch_after"]])
             init, cur = ck.path, ck.tokens
+            end = self.next_point(cur, rec)
+            if beside is not None and end != nxt:  # the speculative segment ran to a point no longer next
+                rec["speculative_segment"]["kept"] = False
+                self.write_decisions()
         self.write_decisions()
         return self.finish(res, time.time() - t0)
 
