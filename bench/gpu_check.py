@@ -20,6 +20,10 @@ Measured side by side, each in this one process, one after the other:
       whole training loop, warm-up and compilation included (it has no MFU field), so the check also
       times the steps after the warm-up with a callback; ``tokens_per_s_per_gpu`` and ``mfu`` are those,
       ``result_json`` holds what result.json says (and the MFU that is);
+* ``small_b32_trainer_stacked8``: critbatch's path for a sweep's branches of one shape, 8 Trainers at 32
+  sequences a step (each its own seed and stream window) stepped together as one stacked model
+  (``critbatch.train.stacked``: one vmapped forward and backward, each run's own AdamW); tokens/s of
+  the 8 together;
 * the GPT-2 small shape (124M parameters: d=768, 12 layers, sequence 1024, vocabulary 50257) at 32
   sequences a step: plain eager, plain compiled + fused AdamW, and the Trainer compiled when the
   budget allows;
@@ -74,7 +78,8 @@ MIN_TIMED_STEPS = 3
 
 # Estimated seconds a measurement needs beyond --measure-s (build, warm-up; compilation on a GPU),
 # for the budget check; compile estimates follow what the first compile of this run took.
-SETUP_EST = {"plain": 4.0, "trainer": 6.0}
+SETUP_EST = {"plain": 4.0, "trainer": 6.0, "stacked": 12.0}
+STACK = 8  # runs stacked into one model by the stacked measurement (critbatch.train.stacked; a sweep's default on CUDA)
 COMPILE_EST = {"small": 45.0, "gpt2-small": 75.0}
 GPT2_OVER_SMALL_COMPILE = 1.5  # GPT-2 small's compile over the small model's, once that one was timed
 CACHED_COMPILE_FRACTION = 0.3  # a graph compiled before in the run: Dynamo traces it again, Inductor's cache has it
@@ -94,8 +99,10 @@ def plan(quick: bool) -> list[dict]:
         return {"name": f"{short}_b{batch}_{kind}", "model": model, "batch_seqs": batch, "loop": loop,
                 "compile": compiled}
 
+    stacked = {"name": f"small_b{b1}_trainer_stacked{STACK}", "model": "small", "batch_seqs": b1, "loop": "stacked",
+               "compile": False}
     return [m("small", b1, "plain", False), m("small", b2, "plain", False),
-            m("small", b1, "trainer", False), m("small", b2, "trainer", False),
+            m("small", b1, "trainer", False), stacked, m("small", b2, "trainer", False),
             m("gpt2-small", g, "plain", False),
             {"name": "sweep", "loop": "sweep", "compile": False},
             m("small", b1, "plain", True), m("small", b1, "trainer", True),
@@ -274,6 +281,60 @@ def trainer_loop(torch, spec: dict, device, quick: bool, measure_s: float, data_
     return out
 
 
+def stacked_loop(torch, spec: dict, device, quick: bool, measure_s: float, data_dir: Path, work: Path,
+                 trainer_vocab: str) -> dict:
+    """critbatch's path for sweeps of a small model: STACK Trainers of one shape (each its own run,
+    seed and stream window, as a sweep's replicates) stepped together as one stacked model by
+    :class:`critbatch.train.stacked.Stack`; tokens/s of all of them together, steps after the warm-up."""
+    from critbatch import presets
+    from critbatch.config import merge
+    from critbatch.train import Trainer
+    from critbatch.train.stacked import Stack
+
+    base = presets.get(spec["model"])
+    vocab = trainer_vocab_size(trainer_vocab, spec["model"])
+    shape = QUICK_SHAPES[spec["model"]] if quick else {}
+    B, T = spec["batch_seqs"], (shape.get("seq_len") or base.model.seq_len)
+    trainers = []
+    t_setup = time.perf_counter()
+    for i in range(STACK):
+        cfg = merge(base, {
+            "model": {**shape, "vocab_size": vocab}, "seed": i,
+            "data": {"path": str(data_dir), "allow_repeat": True, "stream_shift_seqs": i * 4096},
+            "total_tokens": 10**12, "batch_seqs": B, "micro_batch_seqs": None, "batch_schedule": None,
+            "checkpoint_tokens": [], "eval_seqs": 8, "eval_interval_tokens": 0, "save_interval_tokens": 10**15,
+            "device": str(device), "precision": "auto", "compile": False})
+        run_dir = work / f"{spec['name']}_{i}"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        tr = Trainer(cfg, run_dir, progress=False, quiet=True, eval_at_start=False, keep_final_checkpoint=False)
+        tr.begin()
+        trainers.append(tr)
+    stack = Stack(trainers)
+    steps, t0, tok0 = 0, None, 0
+    while True:
+        plans = [t.plan_step() for t in trainers]
+        for t, plan, r in zip(trainers, plans, stack.step(plans)):
+            t.after_step(plan, *r)
+        steps += 1
+        if steps == WARMUP_STEPS:
+            t0, tok0 = time.perf_counter(), sum(t.tokens for t in trainers)
+        elif steps > WARMUP_STEPS and steps - WARMUP_STEPS >= MIN_TIMED_STEPS and time.perf_counter() - t0 >= measure_s:
+            break
+    dt = time.perf_counter() - t0
+    tokens = sum(t.tokens for t in trainers) - tok0
+    mc = trainers[0].cfg.model
+    out = {**shape_fields(mc), "runs_stacked": STACK, "batch_seqs": B, "tokens_per_step": STACK * B * T,
+           "precision": "bf16-autocast" if device.type == "cuda" else "fp32", "compile": False,
+           "fused_adamw": device.type == "cuda", "grad_clip": trainers[0].cfg.optim.max_grad_norm,
+           "warmup_steps": WARMUP_STEPS, "setup_s": t0 - t_setup, "timed_steps": steps - WARMUP_STEPS, "timed_s": dt,
+           "tokens_per_s_per_gpu": tokens / dt, "final_loss": trainers[0].state["last_loss"]}
+    if device.type == "cuda":
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    del stack, trainers
+    return out
+
+
 def sweep_ratio(torch, device, work: Path, data_dir: Path) -> dict:
     """A short tiny-preset base run with two kept checkpoints and an adaptive branch sweep from them."""
     from critbatch import presets
@@ -443,6 +504,8 @@ def main() -> None:
             else:
                 if spec["loop"] == "plain":
                     r = plain_loop(torch, spec, device, a.quick, measure_s)
+                elif spec["loop"] == "stacked":
+                    r = stacked_loop(torch, spec, device, a.quick, measure_s, data_dir, work, a.trainer_vocab)
                 else:
                     eager = doc["measurements"].get(f"{name.rsplit('_trainer_', 1)[0]}_plain_eager", {})
                     r = trainer_loop(torch, spec, device, a.quick, measure_s, data_dir, work, a.trainer_vocab,

@@ -36,7 +36,7 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     # every non-compiled measurement ran; the compiled ones are skipped on CPU, with the reason
     kinds = {(m["model"], m["loop"], m["batch_seqs"]) for m in ms.values()}
     assert kinds == {("small", "plain", 4), ("small", "plain", 16), ("small", "trainer", 4), ("small", "trainer", 16),
-                     ("gpt2-small", "plain", 2)}
+                     ("small", "stacked", 4), ("gpt2-small", "plain", 2)}
     assert len(d["skipped"]) == 6 and all("compiled" in n for n in d["skipped"])
     for name, m in ms.items():
         assert m["tokens_per_s_per_gpu"] > 0, name
@@ -48,6 +48,8 @@ def test_gpu_check_quick_on_cpu(tmp_path):
         assert t["vocab_size"] == 257 and t["result_json"]["tokens_per_s"] > 0 and 0 < t["result_json"]["mfu"] <= 1
         assert t["stopped_by"] == "time"
     assert ms["gpt2_b2_plain_eager"]["vocab_size"] == 50257
+    st = ms["small_b4_trainer_stacked8"]  # 8 runs stepped as one stacked model, tokens of all of them
+    assert st["runs_stacked"] == 8 and st["tokens_per_step"] == 8 * 4 * st["seq_len"] and st["final_loss"] > 0
     s = d["sweep"]
     assert d["sweep_branch_tokens_over_base"] > 0 and s["branch_tokens_over_base"] == d["sweep_branch_tokens_over_base"]
     assert s["branch_tokens"] == s["branches"] * s["window_tokens"]

@@ -182,6 +182,8 @@ def cmd_branch(ns: argparse.Namespace) -> int:
     if cost.get("branch_tokens_over_base") is not None:
         line += f" ({cost['branch_tokens_over_base']:.2f}x the base run's {cost['base_tokens']:,})"
     line += f", {cost['wall_time_s']:.1f}s"
+    if cost.get("trained"):
+        line += " (" + ", ".join(f"{v} {k}" for k, v in cost["trained"].items()) + ")"
     if "full_grid_branch_tokens" in cost:
         line += f" (full grid would spend {cost['full_grid_branch_tokens']:,})"
     print(line)

@@ -45,6 +45,8 @@ EMA_MIN_STEPS = 8
 weight on the branch's own steps (with one step the EMA is mostly the loss before it)."""
 DECIDE_BY = ("eval", "train-ema")
 SEARCHES = ("grid", "adaptive")
+STACK_CUDA = 8
+"""Branches stacked into one model by default on CUDA (``SweepConfig.stack``)."""
 
 
 @dataclass
@@ -116,6 +118,12 @@ class SweepConfig:
     slurm: dict | None = how(None)
     """Options of the ``slurm`` and ``submitit-local`` launchers: keys of
     :class:`critbatch.launch.slurm.SlurmConfig` (partition, time_min, gpus_per_task, ...)."""
+    stack: int | None = how(None)
+    """Branches of one shape (replicates; the same k at several points) trained together as one
+    stacked model, up to this many (:mod:`critbatch.train.stacked`; in process and in the local pool,
+    with one rank per branch). ``None``: 8 on CUDA, where a small model alone leaves the GPU waiting on
+    kernel launches; 1 (off) on CPU, where stacking measured no faster (docs/LOG.md). Their numbers
+    agree with branches trained alone to float rounding, not bit for bit; cbs.json says which ran."""
 
 
 @dataclass
@@ -204,6 +212,12 @@ def _check_options(cfg: SweepConfig, parent: TrainConfig) -> tuple[SweepConfig, 
         raise ConfigError(f"confidence={cfg.confidence} must be in [0.5, 1)")
     if cfg.jobs is None:
         cfg = dataclasses.replace(cfg, jobs=default_jobs(cfg.threads_per_branch, cfg.device))
+    if cfg.stack is None:
+        from ..dist import resolve_device
+
+        cfg = dataclasses.replace(cfg, stack=STACK_CUDA if resolve_device(cfg.device).type == "cuda" else 1)
+    if cfg.stack < 1:
+        raise ConfigError(f"stack={cfg.stack} must be >= 1 (1: every branch alone)")
     if cfg.jobs < 1 or cfg.threads_per_branch < 1:
         raise ConfigError(f"jobs={cfg.jobs} and threads_per_branch={cfg.threads_per_branch} must be >= 1")
     lr_rule = cfg.lr_rule or parent.optim.lr_rule
@@ -421,6 +435,7 @@ def branch_losses(branch_dir: Path) -> dict:
             "train-ema": r["final_train_loss"] if not r["diverged"] else float("inf"),
             "eval_se": r.get("final_eval_loss_se"), "eval_per_seq": per_seq,
             "diverged": bool(r["diverged"]), "steps": r["steps"], "tokens": r["tokens"] - r["start_tokens"],
+            "trained": r.get("trained", "alone"),
             "wall_time_s": r["wall_time_s"]}
 
 
@@ -444,6 +459,7 @@ def _point(plan: SweepPlan, p: BranchPoint, by_k: dict[float, list[dict]]) -> di
     losses = {m: [[r[m] for r in reps] for reps in recs] for m in DECIDE_BY}
     extra = {"branch_tokens": sum(r["tokens"] for reps in recs for r in reps),
              "branch_seconds": sum(r["wall_time_s"] for reps in recs for r in reps),
+             "trained": [[r["trained"] for r in reps] for reps in recs],
              "branches": sum(len(v) for v in recs), "steps": [[r["steps"] for r in reps] for reps in recs],
              "eval_se": [[r["eval_se"] for r in reps] for reps in recs]}
     if cfg.search == "adaptive":
@@ -467,7 +483,8 @@ def build_curve(plan: SweepPlan, results: dict[int, dict[float, list[dict]]], wa
         "eval_seqs": cfg.eval_seqs or plan.parent.eval_seqs, "seq_len": plan.seq_len, "notes": list(plan.notes),
         "points": points,
         "cost": {"branches": sum(p["branches"] for p in points), "branch_tokens": sum(p["branch_tokens"] for p in points),
-                 "branch_seconds": sum(p["branch_seconds"] for p in points), "wall_time_s": wall_time_s},
+                 "branch_seconds": sum(p["branch_seconds"] for p in points), "wall_time_s": wall_time_s,
+                 "trained": _trained_counts(points)},
     }
     if cfg.search == "adaptive":
         curve["cost"]["full_grid_branch_tokens"] = sum(p["full_grid_branch_tokens"] for p in points)
@@ -477,6 +494,16 @@ def build_curve(plan: SweepPlan, results: dict[int, dict[float, list[dict]]], wa
     curve["cost"]["branch_tokens_over_base"] = curve["cost"]["branch_tokens"] / base_tokens if base_tokens else None
     curve["fit"] = fit_or_none(points)
     return curve
+
+
+def _trained_counts(points: list[dict]) -> dict[str, int]:
+    """How the sweep's branches were trained: ``alone`` or ``stacked xN``, with their counts."""
+    out: dict[str, int] = {}
+    for p in points:
+        for reps in p["trained"]:
+            for t in reps:
+                out[t] = out.get(t, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def write_curve(sweep_dir: Path, curve: dict) -> None:
@@ -520,7 +547,7 @@ class _Branches:
         self.trained |= any(not (d / "result.json").is_file() for d in dirs)
         self.bar.total = (self.bar.total or 0) + len(dirs)
         run_jobs(dirs, c.jobs, c.threads_per_branch, c.launcher, lambda _d: self.bar.update(1),
-                 nproc_per_job=c.nproc_per_job, slurm=c.slurm)
+                 nproc_per_job=c.nproc_per_job, slurm=c.slurm, stack=c.stack)
         for t, by_k in self.dirs.items():
             for k, ds in by_k.items():
                 if k not in self.results[t]:

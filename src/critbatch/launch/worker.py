@@ -63,11 +63,16 @@ def run_named(job_dir: str | Path, threads: int | None = None, *, extra: Iterabl
 
 def main() -> int:
     ap = argparse.ArgumentParser(prog="critbatch.launch.worker")
-    ap.add_argument("job_dir")
+    ap.add_argument("job_dir", nargs="+", help="one job; several: trained together as one stacked model")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     try:
-        run_named(a.job_dir, a.threads, stop_on_signals=True)
+        if len(a.job_dir) == 1:
+            run_named(a.job_dir[0], a.threads, stop_on_signals=True)
+        else:
+            from ..train.stacked import run_jobs_stacked
+
+            run_jobs_stacked(a.job_dir, a.threads)
     except Interrupted as e:
         print(f"critbatch: {e}; run it again to resume", file=sys.stderr)
         return 128 + e.signum

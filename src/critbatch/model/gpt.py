@@ -15,6 +15,9 @@ from .losses import NextTokenLosses
 
 
 class CausalSelfAttention(nn.Module):
+    fused = True
+    """Fused scaled-dot-product attention; False: the same in plain ops (:mod:`critbatch.train.stacked`)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
@@ -27,7 +30,12 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.fused:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # the same attention in plain ops (they batch under torch.func.vmap; the fused kernels may not)
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            y = att.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 

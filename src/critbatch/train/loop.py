@@ -149,6 +149,8 @@ class Trainer:
         self.stop_after_tokens = stop_after_tokens
         self.stop_on_signals = stop_on_signals
         self.stop_signal: int | None = None
+        self.trained_as = "alone"
+        """``alone``, or ``stacked xN`` when :mod:`critbatch.train.stacked` trained it with others."""
         self.device = resolve_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
@@ -350,6 +352,9 @@ class Trainer:
             model_state, optim_state = fsdp_full_state(self.raw_model, self.optimizer)
         else:
             model_state, optim_state = self.raw_model.state_dict(), self.optimizer.state_dict()
+            # a tensor viewing a larger storage (a stacked run's weights) is saved as its own copy
+            model_state = {k: v.clone() if v.untyped_storage().nbytes() > v.numel() * v.element_size() else v
+                           for k, v in model_state.items()}
         if not self.dist.is_main:
             return None
         ev = self.last_eval[1] if (kept and self.last_eval and self.last_eval[0] == self.tokens) else None
@@ -394,17 +399,9 @@ class Trainer:
     def train_step(self, plan: StepPlan) -> tuple[float, float, dict]:
         """One optimizer step: accumulate the micro-batches, synchronise once, clip, step. Returns
         (mean loss, gradient norm, the step's record); a non-finite loss or norm skips the update."""
-        for g in self.optimizer.param_groups:
-            g["lr"] = plan.lr
-            if plan.adam is not None:
-                g["betas"], g["eps"] = plan.adam[:2], plan.adam[2]
-        B, T = plan.batch_seqs, self.cfg.model.seq_len
-        scale = self.dist.world_size / (B * T)  # per-token mean over the global batch; DDP divides by W again
+        scale = self.begin_step(plan)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.step_info = {"batch_seqs": B, "micro_batch_seqs": plan.micro_batch_seqs, "accum": plan.accum,
-                          "tokens": plan.tokens, "micro_sizes": [n for _, n in plan.slices]}
-        for i, (pos, n) in enumerate(plan.slices):
-            seqs = self.stream.batch(pos, n).to(self.device, non_blocking=True)
+        for i, seqs in enumerate(self.micro_batches(plan)):
             with self._grad_sync(last_micro=i == plan.accum - 1):
                 with self._autocast():
                     logits = self.model(seqs[:, :-1])
@@ -414,6 +411,29 @@ class Trainer:
             loss_sum += ls.detach().double()
             for cb in self.callbacks:
                 cb.on_micro_backward(self, i, plan.accum)
+        return self.complete_step(plan, loss_sum)
+
+    def begin_step(self, plan: StepPlan) -> float:
+        """Set the step's LR (and Adam hyperparameters); returns the loss scale of a micro-batch's
+        summed token losses (the per-token mean over the global batch; DDP divides by W again)."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = plan.lr
+            if plan.adam is not None:
+                g["betas"], g["eps"] = plan.adam[:2], plan.adam[2]
+        B, T = plan.batch_seqs, self.cfg.model.seq_len
+        self.step_info = {"batch_seqs": B, "micro_batch_seqs": plan.micro_batch_seqs, "accum": plan.accum,
+                          "tokens": plan.tokens, "micro_sizes": [n for _, n in plan.slices]}
+        return self.dist.world_size / (B * T)
+
+    def micro_batches(self, plan: StepPlan):
+        """The step's micro-batches of this rank, (n, seq_len + 1) token ids on the device."""
+        for pos, n in plan.slices:
+            yield self.stream.batch(pos, n).to(self.device, non_blocking=True)
+
+    def complete_step(self, plan: StepPlan, loss_sum: torch.Tensor) -> tuple[float, float, dict]:
+        """After the micro-batches' backward passes (gradients in ``.grad``): reduce the loss, clip,
+        step the optimizer (skipped for a non-finite loss or norm) and clear the gradients."""
+        B, T = plan.batch_seqs, self.cfg.model.seq_len
         all_reduce_sum(loss_sum, self.dist)
         loss = float(loss_sum.item()) / (B * T)
         rec = {"step": self.state["step"] + 1, "tokens": plan.tokens + B * T}
@@ -473,6 +493,24 @@ class Trainer:
                 signal.signal(s, h)
 
     def _run(self) -> dict | None:
+        self.begin()
+        paused = False
+        t_session = time.perf_counter()
+        try:
+            while self.running():
+                if self._pause_requested():
+                    paused = True
+                    break
+                plan = self.plan_step()
+                loss, grad_norm, rec = self.train_step(plan)
+                self.after_step(plan, loss, grad_norm, rec)
+        finally:
+            self.state["elapsed_s"] += time.perf_counter() - t_session
+        return self.end(paused)
+
+    # ---- the session in parts (the loop above; :mod:`critbatch.train.stacked` drives several at once) --
+    def begin(self) -> None:
+        """Write the run's config, build model and optimizer, start the callbacks."""
         if self.out_dir is not None and self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if not (self.out_dir / "config.json").is_file():
@@ -483,29 +521,29 @@ class Trainer:
         self.last_eval, self.last_eval_se, self.last_boundary = None, None, self.tokens
         for cb in self.callbacks:
             cb.on_train_start(self)
-        paused = False
-        t_session = time.perf_counter()
-        try:
-            while self.tokens < self.cfg.total_tokens and self.diverged_at is None:
-                if self._pause_requested():
-                    paused = True
-                    break
-                plan = self.plan_step()
-                loss, grad_norm, rec = self.train_step(plan)
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    self.log({"step": self.state["step"], "tokens": plan.tokens, "train/diverged": True,
-                              "train/loss": loss, "train/grad_norm": grad_norm})
-                    self.diverge(plan.tokens, f"the training loss ({loss}) or gradient norm ({grad_norm}) is not finite")
-                    break
-                rec = self._advance(plan, loss, grad_norm, rec)
-                for cb in self.callbacks:
-                    cb.on_step_end(self, rec)
-                self.log(rec)
-                self.last_boundary = plan.tokens
-                for cb in self.callbacks:
-                    cb.on_boundary(self, plan.tokens)
-        finally:
-            self.state["elapsed_s"] += time.perf_counter() - t_session
+
+    def running(self) -> bool:
+        """Steps remain and the run has not diverged."""
+        return self.tokens < self.cfg.total_tokens and self.diverged_at is None
+
+    def after_step(self, plan: StepPlan, loss: float, grad_norm: float, rec: dict) -> None:
+        """Record a trained step: a non-finite loss or norm is a divergence; otherwise advance the
+        state, log the step and run the boundary callbacks."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.log({"step": self.state["step"], "tokens": plan.tokens, "train/diverged": True,
+                      "train/loss": loss, "train/grad_norm": grad_norm})
+            self.diverge(plan.tokens, f"the training loss ({loss}) or gradient norm ({grad_norm}) is not finite")
+            return
+        rec = self._advance(plan, loss, grad_norm, rec)
+        for cb in self.callbacks:
+            cb.on_step_end(self, rec)
+        self.log(rec)
+        self.last_boundary = plan.tokens
+        for cb in self.callbacks:
+            cb.on_boundary(self, plan.tokens)
+
+    def end(self, paused: bool) -> dict | None:
+        """Pause (callbacks write the resume checkpoint; returns None) or finish (returns the result)."""
         if paused:
             for cb in self.callbacks:
                 cb.on_pause(self)
@@ -541,7 +579,7 @@ class Trainer:
             "epochs": s["offset_seqs"] / self.stream.n_seqs, "params": self.n_params,
             "flops_per_token": self.flops_per_token, "wall_time_s": s["elapsed_s"],
             "tokens_per_s": (self.tokens - s["start_tokens"]) / s["elapsed_s"] if s["elapsed_s"] > 0 else None,
-            "config_hash": defining_hash(self.cfg),
+            "config_hash": defining_hash(self.cfg), "trained": self.trained_as,
         }
 
 

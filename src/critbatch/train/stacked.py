@@ -1,0 +1,232 @@
+"""Several runs of one shape trained together as one stacked model (issue 15: small models fill the GPU).
+
+A branch sweep trains many small runs of the same architecture and batch: replicates, and the same
+k at several points. Trained one by one, a small model leaves an accelerator idle between kernel
+launches. Here N such runs step together: their parameters live in one stacked tensor per weight,
+shape (N, ...), and one ``torch.func.vmap`` of ``torch.func.functional_call`` runs all N forward and
+backward passes as batched kernels. Everything else stays each run's own: its optimizer (with its own
+state, LR, Adam hyperparameters and weight decay), gradient clipping, data stream, LR schedule,
+evaluation, checkpoints, metrics and result.json. Each run's parameters and gradients are *views*
+into the stacked tensors, so its own ``torch.optim.AdamW`` updates the stacked weights in place.
+
+The numbers equal training each run alone up to float rounding (batched kernels add in another
+order; ``tests/test_stacked.py`` holds them to 1e-5 in fp32). A run directory trained stacked is a
+normal run directory: a killed stack resumes, each run from its own checkpoint, stacked again when
+their positions agree and alone otherwise.
+
+Stackable: single-process runs of the built-in GPT (``model.family``) on one device with the same
+model config, precision and step structure, and no job callbacks (the online noise scale reads each
+micro-batch's gradient, which lives in the stack until the step's last micro-batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import time
+from pathlib import Path
+
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from ..config import TrainConfig, defining_dict, from_dict
+from ..io import read_json
+from .loop import Trainer
+
+
+def stack_key(cfg: TrainConfig) -> str | None:
+    """Runs with the same key can be stacked; ``None``: this run cannot be (it trains alone)."""
+    if cfg.model.family != "gpt":
+        return None
+    d = defining_dict(cfg)
+    return repr((d["model"], cfg.precision, cfg.device, cfg.compile, cfg.micro_batch_seqs, cfg.batch_seqs,
+                 d.get("batch_schedule")))
+
+
+def _why_not(trainers: list[Trainer]) -> str | None:
+    t0 = trainers[0]
+    for t in trainers:
+        if t.dist.enabled:
+            return "a distributed run"
+        if t.fsdp or t.cfg.compile:
+            return "an FSDP or compiled run"
+        if t.device != t0.device:
+            return "runs on different devices"
+    return None
+
+
+class Stack:
+    """N built trainers whose models share stacked parameter storage."""
+
+    def __init__(self, trainers: list[Trainer]):
+        self.trainers = trainers
+        models = [t.raw_model for t in trainers]
+        params, buffers = stack_module_state(models)  # copies: (N, ...) per name
+        self.names = list(params)
+        self.params = {n: p.detach() for n, p in params.items()}
+        self.buffers = {n: b.detach() for n, b in buffers.items()}
+        for i, m in enumerate(models):  # each model's parameters become views into the stack
+            named = dict(m.named_parameters())
+            for n in self.names:
+                named[n].data = self.params[n][i]
+            for n, b in m.named_buffers():
+                b.data = self.buffers[n][i]
+        self.template = models[0]
+        self.leaves: dict[str, torch.Tensor] = {}
+
+    def _loss_sums(self, params: dict, buffers: dict, seqs: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(self.template, (params, buffers), (seqs[:, :-1],))
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(), reduction="sum")
+
+    def step(self, plans: list) -> list[tuple[float, float, dict]]:
+        """One optimizer step of every trainer (``plans[i]`` is trainer i's :class:`StepPlan`)."""
+        ts = self.trainers
+        scales = torch.tensor([t.begin_step(p) for t, p in zip(ts, plans)], dtype=torch.float32,
+                              device=ts[0].device)
+        leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}  # the same storage
+        loss_sums = torch.zeros(len(ts), dtype=torch.float64, device=ts[0].device)
+        for micro in zip(*(t.micro_batches(p) for t, p in zip(ts, plans))):
+            seqs = torch.stack(micro)
+            with ts[0]._autocast(), _plain_attention(self.template):
+                ls = vmap(self._loss_sums)(leaves, self.buffers, seqs)
+            (ls * scales).sum().backward()
+            loss_sums += ls.detach().double()
+        for i, t in enumerate(ts):  # each run's gradients: views of its slice of the stack
+            named = dict(t.raw_model.named_parameters())
+            for n in self.names:
+                named[n].grad = leaves[n].grad[i]
+        out = [t.complete_step(p, loss_sums[i]) for i, (t, p) in enumerate(zip(ts, plans))]
+        for leaf in leaves.values():
+            leaf.grad = None
+        return out
+
+
+@contextlib.contextmanager
+def _plain_attention(model: torch.nn.Module):
+    """Attention in plain ops while vmapped: the fused kernels have no batching rule on every
+    device, and vmap's fallback loops over the stack one run at a time."""
+    mods = [m for m in model.modules() if hasattr(type(m), "fused")]
+    for m in mods:
+        m.fused = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            del m.fused  # back to the class default
+
+
+def _stackable_plans(plans: list) -> bool:
+    p0 = plans[0]
+    return all((p.batch_seqs, p.micro_batch_seqs, p.accum, [n for _, n in p.slices])
+               == (p0.batch_seqs, p0.micro_batch_seqs, p0.accum, [n for _, n in p0.slices]) for p in plans)
+
+
+def train_stacked(trainers: list[Trainer]) -> list[dict | None]:
+    """Train the trainers together, step by step, while their steps have one shape; a trainer
+    whose step differs (or that is left alone) finishes on its own. Returns each one's result."""
+    results: list[dict | None] = [None] * len(trainers)
+    todo = [i for i, t in enumerate(trainers) if t.existing_result is None]
+    for i, t in enumerate(trainers):
+        if t.existing_result is not None:
+            results[i] = t.existing_result
+    if len(todo) < 2 or _why_not([trainers[i] for i in todo]):
+        for i in todo:
+            results[i] = trainers[i].run()
+        return results
+    group = [trainers[i] for i in todo]
+    for t in group:
+        t.begin()
+        t.trained_as = f"stacked x{len(group)}"
+    stack = Stack(group)
+    t_session = time.perf_counter()
+    try:
+        while all(t.running() for t in group):
+            plans = [t.plan_step() for t in group]
+            if not _stackable_plans(plans):
+                break
+            for t, plan, (loss, gn, rec) in zip(group, plans, stack.step(plans)):
+                t.after_step(plan, loss, gn, rec)
+    finally:
+        dt = time.perf_counter() - t_session
+        for t in group:  # the stack's time, shared: each run is charged 1/N of it
+            t.state["elapsed_s"] += dt / len(group)
+    for t in group:  # a run the stack could not take to its end (it diverged, or its steps differ) goes on alone
+        _unstack(t)
+        t0 = time.perf_counter()
+        while t.running():
+            plan = t.plan_step()
+            t.after_step(plan, *t.train_step(plan))
+        t.state["elapsed_s"] += time.perf_counter() - t0
+    for i, t in zip(todo, group):
+        results[i] = t.end(False)
+    return results
+
+
+def _unstack(t: Trainer) -> None:
+    """Give the run's parameters their own storage again (checkpoints then hold one model, not N)."""
+    for p in t.raw_model.parameters():
+        p.data = p.data.clone()
+    for b in t.raw_model.buffers():
+        b.data = b.data.clone()
+
+
+def job_stack_key(job_dir: Path) -> str | None:
+    """:func:`stack_key` of a job directory (``None`` for a job that names callbacks)."""
+    job = read_json(Path(job_dir) / "job.json")
+    return None if job.get("callbacks") else stack_key(from_dict(TrainConfig, job["config"]))
+
+
+def stacks(dirs: list[Path], size: int) -> list[list[Path]]:
+    """The job directories in groups that can train stacked, at most ``size`` each (order kept
+    within a group); a job that cannot stack is a group of one."""
+    groups: dict[str, list[Path]] = {}
+    out: list[list[Path]] = []
+    for d in dirs:
+        key = job_stack_key(d) if size > 1 else None
+        if key is None:
+            out.append([d])
+            continue
+        g = groups.setdefault(key, [])
+        g.append(d)
+        if len(g) == size:
+            out.append(list(g))
+            g.clear()
+    out.extend(g for g in groups.values() if g)
+    return out
+
+
+def run_jobs_stacked(job_dirs: list[str | Path], threads: int | None = None) -> list[dict | None]:
+    """Train job directories (``job.json``) together where they stack (:func:`stack_key`), alone
+    otherwise. Each directory is locked as :func:`critbatch.launch.run_job` locks it, so another
+    process never trains the same job at the same time."""
+    dirs = [Path(d) for d in job_dirs]
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    locks = []
+    try:
+        for d in dirs:
+            f = open(d / ".lock", "w")
+            fcntl.flock(f, fcntl.LOCK_EX)
+            locks.append(f)
+        trainers = []
+        for d in dirs:
+            job = read_json(d / "job.json")
+            cfg = from_dict(TrainConfig, job["config"])
+            init = (d / job["init_from"]) if job.get("init_from") else None
+            trainers.append(Trainer(cfg, d, init_from=init, progress=False, quiet=True,
+                                    eval_at_start=job.get("eval_at_start", True),
+                                    keep_final_checkpoint=job.get("keep_final_checkpoint", True)))
+        groups: dict[str, list[int]] = {}
+        for i, d in enumerate(dirs):
+            key = job_stack_key(d)
+            groups.setdefault(key if key is not None else f"alone-{i}", []).append(i)
+        results: list[dict | None] = [None] * len(dirs)
+        for idx in groups.values():
+            for i, r in zip(idx, train_stacked([trainers[i] for i in idx])):
+                results[i] = r
+        return results
+    finally:
+        for f in locks:
+            f.close()
+        torch.set_num_threads(old)
