@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 SIZES = {"demo": {"total_tokens": 1_000_000, "anneal_tokens": 102_400},
-         "2m": {"total_tokens": 2_000_000, "anneal_tokens": 204_800}}
+         "2m": {"total_tokens": 2_000_000, "anneal_tokens": 204_800},
+         "4m": {"total_tokens": 4_000_000, "anneal_tokens": 409_600}}
 
 
 def mean_se(xs):

@@ -1,7 +1,12 @@
 """Branches of one shape trained together as one stacked model (critbatch.train.stacked) end where
 each would alone: the same per-step training losses and final held-out losses to 1e-5 in fp32."""
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -26,9 +31,9 @@ def parents(data_dir, tmp_path_factory):
     return root
 
 
-def jobs(run, ks_points):
+def jobs(run, ks_points, window=512):
     """Branch jobs of a sweep of ``run`` (cooldown windows), each keeping its final checkpoint."""
-    plan = plan_sweep(SweepConfig(run=str(run), at=[1024, 2048], k=[1.0, 2.0], window_tokens=512, replicates=2,
+    plan = plan_sweep(SweepConfig(run=str(run), at=[1024, 2048], k=[1.0, 2.0], window_tokens=window, replicates=2,
                                   launcher="inprocess"))
     out = []
     for point in plan.points:
@@ -114,3 +119,30 @@ def test_branch_command_says_which_path_trained(parents, tmp_path, capsys):
     assert main(["branch", "--run", str(run), "--at", "1024", "--k", "1,2", "--window-tokens", "512",
                  "--replicates", "2", "--stack", "2", "--launcher", "inprocess"]) == 0
     assert "(4 stacked x2)" in capsys.readouterr().out
+
+
+def test_a_killed_stack_resumes_to_the_runs_trained_alone(parents):
+    """SIGKILL of a worker training a stack after each run saved a resume checkpoint; training the
+    stack again continues every run from its own checkpoint and ends where each run alone ends."""
+    which = [(1.0, 0), (1.0, 1)]
+    alone = jobs(parents / "a", which, window=8192)[:2]
+    together = jobs(parents / "b", which, window=8192)[:2]
+    for d in alone:
+        run_job(d, threads=1)
+    p = subprocess.Popen([sys.executable, "-m", "critbatch.launch", *map(str, together), "--threads", "1"],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not all(list((d / "ckpt").glob("resume_*")) for d in together):
+        assert p.poll() is None and time.time() - t0 < 120, "the stack ended before it could be killed"
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not any((d / "result.json").exists() for d in together)
+    res = run_jobs_stacked(together, threads=1)
+    for a, r in zip(alone, res):
+        ra = read_json(a / "result.json")
+        assert r["steps"] == ra["steps"] and abs(r["final_eval_loss"] - ra["final_eval_loss"]) < 1e-5
+    for a, b in zip(alone, together):
+        la = [m["train/loss"] for m in read_jsonl(a / "metrics.jsonl") if "train/loss" in m]
+        lb = [m["train/loss"] for m in read_jsonl(b / "metrics.jsonl") if "train/loss" in m]
+        assert len(la) == len(lb) and np.allclose(la, lb, rtol=0, atol=1e-5)
