@@ -258,6 +258,13 @@ def test_plan_arithmetic_known_answer():
     s32 = -(-(1_000_000 - s * 512 - s16 * 1024) // 2048)
     assert best["run_seconds"] == pytest.approx(s * 0.010 + s16 * 0.016 + s32 * 0.032)
     assert best["pays_off"] == (best["total_seconds"] < 19.54)
+    assert "confirmation_points_max" not in est
+    # with a confirmation factor of 1.5: a pass at 250k may be probed again at 375k (before 500k), one
+    # at 500k at 750k; each such point costs 20,480 tokens at k = 1 and at k = 2
+    cf = estimate(PlanConfig(total_tokens=1_000_000, start_seqs=8, seq_len=64,
+                             auto=AutoBatchConfig(probe_at=[250_000, 500_000], window_tokens=20_480, noise_scale=False,
+                                                  confirm_factor=1.5)), {8: 0.010, 16: 0.016})
+    assert cf["confirmation_points_max"] == [375_000, 750_000] and cf["confirmation_probe_tokens_max"] == 2 * 2 * 20_480
 
 
 def test_plan_on_the_command_line(tmp_path, capsys):

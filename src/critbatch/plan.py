@@ -150,6 +150,15 @@ def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
             "pays_off": total_secs < c_secs,
             "pays_off_with_parallel_probes": secs < c_secs,
         }
+    if a.confirm_factor and a.confirm > 1:  # a pass not yet confirmed is probed again at F x its point
+        nxt = points[1:] + [N]
+        extra = [int(round(p * a.confirm_factor)) for p, q in zip(points, nxt) if p < round(p * a.confirm_factor) < q]
+        tok = 0
+        for p in extra:
+            w = a.window_tokens or default_window(p, a.window_fraction, B0, max(a.probe_k), T)
+            tok += a.replicates * sum(-(-w // (int(round(k * B0)) * T)) * int(round(k * B0)) * T for k in a.probe_k)
+        out["confirmation_points_max"] = extra
+        out["confirmation_probe_tokens_max"] = tok
     return out
 
 
@@ -193,6 +202,11 @@ def describe(est: dict) -> list[str]:
              f"{', '.join(fmt_count(p) for p in est['probe_points'])} tokens, windows of {win}, "
              f"k = {', '.join(f'{k:g}' for k in est['probe_k'])}",
              f"small-batch control: {c['steps']:,} steps, {c['seconds']:,.0f} s"]
+    if est.get("confirmation_points_max"):
+        lines.append(f"confirmation points (a pass not yet confirmed): up to {len(est['confirmation_points_max'])} more, at "
+                     f"{', '.join(fmt_count(p) for p in est['confirmation_points_max'])} tokens, up to "
+                     f"{fmt_count(est['confirmation_probe_tokens_max'])} more probe tokens "
+                     f"({100 * est['confirmation_probe_tokens_max'] / est['total_tokens']:.0f}% of the run)")
     for name, s in est["scenarios"].items():
         verdict = ("pays off" if s["pays_off"] else
                    "pays off only with probes on other devices" if s["pays_off_with_parallel_probes"] else "does not pay off")
