@@ -362,7 +362,8 @@ def sweep_ratio(torch, device, work: Path, data_dir: Path) -> dict:
             "launcher": "inprocess", "branches": cost["branches"], "branch_tokens": cost["branch_tokens"],
             "full_grid_branch_tokens": cost.get("full_grid_branch_tokens"),
             "ks_probed": {str(p["tokens"]): p["ks"] for p in res.curve["points"]},
-            "base_s": base_s, "sweep_s": sweep_s, "branch_tokens_over_base": cost["branch_tokens"] / base["tokens"]}
+            "base_s": base_s, "sweep_s": sweep_s, "branch_tokens_over_base": cost["branch_tokens"] / base["tokens"],
+            "stacking": cost.get("stacking"), "trained": cost.get("trained")}
 
 
 def main() -> None:

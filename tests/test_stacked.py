@@ -146,3 +146,19 @@ def test_a_killed_stack_resumes_to_the_runs_trained_alone(parents):
         la = [m["train/loss"] for m in read_jsonl(a / "metrics.jsonl") if "train/loss" in m]
         lb = [m["train/loss"] for m in read_jsonl(b / "metrics.jsonl") if "train/loss" in m]
         assert len(la) == len(lb) and np.allclose(la, lb, rtol=0, atol=1e-5)
+
+
+def test_the_sweep_chooses_stacking_by_measuring_it(parents):
+    """Without --stack a sweep on CUDA times stacked against alone and takes the faster; forced to
+    measure here on CPU, the choice follows the measurement; on CPU by default it is alone, unmeasured."""
+    from critbatch.branch.sweep import STACK_CUDA, choose_stack
+
+    plan = plan_sweep(SweepConfig(run=str(parents / "a"), at=[1024], k=[1.0, 2.0], window_tokens=512,
+                                  launcher="inprocess"))
+    stack, why = choose_stack(plan, measure=True)
+    assert why["runs"] == STACK_CUDA and why["batch_seqs"] == 8 and why["alone_s_per_step"] > 0
+    assert stack == (STACK_CUDA if why["stacked_s_per_step"] < why["alone_s_per_step"] else 1)
+    assert why["chosen_by"].startswith("measured")
+    assert choose_stack(plan) == (1, {"stack": 1, "chosen_by": "CPU: stacking measured no faster (docs/LOG.md)"})
+    given = plan_sweep(SweepConfig(run=str(parents / "a"), at=[1024], k=[1.0, 2.0], window_tokens=512, stack=3))
+    assert choose_stack(given) == (3, {"stack": 3, "chosen_by": "--stack"})

@@ -13,6 +13,7 @@ A finished branch is never run again; an interrupted one resumes from its own ch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ..analysis.curve import attach_noise_scale, curve_csv, fit_or_none, noise_scale_points, point_record
@@ -121,9 +123,11 @@ class SweepConfig:
     stack: int | None = how(None)
     """Branches of one shape (replicates; the same k at several points) trained together as one
     stacked model, up to this many (:mod:`critbatch.train.stacked`; in process and in the local pool,
-    with one rank per branch). ``None``: 8 on CUDA, where a small model alone leaves the GPU waiting on
-    kernel launches; 1 (off) on CPU, where stacking measured no faster (docs/LOG.md). Their numbers
-    agree with branches trained alone to float rounding, not bit for bit; cbs.json says which ran."""
+    with one rank per branch). ``None``: chosen per sweep — on CUDA, where a small model alone waits on
+    kernel launches, a few steps of 8 stacked models against 8 alone at the sweep's smallest batch
+    decide; on CPU alone (stacking measured 0.72–1.03× there, docs/LOG.md). Stacked numbers agree with
+    branches trained alone to float rounding, not bit for bit; cbs.json says what was chosen and why
+    (``cost.stacking``) and which path trained each branch (``cost.trained``)."""
 
 
 @dataclass
@@ -212,11 +216,7 @@ def _check_options(cfg: SweepConfig, parent: TrainConfig) -> tuple[SweepConfig, 
         raise ConfigError(f"confidence={cfg.confidence} must be in [0.5, 1)")
     if cfg.jobs is None:
         cfg = dataclasses.replace(cfg, jobs=default_jobs(cfg.threads_per_branch, cfg.device))
-    if cfg.stack is None:
-        from ..dist import resolve_device
-
-        cfg = dataclasses.replace(cfg, stack=STACK_CUDA if resolve_device(cfg.device).type == "cuda" else 1)
-    if cfg.stack < 1:
+    if cfg.stack is not None and cfg.stack < 1:
         raise ConfigError(f"stack={cfg.stack} must be >= 1 (1: every branch alone)")
     if cfg.jobs < 1 or cfg.threads_per_branch < 1:
         raise ConfigError(f"jobs={cfg.jobs} and threads_per_branch={cfg.threads_per_branch} must be >= 1")
@@ -531,8 +531,8 @@ class _Branches:
     """The sweep's branches: their directories by point and k, their results once finished, and
     whether this session trained any of them."""
 
-    def __init__(self, plan: SweepPlan, bar):
-        self.plan, self.bar = plan, bar
+    def __init__(self, plan: SweepPlan, bar, stack: int = 1):
+        self.plan, self.bar, self.stack = plan, bar, stack
         self.dirs: dict[int, dict[float, list[Path]]] = {p.tokens: {} for p in plan.points}
         self.results: dict[int, dict[float, list[dict]]] = {p.tokens: {} for p in plan.points}
         self.trained = False
@@ -547,11 +547,38 @@ class _Branches:
         self.trained |= any(not (d / "result.json").is_file() for d in dirs)
         self.bar.total = (self.bar.total or 0) + len(dirs)
         run_jobs(dirs, c.jobs, c.threads_per_branch, c.launcher, lambda _d: self.bar.update(1),
-                 nproc_per_job=c.nproc_per_job, slurm=c.slurm, stack=c.stack)
+                 nproc_per_job=c.nproc_per_job, slurm=c.slurm, stack=self.stack)
         for t, by_k in self.dirs.items():
             for k, ds in by_k.items():
                 if k not in self.results[t]:
                     self.results[t][k] = [branch_losses(d) for d in ds]
+
+
+def choose_stack(plan: SweepPlan, measure: bool | None = None) -> tuple[int, dict]:
+    """How many branches of one shape train stacked, and why: the given ``stack``; else, when
+    ``measure`` (default: the sweep runs on CUDA), the faster of STACK_CUDA models stacked and alone
+    at the sweep's smallest batch (:func:`critbatch.train.stacked.measure_stacking`); else 1."""
+    cfg = plan.cfg
+    if cfg.stack is not None:
+        return cfg.stack, {"stack": cfg.stack, "chosen_by": "--stack"}
+    from ..dist import resolve_device
+    from ..train.stacked import measure_stacking
+
+    dev = resolve_device(cfg.device)
+    if measure is None:
+        measure = dev.type == "cuda"
+    if not measure or cfg.launcher not in ("inprocess", "local") or cfg.nproc_per_job > 1:
+        why = ("CPU: stacking measured no faster (docs/LOG.md)" if dev.type == "cpu" else
+               f"launcher {cfg.launcher} with {cfg.nproc_per_job} rank(s) per branch trains branches alone")
+        return 1, {"stack": 1, "chosen_by": why}
+    k0 = plan.k_min if plan.k_min is not None else cfg.k[0]
+    batch = max(1, int(round(k0 * min(p.base_batch_seqs for p in plan.points))))
+    ctx = contextlib.nullcontext
+    if plan.parent.precision == "bf16" or (plan.parent.precision == "auto" and dev.type == "cuda"):
+        ctx = lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16)  # noqa: E731
+    m = measure_stacking(plan.parent.model, batch, STACK_CUDA, dev, autocast=ctx)
+    stack = STACK_CUDA if m["faster"] == "stacked" else 1
+    return stack, {"stack": stack, "chosen_by": f"measured: {m['speedup']:.2f}x stacked vs alone", **m}
 
 
 def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
@@ -569,7 +596,8 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
     t0 = time.time()
     bar = tqdm(desc=f"sweep {plan.sweep_id}", unit="branch", disable=True if progress is False else None,
                dynamic_ncols=True)
-    br = _Branches(plan, bar)
+    stack, stacking = choose_stack(plan)
+    br = _Branches(plan, bar, stack)
     if cfg.search == "grid":
         br.run([d for p in plan.points for k in cfg.k for d in br.make(p, k)])
     else:
@@ -584,6 +612,7 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
     if not br.trained and (plan.sweep_dir / "cbs.json").is_file():
         return SweepResult(plan, read_json(plan.sweep_dir / "cbs.json"), plan.sweep_dir)  # nothing new: unchanged
     curve = build_curve(plan, br.results, wall_time_s=time.time() - t0)
+    curve["cost"]["stacking"] = stacking
     if (plan.run_dir / "gns.json").is_file():
         attach_noise_scale(curve, read_json(plan.run_dir / "gns.json"))
     write_curve(plan.sweep_dir, curve)

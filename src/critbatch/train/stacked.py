@@ -55,12 +55,11 @@ def _why_not(trainers: list[Trainer]) -> str | None:
     return None
 
 
-class Stack:
-    """N built trainers whose models share stacked parameter storage."""
+class StackedModels:
+    """N models of one architecture whose parameters and buffers become views into stacked tensors."""
 
-    def __init__(self, trainers: list[Trainer]):
-        self.trainers = trainers
-        models = [t.raw_model for t in trainers]
+    def __init__(self, models: list[torch.nn.Module]):
+        self.models = models
         params, buffers = stack_module_state(models)  # copies: (N, ...) per name
         self.names = list(params)
         self.params = {n: p.detach() for n, p in params.items()}
@@ -72,33 +71,104 @@ class Stack:
             for n, b in m.named_buffers():
                 b.data = self.buffers[n][i]
         self.template = models[0]
-        self.leaves: dict[str, torch.Tensor] = {}
 
     def _loss_sums(self, params: dict, buffers: dict, seqs: torch.Tensor) -> torch.Tensor:
         logits = functional_call(self.template, (params, buffers), (seqs[:, :-1],))
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(), reduction="sum")
 
-    def step(self, plans: list) -> list[tuple[float, float, dict]]:
-        """One optimizer step of every trainer (``plans[i]`` is trainer i's :class:`StepPlan`)."""
-        ts = self.trainers
-        scales = torch.tensor([t.begin_step(p) for t, p in zip(ts, plans)], dtype=torch.float32,
-                              device=ts[0].device)
+    def backward(self, micro_batches, scales: torch.Tensor, autocast=contextlib.nullcontext) -> torch.Tensor:
+        """Forward and backward of every model over its micro-batches (``micro_batches`` yields, per
+        micro-batch, one (n, seq_len + 1) token tensor per model); each loss sum is scaled by
+        ``scales[i]`` before the backward. Afterwards every model's ``.grad`` are views of its slice
+        of the stacked gradients. Returns the N unscaled loss sums (float64)."""
         leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}  # the same storage
-        loss_sums = torch.zeros(len(ts), dtype=torch.float64, device=ts[0].device)
-        for micro in zip(*(t.micro_batches(p) for t, p in zip(ts, plans))):
-            seqs = torch.stack(micro)
-            with ts[0]._autocast(), _plain_attention(self.template):
+        loss_sums = torch.zeros(len(self.models), dtype=torch.float64, device=scales.device)
+        for micro in micro_batches:
+            seqs = torch.stack(list(micro))
+            with autocast(), _plain_attention(self.template):
                 ls = vmap(self._loss_sums)(leaves, self.buffers, seqs)
             (ls * scales).sum().backward()
             loss_sums += ls.detach().double()
-        for i, t in enumerate(ts):  # each run's gradients: views of its slice of the stack
-            named = dict(t.raw_model.named_parameters())
+        for i, m in enumerate(self.models):
+            named = dict(m.named_parameters())
             for n in self.names:
                 named[n].grad = leaves[n].grad[i]
-        out = [t.complete_step(p, loss_sums[i]) for i, (t, p) in enumerate(zip(ts, plans))]
-        for leaf in leaves.values():
-            leaf.grad = None
-        return out
+        return loss_sums
+
+
+class Stack:
+    """N built trainers whose models share stacked parameter storage."""
+
+    def __init__(self, trainers: list[Trainer]):
+        self.trainers = trainers
+        self.models = StackedModels([t.raw_model for t in trainers])
+
+    def step(self, plans: list) -> list[tuple[float, float, dict]]:
+        """One optimizer step of every trainer (``plans[i]`` is trainer i's :class:`StepPlan`)."""
+        ts = self.trainers
+        scales = torch.tensor([t.begin_step(p) for t, p in zip(ts, plans)], dtype=torch.float32, device=ts[0].device)
+        loss_sums = self.models.backward(zip(*(t.micro_batches(p) for t, p in zip(ts, plans))), scales,
+                                         ts[0]._autocast)
+        return [t.complete_step(p, loss_sums[i]) for i, (t, p) in enumerate(zip(ts, plans))]
+
+
+def measure_stacking(model_cfg, batch_seqs: int, n: int, device, reps: int = 5,
+                     autocast=contextlib.nullcontext) -> dict:
+    """Seconds per optimizer step of n models of ``model_cfg`` at ``batch_seqs`` sequences, trained
+    one after another and stacked (random tokens, AdamW), after a warm-up step of each; ``faster``
+    names the quicker path."""
+    from ..model import build_model
+    from ..optim import build_optimizer
+    from ..config import OptimConfig
+
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(0, model_cfg.vocab_size, (batch_seqs, model_cfg.seq_len + 1), generator=g).to(dev)
+
+    def models():
+        ms = [build_model(model_cfg).to(dev) for _ in range(n)]
+        return ms, [build_optimizer(m, OptimConfig(), dev) for m in ms]
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    ms, opts = models()
+    def alone_step(m, o):
+        with autocast():
+            logits = m(seqs[:, :-1])
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten()).backward()
+        o.step()
+        o.zero_grad(set_to_none=True)
+
+    for m, o in zip(ms, opts):
+        alone_step(m, o)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for m, o in zip(ms, opts):
+            alone_step(m, o)
+    sync()
+    alone = (time.perf_counter() - t0) / reps
+    ms, opts = models()
+    st = StackedModels(ms)
+    scales = torch.full((n,), 1.0 / seqs[:, 1:].numel(), device=dev)
+
+    def stacked_step():
+        st.backward([[seqs] * n], scales, autocast)
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+
+    stacked_step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        stacked_step()
+    sync()
+    stacked = (time.perf_counter() - t0) / reps
+    return {"runs": n, "batch_seqs": batch_seqs, "alone_s_per_step": alone, "stacked_s_per_step": stacked,
+            "speedup": alone / stacked, "faster": "stacked" if stacked < alone else "alone"}
 
 
 @contextlib.contextmanager
