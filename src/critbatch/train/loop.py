@@ -427,8 +427,10 @@ class Trainer:
 
     def micro_batches(self, plan: StepPlan):
         """The step's micro-batches of this rank, (n, seq_len + 1) token ids on the device."""
+        pin = self.device.type == "cuda"  # page-locked: the copy to the GPU runs asynchronously
         for pos, n in plan.slices:
-            yield self.stream.batch(pos, n).to(self.device, non_blocking=True)
+            seqs = self.stream.batch(pos, n)
+            yield (seqs.pin_memory() if pin else seqs).to(self.device, non_blocking=True)
 
     def complete_step(self, plan: StepPlan, loss_sum: torch.Tensor) -> tuple[float, float, dict]:
         """After the micro-batches' backward passes (gradients in ``.grad``): reduce the loss, clip,
