@@ -11,8 +11,8 @@ into the stacked tensors, so its own ``torch.optim.AdamW`` updates the stacked w
 
 The numbers equal training each run alone up to float rounding (batched kernels add in another
 order; ``tests/test_stacked.py`` holds them to 1e-5 in fp32). A run directory trained stacked is a
-normal run directory: a killed stack resumes, each run from its own checkpoint, stacked again when
-their positions agree and alone otherwise.
+normal run directory: a killed stack resumes, each run from its own checkpoint, stacked again while
+their steps have one shape (a run left with more steps than the others finishes alone).
 
 Stackable: single-process runs of the built-in GPT (``model.family``) on one device with the same
 model config, precision and step structure, and no job callbacks (the online noise scale reads each
