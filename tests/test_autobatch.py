@@ -331,22 +331,28 @@ def test_speculation_trains_the_next_segment_beside_the_probes_and_changes_nothi
     assert (s["discarded_tokens"] > 0) == (s["kept"] < 1)
 
 
+def planted_probe(passes):
+    """A stand-in for the loop's branch probe: ``passes(tokens, batch)`` says whether 2B passes."""
+    from critbatch import autobatch
+
+    def fake_sweep(self, seg, t, beside=None):
+        B = int(autobatch.find_kept(seg, [t])[0].meta["batch_seqs"])
+        ok = passes(t, B)
+        point = {"ks": [1.0, 2.0], "cbs_low_seqs": 2.0 * B if ok else 0.0, "cbs_high_seqs": None if ok else 2.0 * B,
+                 "undetermined_ks": []}
+        return {"ks": [1.0, 2.0], "cbs_low_seqs": point["cbs_low_seqs"], "cbs_high_seqs": point["cbs_high_seqs"],
+                "probe_tokens": 0, "_point": point}
+
+    return fake_sweep
+
+
 def test_confirm_raises_only_after_consecutive_passes(data_dir, tmp_path, monkeypatch):
     """The probe's verdicts planted (pass, fail, pass, pass): confirm=2 ignores the isolated pass and
     raises at the second of two consecutive ones; confirm=1 raises at the first pass."""
     from critbatch import autobatch
 
     passes = {1024: True, 2048: False, 3072: True, 4096: True}
-
-    def fake_sweep(self, seg, t, beside=None):
-        B = int(autobatch.find_kept(seg, [t])[0].meta["batch_seqs"])
-        ok = passes[t]
-        point = {"ks": [1.0, 2.0], "cbs_low_seqs": 2.0 * B if ok else 0.0, "cbs_high_seqs": None if ok else 2.0 * B,
-                 "undetermined_ks": []}
-        return {"ks": [1.0, 2.0], "cbs_low_seqs": point["cbs_low_seqs"], "cbs_high_seqs": point["cbs_high_seqs"],
-                "probe_tokens": 0, "_point": point}
-
-    monkeypatch.setattr(autobatch._Loop, "_sweep", fake_sweep)
+    monkeypatch.setattr(autobatch._Loop, "_sweep", planted_probe(lambda t, B: passes[t]))
     cfg = loop_cfg(data_dir)
     kw = dict(probe_at=sorted(passes), noise_scale=False, launcher="inprocess")
     r1 = run_auto_batch(cfg, AutoBatchConfig(**kw, confirm=1), tmp_path / "c1")
@@ -364,17 +370,8 @@ def test_confirm_factor_confirms_a_pass_sooner(data_dir, tmp_path, monkeypatch):
     from critbatch import autobatch
 
     seen = []
-
-    def fake_sweep(self, seg, t, beside=None):
-        B = int(autobatch.find_kept(seg, [t])[0].meta["batch_seqs"])
-        seen.append((t, B))
-        ok = (t, B) in {(1024, 4), (1536, 4), (4096, 8)}
-        point = {"ks": [1.0, 2.0], "cbs_low_seqs": 2.0 * B if ok else 0.0, "cbs_high_seqs": None if ok else 2.0 * B,
-                 "undetermined_ks": []}
-        return {"ks": [1.0, 2.0], "cbs_low_seqs": point["cbs_low_seqs"], "cbs_high_seqs": point["cbs_high_seqs"],
-                "probe_tokens": 0, "_point": point}
-
-    monkeypatch.setattr(autobatch._Loop, "_sweep", fake_sweep)
+    monkeypatch.setattr(autobatch._Loop, "_sweep", planted_probe(
+        lambda t, B: seen.append((t, B)) or (t, B) in {(1024, 4), (1536, 4), (4096, 8)}))
     cfg = loop_cfg(data_dir)
     kw = dict(probe_at=[1024, 4096], noise_scale=False, launcher="inprocess")
     r = run_auto_batch(cfg, AutoBatchConfig(**kw, confirm_factor=1.5), tmp_path / "cf")
