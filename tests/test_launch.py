@@ -326,3 +326,18 @@ def tiny_config(tmp_path, **over) -> Path:
 def torchrun_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "-m", "critbatch", *args], env=ENV, capture_output=True, text=True, timeout=120)
+
+
+def test_inprocess_threads_respect_omp_num_threads(monkeypatch):
+    """A run in this process takes OMP_NUM_THREADS when the user set it (two threads beside one busy
+    core made OpenMP spin: 100x slower demo branches), else the cores this process may use."""
+    from critbatch.demo import DemoConfig, _threads
+    from critbatch.launch import inprocess_threads, usable_cores
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert inprocess_threads() == 1 and _threads(DemoConfig(launcher="inprocess")) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert inprocess_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert inprocess_threads() == usable_cores() == len(os.sched_getaffinity(0))
+    assert _threads(DemoConfig(launcher="local")) == 1

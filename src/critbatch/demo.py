@@ -18,7 +18,6 @@ Stages (each skipped when already finished, so a rerun only does what is missing
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from .derive import ScheduleConfig, write_schedule
 from .errors import ConfigError
 from .gns.checkpoints import GNSConfig, gns_at_checkpoints
 from .io import check_output, read_json, write_json_atomic
+from .launch import inprocess_threads
 from .report import build_report
 from .train import train
 
@@ -108,8 +108,9 @@ def _train_config(cfg: DemoConfig, data_dir: Path):
 
 
 def _threads(cfg: DemoConfig) -> int:
-    """One thread per worker process; all cores for the one in-process run at a time."""
-    return (os.cpu_count() or 1) if cfg.launcher == "inprocess" else 1
+    """One thread per worker process; for the one in-process run at a time, OMP_NUM_THREADS when
+    set, else the usable cores (:func:`critbatch.launch.jobs.inprocess_threads`)."""
+    return inprocess_threads() if cfg.launcher == "inprocess" else 1
 
 
 class _Stages:

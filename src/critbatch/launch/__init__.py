@@ -13,10 +13,10 @@ the GPUs, or CPU processes); ``slurm`` (a submitit job array; see :mod:`critbatc
 job is itself data-parallel: ``torchrun --standalone`` in the local pool, that many Slurm tasks on Slurm.
 """
 
-from .jobs import (LAUNCHERS, Interrupted, check_nproc, check_single_process, default_jobs, run_job, visible_gpus,
-                   worker_env)
+from .jobs import (LAUNCHERS, Interrupted, check_nproc, check_single_process, default_jobs, inprocess_threads, run_job,
+                   usable_cores, visible_gpus, worker_env)
 from .pool import check_launch, run_jobs
 from .worker import CALLBACKS, make_callbacks, run_named, write_job
 
 __all__ = ["LAUNCHERS", "CALLBACKS", "Interrupted", "run_job", "run_named", "run_jobs", "write_job", "make_callbacks",
-           "default_jobs", "visible_gpus", "worker_env", "check_launch", "check_nproc", "check_single_process"]
+           "default_jobs", "inprocess_threads", "usable_cores", "visible_gpus", "worker_env", "check_launch", "check_nproc", "check_single_process"]
