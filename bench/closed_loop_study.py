@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--confirm", type=int, default=1, help="consecutive passing probe points before a raise")
     ap.add_argument("--confirm-factor", type=float, default=None,
                     help="probe an unconfirmed raise again at this factor x its point (default: at the next scheduled point)")
+    ap.add_argument("--eps-budget", type=float, default=None, help="one tolerance for the run's raises together")
     ap.add_argument("--first-probe-fraction", type=float, default=1 / 16)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     a = ap.parse_args()
@@ -74,14 +75,15 @@ def main() -> None:
             for seed in [int(s) for s in a.seeds.split(",")]:
                 variant = ((f"w{a.window}" if a.window else f"f{a.window_fraction:g}") + f"-first{a.first_probe_fraction:g}"
                            + (f"-eps{a.eps:g}" if a.eps != 0.01 else "") + (f"-confirm{a.confirm}" if a.confirm > 1 else "")
-                           + (f"-cf{a.confirm_factor:g}" if a.confirm_factor else ""))
+                           + (f"-cf{a.confirm_factor:g}" if a.confirm_factor else "")
+                           + (f"-budget{a.eps_budget:g}" if a.eps_budget is not None else ""))
                 key = f"{corpus}-{size}-{variant}-s{seed}"
                 cell = out / key
                 cfg = merge(presets.get("demo"), {"data": {"path": str(data), "order_seed": seed}, "seed": seed,
                                                   "total_tokens": N, "checkpoint_tokens": []})
                 auto = AutoBatchConfig(first_probe_tokens=int(N * a.first_probe_fraction), window_tokens=a.window,
                                        window_fraction=a.window_fraction, eps=a.eps, confirm=a.confirm,
-                                       confirm_factor=a.confirm_factor, jobs=a.jobs)
+                                       confirm_factor=a.confirm_factor, eps_budget=a.eps_budget, jobs=a.jobs)
                 t0 = time.time()
                 r = run_auto_batch(cfg, auto, cell / "loop")
                 loop_s = time.time() - t0

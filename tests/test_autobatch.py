@@ -331,8 +331,9 @@ def test_speculation_trains_the_next_segment_beside_the_probes_and_changes_nothi
     assert (s["discarded_tokens"] > 0) == (s["kept"] < 1)
 
 
-def planted_probe(passes):
-    """A stand-in for the loop's branch probe: ``passes(tokens, batch)`` says whether 2B passes."""
+def planted_probe(passes, gap=0.005):
+    """A stand-in for the loop's branch probe: ``passes(tokens, batch)`` says whether 2B passes, and
+    2B's held-out loss is ``gap`` above B's."""
     from critbatch import autobatch
 
     def fake_sweep(self, seg, t, beside=None):
@@ -341,7 +342,7 @@ def planted_probe(passes):
         point = {"ks": [1.0, 2.0], "cbs_low_seqs": 2.0 * B if ok else 0.0, "cbs_high_seqs": None if ok else 2.0 * B,
                  "undetermined_ks": []}
         return {"ks": [1.0, 2.0], "cbs_low_seqs": point["cbs_low_seqs"], "cbs_high_seqs": point["cbs_high_seqs"],
-                "probe_tokens": 0, "_point": point}
+                "eval_losses": [[2.0], [2.0 + gap]], "probe_tokens": 0, "_point": point}
 
     return fake_sweep
 
@@ -385,3 +386,24 @@ def test_confirm_factor_confirms_a_pass_sooner(data_dir, tmp_path, monkeypatch):
     assert seen == [(1024, 4), (4096, 4)] and r0["schedule"] == [[0, 4]]
     with pytest.raises(ConfigError, match="confirm_factor=1.0 must be > 1"):
         run_auto_batch(cfg, AutoBatchConfig(**kw, confirm_factor=1.0), tmp_path / "bad")
+
+
+def test_eps_budget_stops_raises_from_adding_up(data_dir, tmp_path, monkeypatch):
+    """Every probe passes with 2B 0.006 behind: per decision the loop raises at every point; with a
+    budget of 0.01 for the run, the first raise spends 0.006 and the second would pass it."""
+    from critbatch import autobatch
+
+    monkeypatch.setattr(autobatch._Loop, "_sweep", planted_probe(lambda t, B: True, gap=0.006))
+    cfg = loop_cfg(data_dir)
+    kw = dict(probe_at=[1024, 2048, 4096], noise_scale=False, launcher="inprocess", confirm=1)
+    per = run_auto_batch(cfg, AutoBatchConfig(**kw), tmp_path / "per-decision")
+    assert per["schedule"] == [[0, 4], [1024, 8], [2048, 16], [4096, 32]]
+    r = run_auto_batch(cfg, AutoBatchConfig(**kw, eps_budget=0.01), tmp_path / "budget")
+    assert r["schedule"] == [[0, 4], [1024, 8]]
+    ds = read_jsonl(tmp_path / "budget" / "decisions.jsonl")
+    assert [d.get("eps_spent") for d in ds] == [pytest.approx(0.006), None, None]
+    assert ds[1]["eps_budget"] == {"spent_before": pytest.approx(0.006), "gap": pytest.approx(0.006), "budget": 0.01}
+    r2 = run_auto_batch(cfg, AutoBatchConfig(**kw, eps_budget=0.012), tmp_path / "b2")  # room for exactly two
+    assert r2["schedule"] == [[0, 4], [1024, 8], [2048, 16]]
+    with pytest.raises(ConfigError, match="eps_budget=-0.1 must be >= 0"):
+        run_auto_batch(cfg, AutoBatchConfig(**kw, eps_budget=-0.1), tmp_path / "bad")
