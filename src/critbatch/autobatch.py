@@ -105,7 +105,8 @@ class AutoBatchConfig:
     eps_budget: float | None = None
     """A tolerance for the whole run instead of one per decision: every raise spends the loss gap its
     probe measured (the larger batch's held-out loss minus the current one's, at least 0), and a
-    raise whose gap would take the total spent past this budget is not taken. ``None``: each
+    raise whose gap would take the total spent past this budget is not taken (a raise by the gns or
+    norm trigger at a point without a branch probe measures no gap and spends nothing). ``None``: each
     decision has its own ``eps``, so raises add up (docs/LOG.md: two raises each within 0.007 ended
     0.02 behind on Shakespeare)."""
     calibration_points: int = 2
