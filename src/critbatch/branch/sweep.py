@@ -13,7 +13,6 @@ A finished branch is never run again; an interrupted one resumes from its own ch
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..analysis.curve import attach_noise_scale, curve_csv, fit_or_none, noise_scale_points, point_record
@@ -562,6 +560,7 @@ def choose_stack(plan: SweepPlan, measure: bool | None = None) -> tuple[int, dic
     if cfg.stack is not None:
         return cfg.stack, {"stack": cfg.stack, "chosen_by": "--stack"}
     from ..dist import resolve_device
+    from ..train.loop import autocast
     from ..train.stacked import measure_stacking
 
     dev = resolve_device(cfg.device)
@@ -573,10 +572,8 @@ def choose_stack(plan: SweepPlan, measure: bool | None = None) -> tuple[int, dic
         return 1, {"stack": 1, "chosen_by": why}
     k0 = plan.k_min if plan.k_min is not None else cfg.k[0]
     batch = max(1, int(round(k0 * min(p.base_batch_seqs for p in plan.points))))
-    ctx = contextlib.nullcontext
-    if plan.parent.precision == "bf16" or (plan.parent.precision == "auto" and dev.type == "cuda"):
-        ctx = lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16)  # noqa: E731
-    m = measure_stacking(plan.parent.model, batch, STACK_CUDA, dev, autocast=ctx)
+    m = measure_stacking(plan.parent.model, batch, STACK_CUDA, dev,
+                         autocast=lambda: autocast(plan.parent.precision, dev))
     stack = STACK_CUDA if m["faster"] == "stacked" else 1
     return stack, {"stack": stack, "chosen_by": f"measured: {m['speedup']:.2f}x stacked vs alone", **m}
 

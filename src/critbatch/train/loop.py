@@ -41,6 +41,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io import check_output, read_json, read_jsonl, write_json_atomic
 from ..model import build_model, count_params, flops_per_token
 from ..model.hf import hf_config
+from ..model.losses import next_token_loss_sum
 from ..optim import build_optimizer, lr_schedule_factor
 from ..perf import peak_flops
 from ..schedules import BatchSchedule
@@ -107,6 +108,13 @@ def environment() -> dict:
         env["cuda_version"] = torch.version.cuda
     env["numpy"] = np.__version__
     return env
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward's autocast context: bf16 when asked for, or by default (``auto``) on CUDA."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -230,11 +238,7 @@ class Trainer:
 
     # ---- the model --------------------------------------------------------------------------
     def _autocast(self):
-        c = self.cfg
-        use_bf16 = c.precision == "bf16" or (c.precision == "auto" and self.device.type == "cuda")
-        if use_bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.cfg.precision, self.device)
 
     def _build(self) -> None:
         c = self.cfg
@@ -405,8 +409,7 @@ class Trainer:
             with self._grad_sync(last_micro=i == plan.accum - 1):
                 with self._autocast():
                     logits = self.model(seqs[:, :-1])
-                ls = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(),
-                                                       reduction="sum")
+                ls = next_token_loss_sum(logits, seqs)
                 (ls * scale).backward()
             loss_sum += ls.detach().double()
             for cb in self.callbacks:

@@ -31,6 +31,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from ..config import TrainConfig, defining_dict, from_dict
 from ..io import read_json
+from ..model.losses import next_token_loss_sum
 from .loop import Trainer
 
 
@@ -43,16 +44,9 @@ def stack_key(cfg: TrainConfig) -> str | None:
                  d.get("batch_schedule")))
 
 
-def _why_not(trainers: list[Trainer]) -> str | None:
-    t0 = trainers[0]
-    for t in trainers:
-        if t.dist.enabled:
-            return "a distributed run"
-        if t.fsdp or t.cfg.compile:
-            return "an FSDP or compiled run"
-        if t.device != t0.device:
-            return "runs on different devices"
-    return None
+def _can_stack(trainers: list[Trainer]) -> bool:
+    """Single-process, uncompiled runs on one device."""
+    return all(not (t.dist.enabled or t.fsdp or t.cfg.compile) and t.device == trainers[0].device for t in trainers)
 
 
 class StackedModels:
@@ -73,8 +67,7 @@ class StackedModels:
         self.template = models[0]
 
     def _loss_sums(self, params: dict, buffers: dict, seqs: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(self.template, (params, buffers), (seqs[:, :-1],))
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(), reduction="sum")
+        return next_token_loss_sum(functional_call(self.template, (params, buffers), (seqs[:, :-1],)), seqs)
 
     def backward(self, micro_batches, scales: torch.Tensor, autocast=contextlib.nullcontext) -> torch.Tensor:
         """Forward and backward of every model over its micro-batches (``micro_batches`` yields, per
@@ -136,8 +129,8 @@ def measure_stacking(model_cfg, batch_seqs: int, n: int, device, reps: int = 5,
     ms, opts = models()
     def alone_step(m, o):
         with autocast():
-            logits = m(seqs[:, :-1])
-        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten()).backward()
+            loss = m.loss_sum(seqs)
+        loss.backward()
         o.step()
         o.zero_grad(set_to_none=True)
 
@@ -199,7 +192,7 @@ def train_stacked(trainers: list[Trainer]) -> list[dict | None]:
     for i, t in enumerate(trainers):
         if t.existing_result is not None:
             results[i] = t.existing_result
-    if len(todo) < 2 or _why_not([trainers[i] for i in todo]):
+    if len(todo) < 2 or not _can_stack([trainers[i] for i in todo]):
         for i in todo:
             results[i] = trainers[i].run()
         return results
