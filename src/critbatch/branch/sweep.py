@@ -31,12 +31,13 @@ from ..config import ADAM_RULES, LR_RULES, TrainConfig, config_hash, defining_di
 from ..data import SequenceStream, open_data
 from ..data.dataset import check_capacity
 from ..errors import CheckpointError, ConfigError, DataError
-from ..io import check_output, read_json, write_json_atomic, write_text_atomic
+from ..io import check_output, read_json, read_jsonl, write_json_atomic, write_text_atomic
 from ..launch import LAUNCHERS, check_launch, check_single_process, default_jobs, run_job, run_jobs, write_job
 from ..report.plots import plot_cbs_curve, plot_loss_vs_batch
 from ..schedules.rules import adam_hparams, lr_rule_multiplier
-from ..train.checkpoint import CheckpointInfo, find_kept, load_checkpoint
-from ..train.loop import EVAL_LOSSES_FILE
+from ..train.checkpoint import CheckpointInfo, find_kept, kept_checkpoints, load_checkpoint
+from ..schedules import BatchSchedule
+from ..train.loop import EMA_ALPHA, EVAL_LOSSES_FILE, step_plan
 from ..units import fmt_count
 
 BRANCH_FORMAT = 1
@@ -162,6 +163,11 @@ class SweepPlan:
     candidates: list[float] | None = None
     """Adaptive: the k the bisection may probe (each batch divides the window)."""
     notes: list[str] = field(default_factory=list)
+    kept: list[CheckpointInfo] = field(default_factory=list)
+    """The parent's kept checkpoints: a branch whose first steps are the parent's own starts from
+    the latest of them inside its window (:func:`parent_continuation`)."""
+    parent_step_losses: dict[int, float] | None = field(default=None, repr=False)
+    """The parent's training loss by step end (tokens), read once from its metrics.jsonl."""
 
     @property
     def seq_len(self) -> int:
@@ -363,7 +369,8 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     sweep_id = config_hash(spec)
     cfg = dataclasses.replace(cfg, k=ks)
     return SweepPlan(cfg, run_dir, parent, parent_hash, points, window, rule, lr_rule, sweep_id,
-                     run_dir / "sweeps" / sweep_id, k_min, k_max, res, adam_rule, cfg.window_tokens, candidates, notes)
+                     run_dir / "sweeps" / sweep_id, k_min, k_max, res, adam_rule, cfg.window_tokens, candidates, notes,
+                     kept_checkpoints(run_dir))
 
 
 # ---- one branch ---------------------------------------------------------------------------------
@@ -398,12 +405,129 @@ def branch_spec(plan: SweepPlan, point: BranchPoint, k: float, replicate: int) -
     defining = {"format": BRANCH_FORMAT, "parent": plan.parent_hash, "ckpt_tokens": point.tokens,
                 "config": defining_dict(cfg)}
     bid = f"tok_{point.tokens:012d}_k{k:g}_r{replicate}_{config_hash(defining, 10)}"
+    start, ema = parent_continuation(plan, point, cfg) or (point.ckpt, None)
     return {"id": bid, "k": k, "replicate": replicate, "point_tokens": point.tokens, "base_batch_seqs": B,
             "batch_seqs": kb, "lr_multiplier": lr_rule_multiplier(plan.lr_rule, kb, B), "base_lr": point.base_lr,
             "window_tokens": plan.window_tokens, "stream_start_seqs": point.ckpt.meta["offset_seqs"] + shift,
             "stream_end_seqs": point.ckpt.meta["offset_seqs"] + shift + plan.window_tokens // T,
-            "ckpt": str(point.ckpt.path.relative_to(plan.run_dir)), "parent_hash": plan.parent_hash,
-            "config": to_dict(cfg)}
+            "ckpt": str(start.path.relative_to(plan.run_dir)), "from_parent_tokens": start.tokens - point.tokens,
+            "init_loss_ema": ema,
+            "parent_hash": plan.parent_hash, "config": to_dict(cfg)}
+
+
+# ---- the part of a branch the parent run already trained (issue 15: the free k = 1 branch) --------
+
+_STEP_FIELDS = ("total_tokens", "exact_total_tokens", "checkpoint_tokens", "eval_interval_tokens", "eval_seqs",
+                "batch_schedule", "batch_seqs", "lr_ref_batch_seqs", "micro_batch_seqs", "lr_schedule")
+"""Fields whose effect on training :func:`agreeing_steps` checks step by step (or that train nothing)."""
+
+
+def _trained_the_same(a: TrainConfig, b: TrainConfig) -> bool:
+    """Everything besides the step plans that decides a step's numbers is equal in both configs."""
+    da, db = defining_dict(a), defining_dict(b)
+    for d in (da, db):
+        for f in _STEP_FIELDS:
+            d.pop(f, None)
+        for f in ("lr", "lr_rule", "adam_rule", "beta1", "beta2", "eps"):  # compared as each step's values
+            d["optim"].pop(f, None)
+        d["data"].pop("stream_shift_seqs", None)  # compared as each step's stream slices
+    return da == db
+
+
+def _resolved(cfg: TrainConfig) -> tuple[TrainConfig, BatchSchedule]:
+    """``cfg`` with its LR schedule's ends resolved as the Trainer resolves them, and its batch schedule."""
+    s = cfg.lr_schedule
+    lr = dataclasses.replace(s, horizon_tokens=cfg.total_tokens if s.horizon_tokens is None else s.horizon_tokens,
+                             cooldown_end_tokens=(cfg.total_tokens if s.cooldown_tokens and s.cooldown_end_tokens is None
+                                                  else s.cooldown_end_tokens))
+    cfg = dataclasses.replace(cfg, lr_schedule=lr)
+    sched = BatchSchedule.parse(cfg.batch_schedule or [[0, cfg.batch_seqs]], cfg.model.seq_len, cfg.optim.lr_rule,
+                                cfg.lr_ref_batch_seqs, cfg.optim.adam_rule)
+    return cfg, sched
+
+
+def agreeing_steps(a: TrainConfig, b: TrainConfig, start_tokens: int, end_tokens: int, offset_seqs: int) -> list[int]:
+    """Runs of ``a`` and ``b`` in the same state at ``start_tokens`` (stream at ``offset_seqs``):
+    the step boundaries up to ``end_tokens`` that both reach by taking the same optimizer steps — the
+    same batch, micro-batches, stream slices, LR and Adam hyperparameters at every step, with
+    everything else that decides a step (model, optimizer, precision, data) equal. At each of them
+    the state of one run is the other's, to float rounding (bit for bit on the same device and
+    thread count). Empty when the first step already differs."""
+    if not _trained_the_same(a, b):
+        return []
+    (a, sa), (b, sb) = _resolved(a), _resolved(b)
+    t, off, T, out = start_tokens, offset_seqs, a.model.seq_len, []
+    try:
+        while t < end_tokens:
+            pa, pb = step_plan(a, sa, t, off), step_plan(b, sb, t, off)
+            if pa != pb or sa.adam_at(t, a.optim.beta1, a.optim.beta2, a.optim.eps) != \
+                    sb.adam_at(t, b.optim.beta1, b.optim.beta2, b.optim.eps):
+                break
+            t, off = t + pa.batch_seqs * T, off + pa.batch_seqs
+            out.append(t)
+    except ConfigError:  # a batch the other's micro-batch cannot split: not the same steps
+        pass
+    return [x for x in out if x <= end_tokens]
+
+
+def parent_continuation(plan: SweepPlan, point: BranchPoint, cfg: TrainConfig) -> tuple[CheckpointInfo, float] | None:
+    """The latest kept checkpoint of the parent inside the branch's window up to which the branch
+    (config ``cfg``, from ``point``) takes exactly the parent's steps, and the smoothed training loss
+    the branch would have reached there (from the parent's logged step losses); ``None`` when there
+    is none. The branch then starts there and trains only the rest of its window: a k = 1 branch
+    with a cooldown trains just its cooldown, the rest being the parent's own continuation
+    (replicate 0, and the parent's batch, micro-batch and LR up to the cooldown)."""
+    end = point.tokens + plan.window_tokens
+    reach = set(agreeing_steps(plan.parent, cfg, point.tokens, end - 1, point.ckpt.meta["offset_seqs"]))
+    for c in sorted((c for c in plan.kept if c.tokens in reach), key=lambda c: -c.tokens):
+        ema = _parent_ema(plan, point.tokens, c.tokens)
+        if ema is not None:
+            return c, ema
+    return None
+
+
+def _parent_ema(plan: SweepPlan, start: int, end: int) -> float | None:
+    """The EMA of the parent's step losses over its steps in (start, end], as a branch from
+    ``start`` computes it (``None`` when the parent's metrics.jsonl lacks one of them)."""
+    if plan.parent_step_losses is None:
+        plan.parent_step_losses = {}
+        path = plan.run_dir / "metrics.jsonl"
+        if path.is_file():
+            for r in read_jsonl(path):
+                if "train/loss" in r:
+                    plan.parent_step_losses[int(r["tokens"])] = float(r["train/loss"])
+    (_, sched), T = _resolved(plan.parent), plan.seq_len
+    ema, t = None, start
+    while t < end:
+        t += sched.batch_seqs_at(t) * T
+        loss = plan.parent_step_losses.get(t)
+        if loss is None:
+            return None
+        ema = loss if ema is None else EMA_ALPHA * loss + (1 - EMA_ALPHA) * ema
+    return ema
+
+
+def continuation_checkpoints(points: list[int], window_tokens: int, cooldown_fraction: float, step_tokens: int) -> list[int]:
+    """The checkpoints a base run (one batch of ``step_tokens`` tokens, a plain schedule) keeps beside
+    its branch points so that each point's k = 1 branch reads all but its cooldown from the run: the
+    last step boundary before each cooldown starts (a point is rounded up to a step boundary, as the
+    run keeps it; the step that starts at the cooldown's start still runs at the full LR)."""
+    out = []
+    for p in points:
+        t = -(-p // step_tokens) * step_tokens
+        start = t + window_tokens - int(round(cooldown_fraction * window_tokens))
+        c = min(start // step_tokens * step_tokens + step_tokens, t + window_tokens - step_tokens)
+        if t < c < t + window_tokens:
+            out.append(c)
+    return sorted(set(out) - set(points))
+
+
+def continuation_tokens(plan: SweepPlan, point: BranchPoint, cfg: TrainConfig) -> int | None:
+    """The last step boundary inside the branch's window up to which the branch takes the parent's
+    steps (a kept checkpoint there would let it start there), or ``None``."""
+    end = point.tokens + plan.window_tokens
+    reach = agreeing_steps(plan.parent, cfg, point.tokens, end - 1, point.ckpt.meta["offset_seqs"])
+    return reach[-1] if reach else None
 
 
 def ensure_branch(run_dir: Path, spec: dict) -> Path:
@@ -412,7 +536,7 @@ def ensure_branch(run_dir: Path, spec: dict) -> Path:
     d = run_dir / "branches" / spec["id"]
     if not (d / "branch.json").is_file():
         write_job(d, from_dict(TrainConfig, spec["config"]), run_dir / spec["ckpt"], eval_at_start=False,
-                  keep_final_checkpoint=False)
+                  keep_final_checkpoint=False, init_loss_ema=spec.get("init_loss_ema"))
         write_json_atomic(d / "branch.json", spec)
     return d
 
@@ -426,6 +550,7 @@ def branch_losses(branch_dir: Path) -> dict:
     """A finished branch's numbers; ``eval_per_seq``: its per-sequence held-out losses (``None`` for
     a diverged branch or one trained before they were saved)."""
     r = read_json(branch_dir / "result.json")
+    spec = read_json(branch_dir / "branch.json")
     per_seq = None
     if not r["diverged"] and (branch_dir / EVAL_LOSSES_FILE).is_file():
         per_seq = np.load(branch_dir / EVAL_LOSSES_FILE, allow_pickle=False)
@@ -433,7 +558,7 @@ def branch_losses(branch_dir: Path) -> dict:
             "train-ema": r["final_train_loss"] if not r["diverged"] else float("inf"),
             "eval_se": r.get("final_eval_loss_se"), "eval_per_seq": per_seq,
             "diverged": bool(r["diverged"]), "steps": r["steps"], "tokens": r["tokens"] - r["start_tokens"],
-            "trained": r.get("trained", "alone"),
+            "trained": r.get("trained", "alone"), "from_parent_tokens": spec.get("from_parent_tokens", 0),
             "wall_time_s": r["wall_time_s"]}
 
 
@@ -456,6 +581,7 @@ def _point(plan: SweepPlan, p: BranchPoint, by_k: dict[float, list[dict]]) -> di
     recs = [by_k[k] for k in ks]
     losses = {m: [[r[m] for r in reps] for reps in recs] for m in DECIDE_BY}
     extra = {"branch_tokens": sum(r["tokens"] for reps in recs for r in reps),
+             "from_parent_tokens": [[r["from_parent_tokens"] for r in reps] for reps in recs],
              "branch_seconds": sum(r["wall_time_s"] for reps in recs for r in reps),
              "trained": [[r["trained"] for r in reps] for reps in recs],
              "branches": sum(len(v) for v in recs), "steps": [[r["steps"] for r in reps] for reps in recs],
@@ -481,6 +607,7 @@ def build_curve(plan: SweepPlan, results: dict[int, dict[float, list[dict]]], wa
         "eval_seqs": cfg.eval_seqs or plan.parent.eval_seqs, "seq_len": plan.seq_len, "notes": list(plan.notes),
         "points": points,
         "cost": {"branches": sum(p["branches"] for p in points), "branch_tokens": sum(p["branch_tokens"] for p in points),
+                 "tokens_from_base": sum(x for p in points for reps in p["from_parent_tokens"] for x in reps),
                  "branch_seconds": sum(p["branch_seconds"] for p in points), "wall_time_s": wall_time_s,
                  "trained": _trained_counts(points)},
     }
@@ -534,11 +661,30 @@ class _Branches:
         self.dirs: dict[int, dict[float, list[Path]]] = {p.tokens: {} for p in plan.points}
         self.results: dict[int, dict[float, list[dict]]] = {p.tokens: {} for p in plan.points}
         self.trained = False
+        self.could_continue: dict[int, tuple[float, int]] = {}
+        """point -> (k, tokens): a branch trained whole that a kept parent checkpoint would have shortened."""
 
     def make(self, point: BranchPoint, k: float) -> list[Path]:
-        dirs = [ensure_branch(self.plan.run_dir, branch_spec(self.plan, point, k, r)) for r in range(self.plan.cfg.replicates)]
+        specs = [branch_spec(self.plan, point, k, r) for r in range(self.plan.cfg.replicates)]
+        dirs = [ensure_branch(self.plan.run_dir, s) for s in specs]
         self.dirs[point.tokens][_round_k(k)] = dirs
+        if not specs[0]["from_parent_tokens"] and not (dirs[0] / "result.json").is_file():
+            t = continuation_tokens(self.plan, point, from_dict(TrainConfig, specs[0]["config"]))
+            if t is not None:
+                self.could_continue[point.tokens] = (k, t)
         return dirs
+
+    def continuation_note(self) -> str | None:
+        """What kept checkpoints of the parent would have saved, when branches trained whole could
+        have started from it."""
+        if not self.could_continue:
+            return None
+        W = self.plan.window_tokens
+        saved = sum(t - p for p, (_k, t) in self.could_continue.items())
+        at = ", ".join(f"{t:,}" for _p, (_k, t) in sorted(self.could_continue.items()))
+        return (f"branches at the parent's batch took the parent's own steps until their cooldown but trained "
+                f"their whole {W:,}-token window: kept checkpoints of the parent at {at} tokens "
+                f"(train --checkpoint-tokens) would have let them start there and saved {saved:,} branch tokens")
 
     def run(self, dirs: list[Path]) -> None:
         c = self.plan.cfg
@@ -608,6 +754,8 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
     bar.close()
     if not br.trained and (plan.sweep_dir / "cbs.json").is_file():
         return SweepResult(plan, read_json(plan.sweep_dir / "cbs.json"), plan.sweep_dir)  # nothing new: unchanged
+    if (note := br.continuation_note()) is not None:
+        plan.notes.append(note)
     curve = build_curve(plan, br.results, wall_time_s=time.time() - t0)
     curve["cost"]["stacking"] = stacking
     if (plan.run_dir / "gns.json").is_file():

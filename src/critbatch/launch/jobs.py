@@ -56,7 +56,7 @@ def run_job(job_dir: str | Path, threads: int | None = None, callbacks: Iterable
             init = (d / job["init_from"]) if job.get("init_from") else None
             t = Trainer(cfg, d, init_from=init, progress=False, quiet=True, eval_at_start=job.get("eval_at_start", True),
                         keep_final_checkpoint=job.get("keep_final_checkpoint", True),
-                        callbacks=list(callbacks),
+                        callbacks=list(callbacks), init_loss_ema=job.get("init_loss_ema"),
                         stop_on_signals=stop_on_signals)
             result = t.run()
             if result is None and t.stop_signal is not None:

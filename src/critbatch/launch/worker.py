@@ -32,7 +32,8 @@ CALLBACKS = {"gns": NoiseScaleCallback}
 
 
 def write_job(job_dir: str | Path, config: TrainConfig, init_from: str | Path | None = None, *,
-              eval_at_start: bool = True, keep_final_checkpoint: bool = True, callbacks: Iterable[str] = ()) -> Path:
+              eval_at_start: bool = True, keep_final_checkpoint: bool = True, callbacks: Iterable[str] = (),
+              init_loss_ema: float | None = None) -> Path:
     """Create ``job_dir/job.json`` (once: an existing one is left as it is)."""
     d = Path(job_dir)
     if (d / "job.json").is_file():
@@ -43,7 +44,8 @@ def write_job(job_dir: str | Path, config: TrainConfig, init_from: str | Path | 
     d.mkdir(parents=True, exist_ok=True)
     rel = None if init_from is None else os.path.relpath(Path(init_from).resolve(), d.resolve())
     write_json_atomic(d / "job.json", {"config": to_dict(config), "init_from": rel, "eval_at_start": eval_at_start,
-                                       "keep_final_checkpoint": keep_final_checkpoint, "callbacks": list(callbacks)})
+                                       "keep_final_checkpoint": keep_final_checkpoint, "callbacks": list(callbacks),
+                                       "init_loss_ema": init_loss_ema})
     return d
 
 

@@ -133,13 +133,36 @@ class StepPlan:
     """This rank's stream slices (start, n), in micro-batch order."""
 
 
+def step_plan(cfg: TrainConfig, schedule: BatchSchedule, tokens0: int, offset_seqs: int, rank: int = 0,
+              world_size: int = 1) -> StepPlan:
+    """The optimizer step a run of ``cfg`` (resolved; ``schedule`` its batch schedule) takes after
+    ``tokens0`` tokens, with its stream at ``offset_seqs``: pure schedule arithmetic, so two runs
+    whose step plans agree over a span take the same steps there (a branch reading its start from
+    the parent run, :mod:`critbatch.branch.sweep`)."""
+    c, W, T = cfg, world_size, cfg.model.seq_len
+    B = schedule.batch_seqs_at(tokens0)
+    micro = schedule.micro_batch_at(tokens0, c.micro_batch_seqs, W)
+    accum = schedule.accum_steps_at(tokens0, micro, W)
+    if c.exact_total_tokens and tokens0 + B * T > c.total_tokens:
+        B = (c.total_tokens - tokens0) // T  # final partial step: only what remains
+        accum = -(-(B // W) // micro)
+    lr = c.optim.lr * schedule.lr_multiplier_at(tokens0) * lr_schedule_factor(c.lr_schedule, tokens0)
+    adam = (schedule.adam_at(tokens0, c.optim.beta1, c.optim.beta2, c.optim.eps)
+            if c.optim.adam_rule != "none" and c.optim.name == "adamw" else None)
+    slices = step_slices(offset_seqs + c.data.stream_shift_seqs, B, micro, rank, W)
+    assert len(slices) == accum, (len(slices), accum)
+    return StepPlan(tokens0, B, micro, accum, lr, adam, slices)
+
+
 class Trainer:
     """One training run in ``out_dir``. Use :func:`train` unless you need the object.
 
     ``init_from`` starts from another run's checkpoint (a directory, or an already loaded
     checkpoint dict, which is deep-copied first): model and optimizer state, step and loader
     offset are taken from it, while batch, LR rule and everything else come from ``cfg``. This is
-    how a branch starts. ``stop_after_tokens`` pauses the run at the first step boundary at or after
+    how a branch starts; its smoothed training loss starts afresh, or from ``init_loss_ema`` (a
+    branch that starts from the parent's checkpoint inside its window carries the EMA it would have
+    reached by then). ``stop_after_tokens`` pauses the run at the first step boundary at or after
     that count (a resume checkpoint is written; running again continues). ``stop_on_signals`` (set by
     job workers) pauses it the same way at the first step boundary after SIGTERM, SIGUSR1 or SIGUSR2,
     on every rank together; ``stop_signal`` then names the signal.
@@ -148,8 +171,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out_dir: str | Path | None, *, callbacks: Iterable[Callback] = (),
                  init_from: str | Path | dict | None = None, progress: bool | None = None,
                  stop_after_tokens: int | None = None, quiet: bool = False, desc: str | None = None,
-                 eval_at_start: bool = True, keep_final_checkpoint: bool = True, stop_on_signals: bool = False):
+                 eval_at_start: bool = True, keep_final_checkpoint: bool = True, stop_on_signals: bool = False,
+                 init_loss_ema: float | None = None):
         validate(cfg)
+        self.init_loss_ema = init_loss_ema
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if self.out_dir is not None:
             check_output(self.out_dir, "--out")
@@ -280,6 +305,7 @@ class Trainer:
         if self.resume_from is None:
             self.state["start_step"] = self.state["step"]
             self.state["start_tokens"] = self.state["offset_seqs"] * self.cfg.model.seq_len
+            self.state["loss_ema"] = self.init_loss_ema
             return
         st = ck["state"]
         for key in ("loss_ema", "start_step", "start_tokens", "elapsed_s", "last_loss"):
@@ -377,20 +403,8 @@ class Trainer:
     # ---- one step -----------------------------------------------------------------------------
     def plan_step(self) -> StepPlan:
         """The next step's batch, micro-batches, LR (and Adam hyperparameters) from the schedules."""
-        c, W, T = self.cfg, self.dist.world_size, self.cfg.model.seq_len
-        tokens0 = self.tokens
-        B = self.schedule.batch_seqs_at(tokens0)
-        micro = self.schedule.micro_batch_at(tokens0, c.micro_batch_seqs, W)
-        accum = self.schedule.accum_steps_at(tokens0, micro, W)
-        if c.exact_total_tokens and tokens0 + B * T > c.total_tokens:
-            B = (c.total_tokens - tokens0) // T  # final partial step: only what remains
-            accum = -(-(B // W) // micro)
-        lr = c.optim.lr * self.schedule.lr_multiplier_at(tokens0) * lr_schedule_factor(c.lr_schedule, tokens0)
-        adam = (self.schedule.adam_at(tokens0, c.optim.beta1, c.optim.beta2, c.optim.eps)
-                if c.optim.adam_rule != "none" and c.optim.name == "adamw" else None)
-        slices = step_slices(self.state["offset_seqs"] + c.data.stream_shift_seqs, B, micro, self.dist.rank, W)
-        assert len(slices) == accum, (len(slices), accum)
-        return StepPlan(tokens0, B, micro, accum, lr, adam, slices)
+        return step_plan(self.cfg, self.schedule, self.tokens, self.state["offset_seqs"], self.dist.rank,
+                         self.dist.world_size)
 
     def _grad_sync(self, last_micro: bool):
         """Gradients synchronise once per optimizer step, on its last micro-batch."""

@@ -279,7 +279,8 @@ def run_jobs_stacked(job_dirs: list[str | Path], threads: int | None = None) -> 
             init = (d / job["init_from"]) if job.get("init_from") else None
             trainers.append(Trainer(cfg, d, init_from=init, progress=False, quiet=True,
                                     eval_at_start=job.get("eval_at_start", True),
-                                    keep_final_checkpoint=job.get("keep_final_checkpoint", True)))
+                                    keep_final_checkpoint=job.get("keep_final_checkpoint", True),
+                                    init_loss_ema=job.get("init_loss_ema")))
         groups: dict[str, list[int]] = {}
         for i, d in enumerate(dirs):
             key = job_stack_key(d)
