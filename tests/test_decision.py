@@ -204,7 +204,47 @@ def test_adaptive_matches_full_grid_on_monotone_cases(k_true):
 def test_adaptive_stops_at_k_max_when_everything_passes():
     s = AdaptiveSearch(0.25, 8, 0.25, lambda ks, ls: decide_eps(ks, ls))
     res = s.run(lambda k: [3.0])
-    assert sorted(res) == [0.25, 0.5, 1, 2, 4, 8]
+    # the double of the reference, then a gallop over the lattice (+1, +2, +4, +8 candidates) to k_max
+    assert sorted(res) == [0.25, 0.5, 0.75, 1.25, 2.25, 4.25, 8]
+
+
+DEMO_GRID = [0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32]  # the demo's: every batch dividing its window
+
+
+def _planted(gaps, se=0.0):
+    """A search over the demo's grid whose k have the planted loss gaps to the reference, with the
+    held-out set's paired sampling error ``se`` on every comparison."""
+    dec = lambda ks, ls: decide(ks, ls, "eps", 0.01, diff_se=[[se if i != j else 0.0 for j in ks] for i in ks])  # noqa: E731
+    return AdaptiveSearch(0.5, 32, None, dec, candidates=DEMO_GRID), lambda k: [3.0 + gaps[k]]
+
+
+def test_adaptive_gallops_above_a_pass_and_doubles_above_an_undetermined_k():
+    """The demo's points (docs/LOG.md, issue 15): a CBS just above the first pass costs one probe above
+    it, not the double and the bisection back; an undetermined k is followed by its double."""
+    # 200k tokens: k = 1 passes, 1.5 fails: the gallop's first step settles it, k = 2 is never trained
+    gaps = {0.5: 0, 0.75: 0.0018, 1: 0.0075, 1.5: 0.0209, 2: 0.0257, 3: 0.0455, 4: 0.0552}
+    search, measure = _planted(gaps)
+    res = search.run(measure)
+    assert list(res) == [0.5, 1, 1.5]
+    d = decide_eps(sorted(res), [res[k] for k in sorted(res)])
+    assert (d.k_star, d.k_next) == (1, 1.5)
+    # 600k tokens: k = 1 and 1.5 are within the held-out noise of eps: from 1 the search doubles to 2,
+    # which fails, and bisects below; 1.5 is never trained (the full grid gives the same interval)
+    gaps = {0.5: 0, 0.75: 0.0041, 1: 0.0094, 1.5: 0.0104, 2: 0.0131, 3: 0.0133, 4: 0.0199}
+    search, measure = _planted(gaps, se=0.001)
+    res = search.run(measure)
+    assert list(res) == [0.5, 1, 2, 0.75]
+    d = search._decision(res)
+    full = search._decision({k: measure(k) for k in gaps})
+    assert d.status == ["pass", "pass", "undetermined", "fail"]
+    assert (d.k_star, d.k_next) == (full.k_star, full.k_next) == (0.75, 2)
+    # a CBS far above: the gallop (+1, +2, +4 candidates) brackets it, then the bisection closes in
+    gaps = {k: (0.0 if k <= 12 else 0.05) for k in DEMO_GRID}
+    search, measure = _planted(gaps)
+    res = search.run(measure)
+    assert list(res) == [0.5, 1, 1.5, 3, 12, 32, 16]
+    d = search._decision(res)
+    assert (d.k_star, d.k_next) == (12, 16)
 
 
 def test_fit_recovers_planted_parameters():
