@@ -266,3 +266,24 @@ def test_nested_fields_and_aliases_set_the_config(tmp_path, data_dir, capsys):
     assert code == 2 and err.count("\n") == 1 and "--model.d-model 'big' is not a count" in err
     code, _, err = run_cli(["branch", "--run", tmp_path / "r"], capsys)  # a missing required flag: one line too
     assert code == 2 and err.count("\n") == 1 and "required" in err
+
+
+def test_train_keeps_the_checkpoints_a_later_sweep_continues_from(data_dir, tmp_path, capsys):
+    """`train --branch-window-tokens W` keeps, beside each branch point, the checkpoint from which
+    `branch --window-tokens W` reads its k = 1 branch: that branch trains only its cooldown."""
+    code, out, err = run_cli(tiny_args(data_dir, tmp_path / "r", "--checkpoint-tokens", "2k",
+                                       "--branch-window-tokens", "4k"), capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    step = saved["batch_seqs"] * saved["model"]["seq_len"]
+    point = -(-2000 // step) * step
+    assert saved["checkpoint_tokens"] == [2000, point + 3000 // step * step + step]  # the first step of the cooldown
+    code, out, err = run_cli(["branch", "--run", tmp_path / "r", "--at", "2k", "--k", "1,2", "--window-tokens", "4k",
+                              "--launcher", "inprocess", "--eval-seqs", "8", "--no-progress"], capsys)
+    assert code == 0, err
+    cbs = json.loads(next((tmp_path / "r" / "sweeps").glob("*/cbs.json")).read_text())
+    assert cbs["cost"]["tokens_from_base"] == saved["checkpoint_tokens"][1] - point
+    assert f"{cbs['cost']['tokens_from_base']:,} more read from the base run's own continuation" in out
+    code = main([str(a) for a in tiny_args(data_dir, tmp_path / "r2", "--branch-window-tokens", "4k")])
+    err = capsys.readouterr().err
+    assert code == 2 and "give them with --checkpoint-tokens" in err and err.count("\n") == 1, err

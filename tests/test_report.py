@@ -36,6 +36,12 @@ def test_quick_demo_runs_every_stage(quick_demo):
         assert "comparison" not in s and any(c.startswith("No comparison: neither") for c in s["conclusions"])
     assert any(c.startswith("The closed loop (one run probing its own CBS at 2 points") for c in s["conclusions"])
     assert s["conclusions"] and all(isinstance(c, str) and c for c in s["conclusions"])
+    # the curve's cost: the base run kept the checkpoints before each k = 1 branch's cooldown, so those
+    # branches read that part from it (issue 15)
+    sc = s["sweep_cost"]
+    assert sc["tokens_from_base"] > 0 and sc["branch_tokens_over_base"] == sc["branch_tokens"] / sc["base_tokens"]
+    cost = next(c for c in s["conclusions"] if c.startswith("The curve cost"))
+    assert f"{sc['tokens_from_base']:,} more from the base run's own continuation" in cost
     md = (quick_demo / "summary.md").read_text()
     assert md.startswith("# critbatch report") and "## What was found" in md
     html = (quick_demo / "report.html").read_text()

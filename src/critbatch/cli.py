@@ -19,7 +19,7 @@ from typing import Callable
 
 from . import presets
 from .branch import SweepConfig, run_sweep
-from .branch.sweep import describe_point
+from .branch.sweep import continuation_checkpoints, describe_point
 from .clispec import Flag, add_dataclass_args, overrides
 from .compare import CompareConfig, run_compare
 from .analysis.comparison import markdown_table
@@ -64,6 +64,12 @@ class TrainCommand:
     """The closed loop: measure the local CBS at probe points during the run and double the batch
     when the probe shows it safe (``--auto.*`` set the probes; results in OUT/decisions.jsonl)."""
     auto: AutoBatchConfig = field(default_factory=AutoBatchConfig)
+    branch_window_tokens: int | None = None
+    """Also keep, beside each --checkpoint-tokens point, the checkpoint from which a later
+    ``critbatch branch --window-tokens N`` (with --branch-cooldown-fraction) reads its k = 1 branch:
+    that branch then trains only its cooldown instead of its whole window."""
+    branch_cooldown_fraction: float = 0.25
+    """The cooldown fraction of that later sweep (``critbatch branch --cooldown-fraction``)."""
 
 
 @dataclass
@@ -106,7 +112,28 @@ def build_train_config(cmd: TrainCommand, over: dict) -> TrainConfig:
         over["optim"].setdefault("adam_rule", sched.adam_rule)
         if sched.ref_batch_seqs is not None:
             over["lr_ref_batch_seqs"] = sched.ref_batch_seqs
-    return merge(cfg, over) if over else cfg
+    cfg = merge(cfg, over) if over else cfg
+    if cmd.branch_window_tokens is not None:
+        cfg = merge(cfg, {"checkpoint_tokens": with_continuation_checkpoints(cfg, cmd.branch_window_tokens,
+                                                                              cmd.branch_cooldown_fraction)})
+    return cfg
+
+
+def with_continuation_checkpoints(cfg: TrainConfig, window_tokens: int, cooldown_fraction: float) -> list[int]:
+    """``cfg``'s kept checkpoints and, for each, the one a sweep's k = 1 branch from it starts from
+    (:func:`critbatch.branch.sweep.continuation_checkpoints`, at the batch the run has there)."""
+    if window_tokens <= 0:
+        raise ConfigError(f"branch_window_tokens={window_tokens} must be positive")
+    if not 0 <= cooldown_fraction <= 1:
+        raise ConfigError(f"branch_cooldown_fraction={cooldown_fraction} must be in [0, 1]")
+    if not cfg.checkpoint_tokens:
+        raise ConfigError("--branch-window-tokens adds checkpoints beside the branch points: give them with "
+                          "--checkpoint-tokens")
+    T = cfg.model.seq_len
+    sched = BatchSchedule.parse(cfg.batch_schedule or [[0, cfg.batch_seqs]], T, cfg.optim.lr_rule)
+    extra = [c for p in cfg.checkpoint_tokens
+             for c in continuation_checkpoints([p], window_tokens, cooldown_fraction, sched.batch_seqs_at(p) * T)]
+    return sorted(set(cfg.checkpoint_tokens) | set(extra))
 
 
 def cmd_auto_batch(cmd: TrainCommand, cfg: TrainConfig) -> int:
@@ -181,6 +208,8 @@ def cmd_branch(ns: argparse.Namespace) -> int:
     line = f"  branches {cost['branches']}, branch tokens {cost['branch_tokens']:,}"
     if cost.get("branch_tokens_over_base") is not None:
         line += f" ({cost['branch_tokens_over_base']:.2f}x the base run's {cost['base_tokens']:,})"
+    if cost.get("tokens_from_base"):
+        line += f", {cost['tokens_from_base']:,} more read from the base run's own continuation"
     line += f", {cost['wall_time_s']:.1f}s"
     if cost.get("trained"):
         line += " (" + ", ".join(f"{v} {k}" for k, v in cost["trained"].items()) + ")"

@@ -26,6 +26,7 @@ from pathlib import Path
 from . import presets
 from .autobatch import AutoBatchConfig, run_auto_batch
 from .branch import SweepConfig, run_sweep
+from .branch.sweep import continuation_checkpoints
 from .compare import CompareConfig, run_compare
 from .config import defining_dict, how, merge, to_dict
 from .data import prepare
@@ -100,7 +101,10 @@ class DemoConfig:
 
 def _train_config(cfg: DemoConfig, data_dir: Path):
     base = presets.get("demo")
-    over = {"data": {"path": str(data_dir)}, "total_tokens": cfg.total_tokens, "checkpoint_tokens": cfg.points,
+    # beside the branch points, the last step before each k = 1 branch's cooldown: those branches then
+    # read everything before their cooldown from the base run instead of training it (issue 15)
+    keep = continuation_checkpoints(cfg.points, cfg.window_tokens, cfg.cooldown_fraction, base.batch_seqs * base.model.seq_len)
+    over = {"data": {"path": str(data_dir)}, "total_tokens": cfg.total_tokens, "checkpoint_tokens": cfg.points + keep,
             "eval_seqs": cfg.eval_seqs}
     if cfg.quick:
         over["lr_schedule"] = {"kind": "constant", "warmup_tokens": 2_000}

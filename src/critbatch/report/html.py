@@ -202,7 +202,20 @@ def conclusions(s: dict) -> list[str]:
         out.append(f"The censored fit B(t) = B_max·u/(1+u), u = (t/t_s)^c gives c = {f['c']:.2f} and a plateau of "
                    f"{fmt_count(f['b_max'])} tokens" + ("" if f["plateau_in_range"] else
                    " — extrapolated: the measured points do not reach it") + ".")
+    if (sc := s.get("sweep_cost")) and sc.get("branch_tokens_over_base") is not None:
+        out.append(_cost_sentence(sc))
     return out + _comparison_conclusions(s)
+
+
+def _cost_sentence(sc: dict) -> str:
+    s = (f"The curve cost {sc['branches']} branches and {sc['branch_tokens']:,} trained branch tokens, "
+         f"{sc['branch_tokens_over_base']:.2f}× the base run's {sc['base_tokens']:,}")
+    if sc.get("tokens_from_base"):
+        s += (f"; the k = 1 branches read {sc['tokens_from_base']:,} more from the base run's own continuation "
+              f"(its checkpoints before their cooldowns) instead of training them")
+    if sc.get("full_grid_branch_tokens"):
+        s += f"; every candidate batch at every point would have cost {sc['full_grid_branch_tokens']:,}"
+    return s + "."
 
 
 def _closed_loop_conclusions(s: dict, c: dict | None) -> list[str]:
@@ -360,7 +373,10 @@ th{background:#f6f6f6}td:first-child,th:first-child{text-align:left}pre{backgrou
 
 def _over_base(cost: dict) -> str:
     r = cost.get("branch_tokens_over_base")
-    return "" if r is None else f" ({r:.2f}× the base run's {cost['base_tokens']:,})"
+    out = "" if r is None else f" ({r:.2f}× the base run's {cost['base_tokens']:,})"
+    if cost.get("tokens_from_base"):
+        out += f", and {cost['tokens_from_base']:,} read from the base run's own continuation instead of trained"
+    return out
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
