@@ -336,9 +336,11 @@ def stacked_loop(torch, spec: dict, device, quick: bool, measure_s: float, data_
 
 
 def sweep_ratio(torch, device, work: Path, data_dir: Path) -> dict:
-    """A short tiny-preset base run with two kept checkpoints and an adaptive branch sweep from them."""
+    """A short tiny-preset base run with two kept checkpoints (and the two before its k = 1 branches'
+    cooldowns, which those branches start from) and an adaptive branch sweep from them."""
     from critbatch import presets
     from critbatch.branch import SweepConfig, run_sweep
+    from critbatch.branch.sweep import continuation_checkpoints
     from critbatch.config import merge
     from critbatch.train import train
 
@@ -346,9 +348,11 @@ def sweep_ratio(torch, device, work: Path, data_dir: Path) -> dict:
     run = work / "sweep_base"
     if run.exists():
         shutil.rmtree(run)
-    cfg = merge(presets.get("tiny"), {"total_tokens": base_tokens, "checkpoint_tokens": at, "eval_seqs": 64,
-                                      "eval_interval_tokens": 0, "save_interval_tokens": base_tokens,
-                                      "device": str(device), "data": {"path": str(data_dir)}})
+    tiny = presets.get("tiny")
+    keep = continuation_checkpoints(at, window, 0.25, tiny.batch_seqs * tiny.model.seq_len)
+    cfg = merge(tiny, {"total_tokens": base_tokens, "checkpoint_tokens": at + keep, "eval_seqs": 64,
+                       "eval_interval_tokens": 0, "save_interval_tokens": base_tokens,
+                       "device": str(device), "data": {"path": str(data_dir)}})
     t = time.perf_counter()
     base = train(cfg, run, progress=False, quiet=True)
     base_s = time.perf_counter() - t
@@ -360,6 +364,7 @@ def sweep_ratio(torch, device, work: Path, data_dir: Path) -> dict:
     return {"preset": "tiny", "base_tokens": base["tokens"], "base_batch_seqs": cfg.batch_seqs, "at": at,
             "window_tokens": res.curve["window_tokens"], "k_min": 0.5, "k_max": 8, "search": "adaptive",
             "launcher": "inprocess", "branches": cost["branches"], "branch_tokens": cost["branch_tokens"],
+            "tokens_from_base": cost.get("tokens_from_base", 0),
             "full_grid_branch_tokens": cost.get("full_grid_branch_tokens"),
             "ks_probed": {str(p["tokens"]): p["ks"] for p in res.curve["points"]},
             "base_s": base_s, "sweep_s": sweep_s, "branch_tokens_over_base": cost["branch_tokens"] / base["tokens"],
