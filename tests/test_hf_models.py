@@ -193,3 +193,20 @@ def test_compare_and_report_on_an_hf_model(data_dir, tmp_path):
     train(hf_cfg(data_dir, "olmo2", total_tokens=2048), run, progress=False)
     html = build_report(run).read_text()
     assert "olmo2 model from transformers (2 layers, d=32)" in html
+
+
+def test_a_model_with_dropout_never_starts_a_branch_at_a_later_checkpoint(data_dir):
+    """Dropout draws depend on where a run started, so the parent's steps are not the branch's."""
+    from critbatch.branch.sweep import agreeing_steps
+    from critbatch.model import dropout_probabilities
+
+    plain = hf_cfg(data_dir, "llama")
+    assert dropout_probabilities(plain.model) == {}
+    assert agreeing_steps(plain, plain, 1024, 2048, 64) != []
+    drop = hf_cfg(data_dir, "llama", model={"family": "hf", "hf": {**TINY["llama"], "attention_dropout": 0.1}, "seq_len": 16})
+    assert dropout_probabilities(drop.model) == {"attention_dropout": 0.1}
+    assert agreeing_steps(drop, drop, 1024, 2048, 64) == []
+    gpt2 = hf_cfg(data_dir, "llama", model={"family": "hf", "seq_len": 16,
+                                            "hf": {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2}})
+    assert {"attn_pdrop", "embd_pdrop", "resid_pdrop"} <= set(dropout_probabilities(gpt2.model))
+    assert dropout_probabilities(small_cfg(data_dir).model) == {}  # the built-in GPT has none

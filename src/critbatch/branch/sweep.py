@@ -32,6 +32,7 @@ from ..data import SequenceStream, open_data
 from ..data.dataset import check_capacity
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import check_output, read_json, read_jsonl, write_json_atomic, write_text_atomic
+from ..model import dropout_probabilities
 from ..launch import LAUNCHERS, check_launch, check_single_process, default_jobs, run_job, run_jobs, write_job
 from ..report.plots import plot_cbs_curve, plot_loss_vs_batch
 from ..schedules.rules import adam_hparams, lr_rule_multiplier
@@ -452,8 +453,9 @@ def agreeing_steps(a: TrainConfig, b: TrainConfig, start_tokens: int, end_tokens
     same batch, micro-batches, stream slices, LR and Adam hyperparameters at every step, with
     everything else that decides a step (model, optimizer, precision, data) equal. At each of them
     the state of one run is the other's, to float rounding (bit for bit on the same device and
-    thread count). Empty when the first step already differs."""
-    if not _trained_the_same(a, b):
+    thread count). Empty when the first step already differs, and for a model with dropout (its
+    random draws depend on where a run started)."""
+    if not _trained_the_same(a, b) or dropout_probabilities(a.model):
         return []
     (a, sa), (b, sb) = _resolved(a), _resolved(b)
     t, off, T, out = start_tokens, offset_seqs, a.model.seq_len, []

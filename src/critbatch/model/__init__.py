@@ -41,9 +41,22 @@ def flops_per_token(cfg: ModelConfig) -> int:
     return gpt.flops_per_token(cfg)
 
 
+def dropout_probabilities(cfg: ModelConfig) -> dict[str, float]:
+    """The model's dropout probabilities that are not 0 (the built-in GPT has none; a transformers
+    config may, e.g. GPT-2's ``resid_pdrop`` 0.1). A model with any draws random numbers as it
+    trains, so a run started at a later checkpoint does not repeat another's steps."""
+    if cfg.family == "hf":
+        from .hf import hf_config
+
+        fields = hf_config(cfg).to_dict()
+        return {k: float(v) for k, v in sorted(fields.items())
+                if ("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v}
+    return {}
+
+
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The submodules that ``fully_shard`` wraps one by one (transformer blocks / decoder layers)."""
     return model.fsdp_units()
 
 
-__all__ = ["GPT", "build_model", "count_params", "flops_per_token", "fsdp_units"]
+__all__ = ["GPT", "build_model", "count_params", "dropout_probabilities", "flops_per_token", "fsdp_units"]
