@@ -54,6 +54,7 @@ def test_k1_cooldown_branch_starts_at_the_parents_checkpoint_and_equals_the_whol
     assert cost["tokens_from_base"] == 3072 and cost["branch_tokens"] == 4096 + 1024
     assert cost["branch_tokens_over_base"] == pytest.approx((4096 + 1024) / 8192)
     assert res.curve["points"][0]["from_parent_tokens"] == [[3072], [0]]
+    assert res.curve["points"][0]["steps"] == [[64], [32]]  # the window's steps, the parent's 48 included
     # the same branch trained whole, from the point: the same numbers, bit for bit
     whole = dict(spec1, id="whole_k1", ckpt=str(point.ckpt.path.relative_to(parent)), from_parent_tokens=0,
                  init_loss_ema=None)

@@ -559,7 +559,9 @@ def branch_losses(branch_dir: Path) -> dict:
     return {"eval": r["final_eval_loss"] if not r["diverged"] else float("inf"),
             "train-ema": r["final_train_loss"] if not r["diverged"] else float("inf"),
             "eval_se": r.get("final_eval_loss_se"), "eval_per_seq": per_seq,
-            "diverged": bool(r["diverged"]), "steps": r["steps"], "tokens": r["tokens"] - r["start_tokens"],
+            "diverged": bool(r["diverged"]), "tokens": r["tokens"] - r["start_tokens"],
+            # the window's optimizer steps, those the parent took for it included
+            "steps": r["steps"] + spec.get("from_parent_tokens", 0) // (spec["batch_seqs"] * spec["config"]["model"]["seq_len"]),
             "trained": r.get("trained", "alone"), "from_parent_tokens": spec.get("from_parent_tokens", 0),
             "wall_time_s": r["wall_time_s"]}
 
