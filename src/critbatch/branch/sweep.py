@@ -32,12 +32,12 @@ from ..data import SequenceStream, open_data
 from ..data.dataset import check_capacity
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import check_output, read_json, read_jsonl, write_json_atomic, write_text_atomic
-from ..model import dropout_probabilities
 from ..launch import LAUNCHERS, check_launch, check_single_process, default_jobs, run_job, run_jobs, write_job
+from ..model import dropout_probabilities
 from ..report.plots import plot_cbs_curve, plot_loss_vs_batch
+from ..schedules import BatchSchedule
 from ..schedules.rules import adam_hparams, lr_rule_multiplier
 from ..train.checkpoint import CheckpointInfo, find_kept, kept_checkpoints, load_checkpoint
-from ..schedules import BatchSchedule
 from ..train.loop import EMA_ALPHA, EVAL_LOSSES_FILE, step_plan
 from ..units import fmt_count
 
@@ -665,8 +665,8 @@ class _Branches:
         self.dirs: dict[int, dict[float, list[Path]]] = {p.tokens: {} for p in plan.points}
         self.results: dict[int, dict[float, list[dict]]] = {p.tokens: {} for p in plan.points}
         self.trained = False
-        self.could_continue: dict[int, tuple[float, int]] = {}
-        """point -> (k, tokens): a branch trained whole that a kept parent checkpoint would have shortened."""
+        self.could_continue: dict[int, int] = {}
+        """point -> tokens: a branch trained whole that a kept parent checkpoint there would have shortened."""
 
     def make(self, point: BranchPoint, k: float) -> list[Path]:
         specs = [branch_spec(self.plan, point, k, r) for r in range(self.plan.cfg.replicates)]
@@ -675,7 +675,7 @@ class _Branches:
         if not specs[0]["from_parent_tokens"] and not (dirs[0] / "result.json").is_file():
             t = continuation_tokens(self.plan, point, from_dict(TrainConfig, specs[0]["config"]))
             if t is not None:
-                self.could_continue[point.tokens] = (k, t)
+                self.could_continue[point.tokens] = t
         return dirs
 
     def continuation_note(self) -> str | None:
@@ -684,10 +684,10 @@ class _Branches:
         if not self.could_continue:
             return None
         W = self.plan.window_tokens
-        saved = sum(t - p for p, (_k, t) in self.could_continue.items())
-        at = ", ".join(f"{t:,}" for _p, (_k, t) in sorted(self.could_continue.items()))
-        return (f"branches at the parent's batch took the parent's own steps until their cooldown but trained "
-                f"their whole {W:,}-token window: kept checkpoints of the parent at {at} tokens "
+        saved = sum(t - p for p, t in self.could_continue.items())
+        at = ", ".join(f"{t:,}" for _p, t in sorted(self.could_continue.items()))
+        return (f"branches that take the parent's own steps for part of their window (k = 1, up to its cooldown) "
+                f"trained their whole {W:,}-token window: kept checkpoints of the parent at {at} tokens "
                 f"(train --checkpoint-tokens) would have let them start there and saved {saved:,} branch tokens")
 
     def run(self, dirs: list[Path]) -> None:
