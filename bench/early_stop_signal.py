@@ -6,6 +6,8 @@ step of k·B covers exactly the reference's steps over the same sequences and th
 paired by data. Beside it, the gap the decision used (held-out loss at the window's end, after the
 cooldown) and the branch's status. An early stop that keeps the decisions needs a gap read before
 the end that already says "fail" for the failing branches and never for the passing ones.
+(A k = 1 branch that started from the parent's checkpoint before its cooldown — the demo's since
+issue 15's continuation — has only its cooldown's steps: its earlier parts read empty.)
 
     python bench/early_stop_signal.py runs/demo/base            # the demo's sweep
     python bench/early_stop_signal.py RUN --eps 0.01 --z 2
