@@ -126,7 +126,8 @@ def test_real_probes_record_their_evidence(data_dir, tmp_path):
         want = 2 * d["batch_before"] if d["verdicts"]["branch"] == "raise" else d["batch_before"]
         assert d["batch_after"] == want and d["acted_on"] == "branch"
         assert (tmp_path / "loop" / p["sweep"] / "cbs.json").is_file()
-        assert d["cost"]["probe_tokens"] == 2 * p["window_tokens"]
+        # the probe at B read all but its cooldown from the main run, which went on to there first
+        assert d["cost"]["probe_tokens"] == 2 * p["window_tokens"] - d["main_run_lead"]["tokens"]
         assert "b_simple_seqs" in d["noise_scale"] and d["verdicts"]["norm"] in ("raise", "stay")  # None: |G|^2 <= 0
     assert ds[0]["verdicts"]["gns"] is None  # nothing to calibrate on yet
     assert ds[1]["noise_scale"]["calibrated_on"] == 1
@@ -137,6 +138,52 @@ def test_real_probes_record_their_evidence(data_dir, tmp_path):
     r2 = run_auto_batch(cfg, a, tmp_path / "loop")
     assert {k: v for k, v in r2.items() if k != "wall_time_s"} == {k: v for k, v in r.items() if k != "wall_time_s"}
     assert time.time() - t0 < 30
+
+
+def _plain(cfg, out):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the loop's segments ran
+    try:
+        return Trainer(cfg, out, progress=False, quiet=True).run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("raise_", [False, True])
+def test_the_main_run_goes_on_to_the_probes_cooldown_and_keeps_or_drops_that_lead(data_dir, tmp_path, raise_):
+    """Before a branch probe decides, the main run trains on at B to the last step before the probe's
+    cooldown; the probe at B starts there (it trains only its cooldown). The batch stays: the run
+    continues from there, and is the plain run bit for bit. The batch is raised: the lead is dropped,
+    the run continues from the point, and is the replay of its schedule bit for bit."""
+    from critbatch.analysis.triggers import steps_for
+
+    cfg = loop_cfg(data_dir)
+    a = AutoBatchConfig(probe_at=[2048, 4096], window_tokens=1024, launcher="inprocess", noise_scale=False, confirm=1,
+                        **({"eps": 10.0} if raise_ else {"max_batch_seqs": 4}))
+    r = run_auto_batch(cfg, a, tmp_path / "loop", threads=1)
+    ds = read_jsonl(tmp_path / "loop" / "decisions.jsonl")
+    T = cfg.model.seq_len
+    # window 1024, cooldown 256: the last step before the cooldown ends at the point + 768 + one step
+    assert [d["main_run_lead"]["tokens"] for d in ds] == ([768 + 64, 768 + 128] if raise_ else [768 + 64] * 2)
+    assert all(d["main_run_lead"]["kept"] != raise_ for d in ds)
+    for d in ds:
+        cbs = read_json(tmp_path / "loop" / d["probe"]["sweep"] / "cbs.json")
+        assert cbs["points"][0]["from_parent_tokens"] == [[d["main_run_lead"]["tokens"]], [0]]
+        assert d["cost"]["probe_tokens"] == 2 * 1024 - d["main_run_lead"]["tokens"]
+    leads = r["main_run_leads"]
+    assert leads["points"] == 2 and leads["kept"] == (0 if raise_ else 2)
+    assert leads["discarded_tokens"] == (leads["tokens"] if raise_ else 0)
+    if raise_:
+        assert r["schedule"] == [[0, 4], [2048, 8], [4096, 16]]
+        replay = _plain(loop_cfg(data_dir, batch_schedule=r["schedule"], lr_ref_batch_seqs=4), tmp_path / "replay")
+        assert r["steps"] == replay["steps"] == steps_for([tuple(p) for p in r["schedule"]], T, cfg.total_tokens)
+        assert r["final_eval_loss"] == replay["final_eval_loss"]
+    else:
+        plain = _plain(cfg, tmp_path / "plain")
+        assert r["schedule"] == [[0, 4]] and r["steps"] == plain["steps"]
+        assert r["final_eval_loss"] == plain["final_eval_loss"]
 
 
 def test_norm_trigger_acts_without_branch_probes(data_dir, tmp_path):
@@ -247,16 +294,22 @@ def test_plan_arithmetic_known_answer():
     est = estimate(cfg, {8: 0.010, 16: 0.016})
     assert est["control"] == {"steps": 1954, "seconds": pytest.approx(19.54)}
     no, best = est["scenarios"]["no raise"], est["scenarios"]["doubling at every probe point"]
-    assert no["steps"] == 1954 and no["probe_tokens"] == 2 * 2 * 20_480
-    # probes: at B=8, 40 steps of 8 (0.4 s) + 20 of 16 (0.32 s) at each point
-    assert no["probe_seconds"] == pytest.approx(2 * (0.40 + 0.32)) and not no["pays_off"]
+    # probes: at B=8, 40 steps of 8 + 20 of 16 at each point; the main run goes on to the last step
+    # before the k = 1 probe's cooldown (window 40 steps, cooldown 10: 31 steps), so that probe trains 9
+    assert no["steps"] == 1954 and no["probe_tokens"] == 2 * (9 * 512 + 20 * 1024)
+    assert no["probe_seconds"] == pytest.approx(2 * (0.09 + 0.32)) and not no["pays_off"]
+    assert no["lead_discarded_tokens"] == 0  # no raise: the run continues from its leads
     assert best["schedule"] == [[0, 8], [250_000, 16], [500_000, 32]]
     assert best["steps"] == steps_for([(0, 8), (250_000, 16), (500_000, 32)], 64, 1_000_000)
     # 32 is beyond the given times: extrapolated in proportion to the batch (2 x 16 ms)
     s = -(-250_000 // 512)  # steps at 8 up to 250k
     s16 = -(-(500_000 - s * 512) // 1024)
     s32 = -(-(1_000_000 - s * 512 - s16 * 1024) // 2048)
-    assert best["run_seconds"] == pytest.approx(s * 0.010 + s16 * 0.016 + s32 * 0.032)
+    # a raise drops the lead: 31 steps of 8 at 250k, 16 steps of 16 at 500k (window 20 steps, cooldown 5)
+    assert best["lead_discarded_tokens"] == 31 * 512 + 16 * 1024
+    assert best["run_seconds"] == pytest.approx(s * 0.010 + s16 * 0.016 + s32 * 0.032 + 31 * 0.010 + 16 * 0.016)
+    # the probe at 500k runs at 16 (the batch before its decision): 4 steps of 16 at k = 1, 10 of 32 at k = 2
+    assert best["probe_tokens"] == 9 * 512 + 20 * 1024 + 4 * 1024 + 10 * 2048
     assert best["pays_off"] == (best["total_seconds"] < 19.54)
     assert "confirmation_points_max" not in est
     # with a confirmation factor of 1.5: a pass at 250k may be probed again at 375k (before 500k), one

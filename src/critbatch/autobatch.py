@@ -10,6 +10,13 @@ its LR by the coupling rule; otherwise at B. The main run's data order never cha
 resumes the stream exactly where the previous one stopped (a chain of segments with no raise is the
 uninterrupted run, bit for bit), and probes only cost tokens.
 
+The probe at B is, up to its cooldown, the main run's own continuation. So before a branch probe
+the segment goes on past the point to the last step before that cooldown (:func:`main_run_lead`,
+keeping a checkpoint at the point): the probe at B starts there and trains only its cooldown
+(:func:`critbatch.branch.sweep.parent_continuation`), and when the batch stays the run continues
+from there too. When the batch is raised the lead is discarded (its tokens and steps are counted
+apart in ``result.json``) and the next segment starts from the point, as without it.
+
 Beside the branch probe, two cheaper triggers are read at every probe point from one noise-scale
 estimate (:mod:`critbatch.analysis.triggers`): the noise scale with a multiple calibrated on this
 run's earlier probe points, and the norm test. ``act_on`` chooses which one moves the batch; the
@@ -72,7 +79,8 @@ class AutoBatchConfig:
     """Without ``window_tokens``: the window at a point of t tokens is this × t. A fixed short window
     passes larger batches too early (a short window hides a cost that grows with the tokens trained;
     docs/LOG.md, the closed loop); with log-spaced points ×2 and k = 1, 2 this costs about 2 × fraction
-    × 2 = 100% × fraction of the run in probe tokens."""
+    × (1 + cooldown_fraction) of the run in probe tokens (the probe at the current batch trains only its
+    cooldown: the run itself trains the rest first)."""
     probe_k: list[float] = field(default_factory=lambda: [1.0, 2.0])
     """Batch multipliers probed at each point (1 = the current batch, the reference)."""
     replicates: int = 1
@@ -146,6 +154,20 @@ def default_window(point_tokens: int, fraction: float, batch_seqs: int, k_max: f
     return max(int(fraction * point_tokens), int(MIN_PROBE_STEPS * k_max * batch_seqs) * seq_len)
 
 
+def main_run_lead(point: int, phase_start: int, batch_seqs: int, seq_len: int, window: int, cooldown_fraction: float,
+                  limit: int) -> tuple[int, int] | None:
+    """(the probe point on the run's step boundaries, the lead): how far the main run goes on at
+    ``batch_seqs`` past a probe at ``point`` before it decides — the last step boundary before the
+    probe's cooldown (the step that starts at the cooldown's start still runs at the full LR), so the
+    probe at the current batch reads all but its cooldown from the run. ``None`` when that would
+    reach ``limit`` (the next point the loop may probe at, or the run's end)."""
+    step = batch_seqs * seq_len
+    t = phase_start + -(-(point - phase_start) // step) * step
+    cool = int(round(cooldown_fraction * window))
+    lead = min(t + (window - cool) // step * step + step, t + (window // step - 1) * step)
+    return (t, lead) if t < lead < limit else None
+
+
 Decider = Callable[[int, int], int]
 """A planted decision source for tests: (tokens, batch) -> the batch afterwards."""
 
@@ -200,15 +222,16 @@ def _spec(cfg: TrainConfig, a: AutoBatchConfig, decider_name: str | None) -> dic
     return {"format": AUTOBATCH_FORMAT, "train": defining_dict(cfg), "auto": defining_dict(a), "planted": decider_name}
 
 
-def _segment_config(cfg: TrainConfig, sched: list[list[int]], B0: int, start: int, end: int, keep: bool) -> TrainConfig:
+def _segment_config(cfg: TrainConfig, sched: list[list[int]], B0: int, start: int, end: int, keep: bool,
+                    also_keep: list[int] = ()) -> TrainConfig:
     """The main run's config for one segment: its schedule so far and its end, with every token-time
     setting pinned to the whole run (LR horizon and cooldown, eval and save intervals)."""
     total = cfg.total_tokens
     lr = cfg.lr_schedule
+    keep_at = ([end] if keep else []) + list(also_keep) + [c for c in cfg.checkpoint_tokens if start < c <= end]
     return merge(cfg, {
         "batch_schedule": sched, "batch_seqs": sched[0][1], "lr_ref_batch_seqs": cfg.lr_ref_batch_seqs or B0,
-        "total_tokens": end, "checkpoint_tokens": sorted(set(([end] if keep else []) + [c for c in cfg.checkpoint_tokens
-                                                                                        if start < c <= end])),
+        "total_tokens": end, "checkpoint_tokens": sorted(set(keep_at)),
         "lr_schedule": {"horizon_tokens": lr.horizon_tokens or total,
                         "cooldown_end_tokens": lr.cooldown_end_tokens or (total if lr.cooldown_tokens else None)},
         "save_interval_tokens": cfg.save_interval_tokens or max(total // 10, 1),
@@ -226,17 +249,18 @@ class _Loop:
         self.history: list[tuple] = []  # (CBS low, CBS high, B_simple) of the branch probes
         self.segments: list[Path] = []
 
-    def segment_job(self, i: int, start: int, end: int, init: Path | None, keep: bool) -> Path:
+    def segment_job(self, i: int, start: int, end: int, init: Path | None, keep: bool, also_keep: list[int] = ()) -> Path:
         """The segment's job directory (written once; content-addressed by config and start)."""
-        seg_cfg = _segment_config(self.cfg, [list(p) for p in self.sched], self.B0, start, end, keep)
+        seg_cfg = _segment_config(self.cfg, [list(p) for p in self.sched], self.B0, start, end, keep, also_keep)
         key = config_hash({"config": defining_dict(seg_cfg), "init": None if init is None else
                            str(init.relative_to(self.out))}, 10)
         d = self.out / "main" / f"seg{i:02d}_{key}"
         write_job(d, seg_cfg, init, eval_at_start=(i == 0), keep_final_checkpoint=True)
         return d
 
-    def segment(self, i: int, start: int, end: int, init: Path | None, keep: bool) -> tuple[Path, dict]:
-        d = self.segment_job(i, start, end, init, keep)
+    def segment(self, i: int, start: int, end: int, init: Path | None, keep: bool,
+                also_keep: list[int] = ()) -> tuple[Path, dict]:
+        d = self.segment_job(i, start, end, init, keep, also_keep)
         self.segments.append(d)
         return d, run_job(d, self.threads)
 
@@ -345,13 +369,33 @@ class _Loop:
     def write_decisions(self) -> None:
         write_text_atomic(self.out / "decisions.jsonl", "".join(json.dumps(d, sort_keys=True) + "\n" for d in self.decisions))
 
+    def lead(self, t: int) -> int | None:
+        """How far the segment that ends at probe point ``t`` goes on before the probe decides
+        (:func:`main_run_lead`), or ``None``: no branch probe at t, speculation (it trains the next
+        segment itself), a planted decision source, or a lead that would reach the next point the
+        loop may probe at (a confirmation point included) or the run's end."""
+        a, T, total = self.a, self.cfg.model.seq_len, self.cfg.total_tokens
+        usable = len([h for h in self.history if (h[0] or h[1]) and h[2]])
+        branch = a.act_on == "branch" or (a.act_on == "gns" and usable < a.calibration_points)
+        if not branch or a.speculate or self.decide is not None or t >= total:
+            return None
+        start, B = self.sched[-1]
+        window = a.window_tokens or default_window(t, a.window_fraction, B, max(a.probe_k), T)
+        limit = next((p for p in self.points + [total] if p > t), total)
+        if a.confirm_factor and a.confirm > 1:
+            limit = min(limit, int(round(t * a.confirm_factor)))
+        got = main_run_lead(t, start, B, T, window, a.cooldown_fraction, limit)
+        return None if got is None else got[1]
+
     def run(self) -> dict:
         t0 = time.time()
         init, total, cur = None, self.cfg.total_tokens, 0
         res: dict = {}
         end = self.next_point(cur)
         while True:
-            seg, res = self.segment(len(self.segments), cur, end, init, keep=end < total)
+            lead = self.lead(end) if end < total else None
+            seg, res = self.segment(len(self.segments), cur, lead or end, init, keep=end < total,
+                                    also_keep=[end] if lead else [])
             if res.get("diverged") or end == total:
                 break
             ck = find_kept(seg, [end])[0]
@@ -371,7 +415,15 @@ class _Loop:
             if rec["batch_after"] != rec["batch_before"]:
                 self.sched.append([rec["tokens"], rec["batch_after"]])
             init, cur = ck.path, ck.tokens
-            end = self.next_point(cur, rec)
+            if lead:  # the run went on at B past the point: kept when the batch stays
+                kept = rec["batch_after"] == rec["batch_before"]
+                B_T = rec["batch_before"] * self.cfg.model.seq_len
+                rec["main_run_lead"] = {"to_tokens": lead, "tokens": lead - ck.tokens, "steps": (lead - ck.tokens) // B_T,
+                                        "kept": kept}
+                self.write_decisions()
+                if kept:
+                    init, cur = find_kept(seg, [lead])[0].path, lead
+            end = self.next_point(ck.tokens, rec)
             if beside is not None and end != nxt:  # the speculative segment ran to a point no longer next
                 rec["speculative_segment"]["kept"] = False
                 self.write_decisions()
@@ -385,7 +437,8 @@ class _Loop:
         write_json_atomic(self.out / "schedule.json", schedule_document(sched, derived_from={
             "closed_loop": str(self.out), "act_on": self.a.act_on, "decisions": len(self.decisions)},
             notes=[f"taken by the closed loop (--auto-batch) at {len(self.decisions)} probe points"]))
-        steps = sum(r["steps"] for r in results)
+        leads = [d["main_run_lead"] for d in self.decisions if d.get("main_run_lead")]
+        steps = sum(r["steps"] for r in results) - sum(x["steps"] for x in leads if not x["kept"])
         tokens = last.get("tokens", 0)
         probe_tokens = sum(d["cost"]["probe_tokens"] for d in self.decisions)
         gns_tokens = sum(d["cost"]["gns_tokens"] for d in self.decisions)
@@ -409,6 +462,9 @@ class _Loop:
             "segments": [str(d.relative_to(self.out)) for d in self.segments], "act_on": self.a.act_on,
             "speculation": {"segments": len(spec), "kept": sum(sp["kept"] for sp in spec),
                             "discarded_tokens": discarded},
+            "main_run_leads": {"points": len(leads), "kept": sum(x["kept"] for x in leads),
+                               "tokens": sum(x["tokens"] for x in leads),
+                               "discarded_tokens": sum(x["tokens"] for x in leads if not x["kept"])},
             "agreement": agreement(self.decisions), "wall_time_s": wall,
         }
         write_json_atomic(self.out / "result.json", out)
@@ -463,7 +519,9 @@ def describe(result: dict) -> list[str]:
              f"{result['small_control_steps']:,} at the starting batch)"
              if not result["diverged"] else f"diverged: {result['diverged_reason']}",
              f"measurement cost: probe tokens {result['probe_tokens']:,} ({100 * (result['probe_fraction'] or 0):.0f}% "
-             f"of the run's {result['tokens']:,}), noise-scale tokens {result['gns_tokens']:,}"]
+             f"of the run's {result['tokens']:,}), noise-scale tokens {result['gns_tokens']:,}"
+             + (f"; {result['main_run_leads']['discarded_tokens']:,} tokens the run trained ahead of a probe were "
+                f"dropped at its raises" if (result.get("main_run_leads") or {}).get("discarded_tokens") else "")]
     ag = result.get("agreement") or {}
     for name, v in ag.items():
         if v["points"]:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from .analysis.triggers import log_spaced_points, phase_steps, steps_for
-from .autobatch import AutoBatchConfig, default_window
+from .autobatch import AutoBatchConfig, default_window, main_run_lead
 from .config import TrainConfig, option
 from .errors import ConfigError
 from .io import check_output, write_json_atomic
@@ -129,15 +129,25 @@ def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
     for name, phases in scen.items():
         sched = BatchSchedule(tuple(phases), T)
         steps, secs = _phases_time(list(phases), T, N, t)
-        probe_tok = probe_secs = gns_tok = gns_secs = 0
-        for p in points:
-            B = sched.batch_seqs_at(p)
+        probe_tok = probe_secs = gns_tok = gns_secs = lead_tok = 0
+        for i, p in enumerate(points):
+            ph = sched.phase_index_at(p - 1)  # the probe runs at the batch before its decision
+            start, B = sched.phases[ph]
             w = a.window_tokens or default_window(p, a.window_fraction, B, max(a.probe_k), T)
+            limit = points[i + 1] if i + 1 < len(points) else N
+            if a.confirm_factor and a.confirm > 1:
+                limit = min(limit, int(round(p * a.confirm_factor)))
+            got = main_run_lead(p, start, B, T, w, a.cooldown_fraction, limit) if not a.speculate else None
+            lead_steps = (got[1] - got[0]) // (B * T) if got else 0  # the probe at B reads these from the run
             for k in a.probe_k:
                 kb = int(round(k * B))
                 n = -(-w // (kb * T))
-                probe_tok += a.replicates * n * kb * T
-                probe_secs += a.replicates * n * t(kb)
+                n0 = n - lead_steps if kb == B else n
+                probe_tok += (n0 + (a.replicates - 1) * n) * kb * T
+                probe_secs += (n0 + (a.replicates - 1) * n) * t(kb)
+            if got and any(s == p for s, _ in phases[1:]):  # raised here: the run's lead is dropped
+                lead_tok += lead_steps * B * T
+                secs += lead_steps * t(B)
             if a.noise_scale:
                 gns_tok += a.gns_batches * a.gns_b_big * T
                 gns_secs += a.gns_batches * t(a.gns_b_big)  # a per-example backward costs about one step
@@ -145,6 +155,7 @@ def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
         out["scenarios"][name] = {
             "schedule": [list(p) for p in phases], "steps": steps, "steps_saved_pct": 100 * (1 - steps / c_steps),
             "probe_tokens": probe_tok, "probe_fraction": probe_tok / N, "gns_tokens": gns_tok,
+            "lead_discarded_tokens": lead_tok,
             "run_seconds": secs, "probe_seconds": probe_secs + gns_secs, "total_seconds": total_secs,
             "time_vs_control": total_secs / c_secs if c_secs else None,
             "pays_off": total_secs < c_secs,
@@ -210,7 +221,9 @@ def describe(est: dict) -> list[str]:
     for name, s in est["scenarios"].items():
         verdict = ("pays off" if s["pays_off"] else
                    "pays off only with probes on other devices" if s["pays_off_with_parallel_probes"] else "does not pay off")
+        lead = (f", {fmt_count(s['lead_discarded_tokens'])} tokens the run trained ahead and dropped at its raises"
+                if s.get("lead_discarded_tokens") else "")
         lines.append(f"{name}: {s['steps']:,} steps ({s['steps_saved_pct']:.0f}% fewer), probe tokens "
-                     f"{fmt_count(s['probe_tokens'])} ({100 * s['probe_fraction']:.0f}% of the run), time {s['run_seconds']:,.0f} s "
+                     f"{fmt_count(s['probe_tokens'])} ({100 * s['probe_fraction']:.0f}% of the run){lead}, time {s['run_seconds']:,.0f} s "
                      f"+ probes {s['probe_seconds']:,.0f} s = {s['time_vs_control']:.2f}x the control: {verdict}")
     return lines
