@@ -46,7 +46,7 @@ from typing import Callable
 from .analysis.triggers import (calibrate, gns_verdict, log_spaced_points, norm_verdict,
                                 probe_verdict, steps_for)
 from .branch import SweepConfig, plan_sweep, run_sweep
-from .branch.sweep import branch_spec, ensure_branch
+from .branch.sweep import branch_spec, ensure_branch, last_step_before_cooldown
 from .config import TrainConfig, config_hash, defining_dict, how, merge, option, validate
 from .errors import ConfigError
 from .gns.checkpoints import GNSConfig, gns_at_checkpoints
@@ -163,9 +163,17 @@ def main_run_lead(point: int, phase_start: int, batch_seqs: int, seq_len: int, w
     reach ``limit`` (the next point the loop may probe at, or the run's end)."""
     step = batch_seqs * seq_len
     t = phase_start + -(-(point - phase_start) // step) * step
-    cool = int(round(cooldown_fraction * window))
-    lead = min(t + (window - cool) // step * step + step, t + (window // step - 1) * step)
+    lead = last_step_before_cooldown(t, step, window, cooldown_fraction)
     return (t, lead) if t < lead < limit else None
+
+
+def lead_limit(point: int, points: list[int], total: int, a: "AutoBatchConfig") -> int:
+    """The next tokens the loop may probe at after ``point``: the next scheduled point (or the
+    run's end), or sooner, a confirmation point at ``confirm_factor`` × the point."""
+    limit = next((p for p in points + [total] if p > point), total)
+    if a.confirm_factor and a.confirm > 1:
+        limit = min(limit, int(round(point * a.confirm_factor)))
+    return limit
 
 
 Decider = Callable[[int, int], int]
@@ -314,9 +322,8 @@ class _Loop:
         ns = self._noise_scale(seg, t) if a.noise_scale else None
         b_simple = ns["b_simple_seqs"] if ns else None
         m = calibrate(self.history)
-        usable = len([h for h in self.history if (h[0] or h[1]) and h[2]])
-        run_branch = a.act_on == "branch" or (a.act_on == "gns" and usable < a.calibration_points)
-        probe = self._sweep(seg, t, beside) if run_branch else None
+        usable = self._calibrations()
+        probe = self._sweep(seg, t, beside) if self._branch_probe() else None
         verdicts: dict = {}
         if probe is not None:
             v, b_after = probe_verdict(probe.pop("_point") | {"ks": probe["ks"]}, B, cap)
@@ -369,22 +376,25 @@ class _Loop:
     def write_decisions(self) -> None:
         write_text_atomic(self.out / "decisions.jsonl", "".join(json.dumps(d, sort_keys=True) + "\n" for d in self.decisions))
 
+    def _calibrations(self) -> int:
+        """Earlier probe points whose branch probe and noise scale can calibrate the gns trigger."""
+        return len([h for h in self.history if (h[0] or h[1]) and h[2]])
+
+    def _branch_probe(self) -> bool:
+        """Whether the next probe point runs a branch probe."""
+        return self.a.act_on == "branch" or (self.a.act_on == "gns" and self._calibrations() < self.a.calibration_points)
+
     def lead(self, t: int) -> int | None:
         """How far the segment that ends at probe point ``t`` goes on before the probe decides
         (:func:`main_run_lead`), or ``None``: no branch probe at t, speculation (it trains the next
         segment itself), a planted decision source, or a lead that would reach the next point the
         loop may probe at (a confirmation point included) or the run's end."""
         a, T, total = self.a, self.cfg.model.seq_len, self.cfg.total_tokens
-        usable = len([h for h in self.history if (h[0] or h[1]) and h[2]])
-        branch = a.act_on == "branch" or (a.act_on == "gns" and usable < a.calibration_points)
-        if not branch or a.speculate or self.decide is not None or t >= total:
+        if not self._branch_probe() or a.speculate or self.decide is not None or t >= total:
             return None
         start, B = self.sched[-1]
         window = a.window_tokens or default_window(t, a.window_fraction, B, max(a.probe_k), T)
-        limit = next((p for p in self.points + [total] if p > t), total)
-        if a.confirm_factor and a.confirm > 1:
-            limit = min(limit, int(round(t * a.confirm_factor)))
-        got = main_run_lead(t, start, B, T, window, a.cooldown_fraction, limit)
+        got = main_run_lead(t, start, B, T, window, a.cooldown_fraction, lead_limit(t, self.points, total, a))
         return None if got is None else got[1]
 
     def run(self) -> dict:

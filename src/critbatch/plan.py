@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from .analysis.triggers import log_spaced_points, phase_steps, steps_for
-from .autobatch import AutoBatchConfig, default_window, main_run_lead
+from .autobatch import AutoBatchConfig, default_window, lead_limit, main_run_lead
 from .config import TrainConfig, option
 from .errors import ConfigError
 from .io import check_output, write_json_atomic
@@ -130,14 +130,11 @@ def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
         sched = BatchSchedule(tuple(phases), T)
         steps, secs = _phases_time(list(phases), T, N, t)
         probe_tok = probe_secs = gns_tok = gns_secs = lead_tok = 0
-        for i, p in enumerate(points):
+        for p in points:
             ph = sched.phase_index_at(p - 1)  # the probe runs at the batch before its decision
             start, B = sched.phases[ph]
             w = a.window_tokens or default_window(p, a.window_fraction, B, max(a.probe_k), T)
-            limit = points[i + 1] if i + 1 < len(points) else N
-            if a.confirm_factor and a.confirm > 1:
-                limit = min(limit, int(round(p * a.confirm_factor)))
-            got = main_run_lead(p, start, B, T, w, a.cooldown_fraction, limit) if not a.speculate else None
+            got = main_run_lead(p, start, B, T, w, a.cooldown_fraction, lead_limit(p, points, N, a)) if not a.speculate else None
             lead_steps = (got[1] - got[0]) // (B * T) if got else 0  # the probe at B reads these from the run
             for k in a.probe_k:
                 kb = int(round(k * B))

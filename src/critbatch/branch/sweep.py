@@ -38,7 +38,7 @@ from ..report.plots import plot_cbs_curve, plot_loss_vs_batch
 from ..schedules import BatchSchedule
 from ..schedules.rules import adam_hparams, lr_rule_multiplier
 from ..train.checkpoint import CheckpointInfo, find_kept, kept_checkpoints, load_checkpoint
-from ..train.loop import EMA_ALPHA, EVAL_LOSSES_FILE, step_plan
+from ..train.loop import EMA_ALPHA, EVAL_LOSSES_FILE, resolved_lr_schedule, step_plan
 from ..units import fmt_count
 
 BRANCH_FORMAT = 1
@@ -437,11 +437,7 @@ def _trained_the_same(a: TrainConfig, b: TrainConfig) -> bool:
 
 def _resolved(cfg: TrainConfig) -> tuple[TrainConfig, BatchSchedule]:
     """``cfg`` with its LR schedule's ends resolved as the Trainer resolves them, and its batch schedule."""
-    s = cfg.lr_schedule
-    lr = dataclasses.replace(s, horizon_tokens=cfg.total_tokens if s.horizon_tokens is None else s.horizon_tokens,
-                             cooldown_end_tokens=(cfg.total_tokens if s.cooldown_tokens and s.cooldown_end_tokens is None
-                                                  else s.cooldown_end_tokens))
-    cfg = dataclasses.replace(cfg, lr_schedule=lr)
+    cfg = dataclasses.replace(cfg, lr_schedule=resolved_lr_schedule(cfg))
     sched = BatchSchedule.parse(cfg.batch_schedule or [[0, cfg.batch_seqs]], cfg.model.seq_len, cfg.optim.lr_rule,
                                 cfg.lr_ref_batch_seqs, cfg.optim.adam_rule)
     return cfg, sched
@@ -517,11 +513,19 @@ def continuation_checkpoints(points: list[int], window_tokens: int, cooldown_fra
     out = []
     for p in points:
         t = -(-p // step_tokens) * step_tokens
-        start = t + window_tokens - int(round(cooldown_fraction * window_tokens))
-        c = min(start // step_tokens * step_tokens + step_tokens, t + window_tokens - step_tokens)
+        c = last_step_before_cooldown(t, step_tokens, window_tokens, cooldown_fraction)
         if t < c < t + window_tokens:
             out.append(c)
     return sorted(set(out) - set(points))
+
+
+def last_step_before_cooldown(start: int, step_tokens: int, window_tokens: int, cooldown_fraction: float) -> int:
+    """For a branch from the step boundary ``start`` at steps of ``step_tokens``: the last step
+    boundary up to which it runs at the full LR (the step that starts at the cooldown's start still
+    does), and at least one step before the window's end."""
+    cool = int(round(cooldown_fraction * window_tokens))
+    return start + min((window_tokens - cool) // step_tokens * step_tokens + step_tokens,
+                       (window_tokens // step_tokens - 1) * step_tokens)
 
 
 def continuation_tokens(plan: SweepPlan, point: BranchPoint, cfg: TrainConfig) -> int | None:

@@ -25,14 +25,14 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 
-from ..config import TrainConfig, defining_dict, defining_hash, from_dict, to_dict, validate
+from ..config import LRScheduleConfig, TrainConfig, defining_dict, defining_hash, from_dict, to_dict, validate
 from ..data import SequenceStream, TokenData, open_data, prepare_embedded
 from ..data.dataset import check_capacity, eval_sequences, step_slices
 from ..dist import (DistInfo, all_reduce_max_int, all_reduce_sum, barrier, fsdp_full_state, fsdp_load_optimizer,
@@ -61,6 +61,15 @@ def resolve_data(cfg: TrainConfig) -> Path:
     return prepare_embedded(cfg.data.corpus, cfg.data.tokenizer, cfg.data.bpe_vocab_size)
 
 
+def resolved_lr_schedule(cfg: TrainConfig) -> LRScheduleConfig:
+    """``cfg``'s LR schedule with its ends in tokens filled in: the horizon and a cooldown's end
+    default to the run's total tokens."""
+    s = cfg.lr_schedule
+    return replace(s, horizon_tokens=cfg.total_tokens if s.horizon_tokens is None else s.horizon_tokens,
+                   cooldown_end_tokens=(cfg.total_tokens if s.cooldown_tokens and s.cooldown_end_tokens is None
+                                        else s.cooldown_end_tokens))
+
+
 def resolve_config(cfg: TrainConfig, data: TokenData) -> TrainConfig:
     """Fill in every derived value so the saved config says exactly what ran."""
     cfg = from_dict(TrainConfig, to_dict(cfg))  # a copy
@@ -78,10 +87,7 @@ def resolve_config(cfg: TrainConfig, data: TokenData) -> TrainConfig:
     cfg.batch_schedule = sched.as_pairs()
     cfg.batch_seqs = sched.phases[0][1]
     cfg.lr_ref_batch_seqs = sched.reference
-    if cfg.lr_schedule.horizon_tokens is None:
-        cfg.lr_schedule.horizon_tokens = cfg.total_tokens
-    if cfg.lr_schedule.cooldown_tokens and cfg.lr_schedule.cooldown_end_tokens is None:
-        cfg.lr_schedule.cooldown_end_tokens = cfg.total_tokens
+    cfg.lr_schedule = resolved_lr_schedule(cfg)
     if cfg.save_interval_tokens is None:
         cfg.save_interval_tokens = max(cfg.total_tokens // 10, 1)
     if cfg.eval_interval_tokens is None:
