@@ -297,6 +297,9 @@ BAD = [
     (dict(k=[0.3, 1]), ConfigError, "k=0.3 at base batch 4 gives 1.2 sequences"),
     (dict(rule="noninf"), ConfigError, "--replicates 2"),
     (dict(rule="ttest"), ConfigError, "replaced by 'noninf'"),
+    (dict(early_stop_gap=0.01), ConfigError, "early_stop_gap=0.01 must be a number above eps=0.01"),
+    (dict(early_stop_gap=0.02, cooldown_fraction=0), ConfigError, "early_stop_gap needs a cooldown"),
+    (dict(early_stop_gap=0.02, replicates=2, rule="eps"), ConfigError, "early_stop_gap needs replicates=1"),
 ]
 
 

@@ -210,6 +210,8 @@ def cmd_branch(ns: argparse.Namespace) -> int:
         line += f" ({cost['branch_tokens_over_base']:.2f}x the base run's {cost['base_tokens']:,})"
     if cost.get("tokens_from_base"):
         line += f", {cost['tokens_from_base']:,} more read from the base run's own continuation"
+    if cost.get("stopped_early"):
+        line += f", {cost['stopped_early']} stopped early ({cost['early_stop_saved_tokens']:,} tokens saved)"
     line += f", {cost['wall_time_s']:.1f}s"
     if cost.get("trained"):
         line += " (" + ", ".join(f"{v} {k}" for k, v in cost["trained"].items()) + ")"

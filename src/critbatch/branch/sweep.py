@@ -19,6 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Iterable
 
 import numpy as np
@@ -38,6 +39,7 @@ from ..report.plots import plot_cbs_curve, plot_loss_vs_batch
 from ..schedules import BatchSchedule
 from ..schedules.rules import adam_hparams, lr_rule_multiplier
 from ..train.checkpoint import CheckpointInfo, find_kept, kept_checkpoints, load_checkpoint
+from ..train.early_stop import STOP_RULE_FILE, step_records, stopped_reading
 from ..train.loop import EMA_ALPHA, EVAL_LOSSES_FILE, resolved_lr_schedule, step_plan
 from ..units import fmt_count
 
@@ -49,6 +51,8 @@ DECIDE_BY = ("eval", "train-ema")
 SEARCHES = ("grid", "adaptive")
 STACK_CUDA = 8
 """Branches stacked into one model by default on CUDA (``SweepConfig.stack``)."""
+EARLY_STOP_MIN_SPANS = 8
+"""Fewest paired stretches of the cooldown an early stop reads (``SweepConfig.early_stop_gap``)."""
 
 
 @dataclass
@@ -98,6 +102,14 @@ class SweepConfig:
     """Tolerance in nats: a batch passes when its loss is within this of the smaller batches'."""
     confidence: float = 0.95
     """Confidence of the noninf rule's bounds, and of the held-out set's sampling error under eps."""
+    early_stop_gap: float | None = None
+    """Stop a branch part-way through its cooldown once it is settled that it fails: its paired
+    training-loss gap to the point's reference (the smallest k, on the same sequences), over at
+    least EARLY_STOP_MIN_SPANS stretches of the cooldown, exceeds this many nats by ``z`` standard
+    errors at ``confidence`` (:mod:`critbatch.train.early_stop`). It then counts as failing with that
+    reading; a later sweep without early stopping continues it. Must exceed ``eps`` (2·eps is a
+    cautious choice); needs a cooldown and one replicate. ``None`` (default): every branch trains its
+    whole window."""
     micro_batch_seqs: int | None = None
     """Micro-batch of the branches (default: the parent's); reduced to a divisor of k·B as needed
     (it changes no number, only memory)."""
@@ -219,6 +231,7 @@ def _check_options(cfg: SweepConfig, parent: TrainConfig) -> tuple[SweepConfig, 
         raise ConfigError("the noninf rule needs --replicates 2 or more")
     if not 0.5 <= cfg.confidence < 1:
         raise ConfigError(f"confidence={cfg.confidence} must be in [0.5, 1)")
+    _check_early_stop(cfg)
     if cfg.jobs is None:
         cfg = dataclasses.replace(cfg, jobs=default_jobs(cfg.threads_per_branch, cfg.device))
     if cfg.stack is not None and cfg.stack < 1:
@@ -239,6 +252,21 @@ def _check_options(cfg: SweepConfig, parent: TrainConfig) -> tuple[SweepConfig, 
     if cfg.window_tokens <= 0:
         raise ConfigError(f"window_tokens={cfg.window_tokens} must be positive")
     return cfg, rule, lr_rule, adam_rule, ks
+
+
+def _check_early_stop(cfg: SweepConfig) -> None:
+    g = cfg.early_stop_gap
+    if g is None:
+        return
+    if not (isinstance(g, (int, float)) and math.isfinite(g) and g > cfg.eps):
+        raise ConfigError(f"early_stop_gap={g} must be a number above eps={cfg.eps:g}: a stopped branch counts as "
+                          f"failing, so its gap must be shown beyond eps (2·eps is a cautious choice)")
+    if cfg.cooldown_fraction <= 0:
+        raise ConfigError("early_stop_gap needs a cooldown (cooldown_fraction > 0): at a constant LR a larger batch "
+                          "reads ahead of the smaller one and ends behind, so a gap before the cooldown settles nothing")
+    if cfg.replicates != 1:
+        raise ConfigError(f"early_stop_gap needs replicates=1 (got {cfg.replicates}): a stop reads one branch against "
+                          f"the reference, while with replicates the decision pools them")
 
 
 def _branch_points(run_dir: Path, parent: TrainConfig, at: list[int]) -> list[BranchPoint]:
@@ -364,6 +392,8 @@ def plan_sweep(cfg: SweepConfig) -> SweepPlan:
     window = window_seqs * T
     parent_hash = config_hash(defining_dict(parent))
     spec = defining_dict(cfg)
+    if spec.get("early_stop_gap") is None:
+        spec.pop("early_stop_gap", None)  # sweeps without early stopping keep the ids they had before it
     spec.update(run=None, at=[p.tokens for p in points], k=None if cfg.search == "adaptive" else ks,
                 window_tokens=window, rule=rule, lr_rule=lr_rule, adam_rule=adam_rule, k_min=k_min, k_max=k_max,
                 resolution=res, parent=parent_hash)
@@ -554,20 +584,42 @@ def run_branch_dir(branch_dir: str | Path, threads: int | None = None, callbacks
 
 def branch_losses(branch_dir: Path) -> dict:
     """A finished branch's numbers; ``eval_per_seq``: its per-sequence held-out losses (``None`` for
-    a diverged branch or one trained before they were saved)."""
-    r = read_json(branch_dir / "result.json")
+    a diverged branch or one trained before they were saved). A branch stopped early
+    (:mod:`critbatch.train.early_stop`) has no losses (NaN) and ``stopped``: the reading that stopped it."""
     spec = read_json(branch_dir / "branch.json")
+    from_parent = spec.get("from_parent_tokens", 0)
+    parent_steps = from_parent // (spec["batch_seqs"] * spec["config"]["model"]["seq_len"])
+    common = {"trained": "alone", "from_parent_tokens": from_parent, "stopped": None}
+    if not (branch_dir / "result.json").is_file() and (st := stopped_reading(branch_dir)) is not None:
+        return {**common, "eval": math.nan, "train-ema": math.nan, "eval_se": None, "eval_per_seq": None,
+                "diverged": False, "tokens": st["tokens"] - st["start_tokens"], "steps": st["steps"] + parent_steps,
+                "wall_time_s": st["wall_time_s"],
+                "stopped": {k: st[k] for k in ("tokens", "gap_mean", "gap_se", "spans", "gap", "z")}}
+    r = read_json(branch_dir / "result.json")
     per_seq = None
     if not r["diverged"] and (branch_dir / EVAL_LOSSES_FILE).is_file():
         per_seq = np.load(branch_dir / EVAL_LOSSES_FILE, allow_pickle=False)
-    return {"eval": r["final_eval_loss"] if not r["diverged"] else float("inf"),
+    return {**common, "eval": r["final_eval_loss"] if not r["diverged"] else float("inf"),
             "train-ema": r["final_train_loss"] if not r["diverged"] else float("inf"),
             "eval_se": r.get("final_eval_loss_se"), "eval_per_seq": per_seq,
             "diverged": bool(r["diverged"]), "tokens": r["tokens"] - r["start_tokens"],
-            # the window's optimizer steps, those the parent took for it included
-            "steps": r["steps"] + spec.get("from_parent_tokens", 0) // (spec["batch_seqs"] * spec["config"]["model"]["seq_len"]),
-            "trained": r.get("trained", "alone"), "from_parent_tokens": spec.get("from_parent_tokens", 0),
-            "wall_time_s": r["wall_time_s"]}
+            "steps": r["steps"] + parent_steps,  # the window's optimizer steps, those the parent took for it included
+            "trained": r.get("trained", "alone"), "wall_time_s": r["wall_time_s"]}
+
+
+def stop_rule(plan: SweepPlan, point: BranchPoint, ref_dir: Path) -> dict | None:
+    """The early-stop rule of a branch at ``point`` against its finished reference branch ``ref_dir``
+    (``None`` when the sweep does not stop early or the reference diverged)."""
+    cfg = plan.cfg
+    if cfg.early_stop_gap is None or not (ref_dir / "result.json").is_file():
+        return None
+    if read_json(ref_dir / "result.json")["diverged"]:
+        return None
+    start = point.tokens + plan.window_tokens - int(round(cfg.cooldown_fraction * plan.window_tokens))
+    steps = [s for s in step_records(read_jsonl(ref_dir / "metrics.jsonl")) if s[0] >= start]
+    return {"gap": float(cfg.early_stop_gap), "z": NormalDist().inv_cdf(cfg.confidence),
+            "min_spans": EARLY_STOP_MIN_SPANS, "from_tokens": start, "reference_branch": ref_dir.name,
+            "reference": [list(x) for x in steps]}
 
 
 # ---- deciding ----------------------------------------------------------------------------------
@@ -593,7 +645,10 @@ def _point(plan: SweepPlan, p: BranchPoint, by_k: dict[float, list[dict]]) -> di
              "branch_seconds": sum(r["wall_time_s"] for reps in recs for r in reps),
              "trained": [[r["trained"] for r in reps] for reps in recs],
              "branches": sum(len(v) for v in recs), "steps": [[r["steps"] for r in reps] for reps in recs],
-             "eval_se": [[r["eval_se"] for r in reps] for reps in recs]}
+             "eval_se": [[r["eval_se"] for r in reps] for reps in recs],
+             "stopped_early": [[r["stopped"] for r in reps] for reps in recs],
+             "early_stop_saved_tokens": sum(plan.window_tokens - r["from_parent_tokens"] - r["tokens"]
+                                            for reps in recs for r in reps if r["stopped"])}
     if cfg.search == "adaptive":
         grid = _search(plan, None).full_grid()
         extra["full_grid_branch_tokens"] = len(grid) * cfg.replicates * plan.window_tokens
@@ -609,7 +664,8 @@ def build_curve(plan: SweepPlan, results: dict[int, dict[float, list[dict]]], wa
     points = [_point(plan, p, results[p.tokens]) for p in plan.points]
     curve = {
         "sweep_id": plan.sweep_id, "run": str(plan.run_dir), "search": cfg.search, "decide_by": cfg.decide_by,
-        "rule": plan.rule, "eps": cfg.eps, "confidence": cfg.confidence, "lr_rule": plan.lr_rule,
+        "rule": plan.rule, "eps": cfg.eps, "confidence": cfg.confidence, "early_stop_gap": cfg.early_stop_gap,
+        "lr_rule": plan.lr_rule,
         "adam_rule": plan.adam_rule, "cooldown_fraction": cfg.cooldown_fraction, "replicates": cfg.replicates,
         "window_tokens": plan.window_tokens, "window_tokens_requested": plan.window_tokens_requested,
         "eval_seqs": cfg.eval_seqs or plan.parent.eval_seqs, "seq_len": plan.seq_len, "notes": list(plan.notes),
@@ -617,6 +673,8 @@ def build_curve(plan: SweepPlan, results: dict[int, dict[float, list[dict]]], wa
         "cost": {"branches": sum(p["branches"] for p in points), "branch_tokens": sum(p["branch_tokens"] for p in points),
                  "tokens_from_base": sum(x for p in points for reps in p["from_parent_tokens"] for x in reps),
                  "branch_seconds": sum(p["branch_seconds"] for p in points), "wall_time_s": wall_time_s,
+                 "stopped_early": sum(1 for p in points for reps in p["stopped_early"] for x in reps if x),
+                 "early_stop_saved_tokens": sum(p["early_stop_saved_tokens"] for p in points),
                  "trained": _trained_counts(points)},
     }
     if cfg.search == "adaptive":
@@ -669,6 +727,8 @@ class _Branches:
         self.dirs: dict[int, dict[float, list[Path]]] = {p.tokens: {} for p in plan.points}
         self.results: dict[int, dict[float, list[dict]]] = {p.tokens: {} for p in plan.points}
         self.trained = False
+        self.reference_k = _round_k(plan.k_min if plan.cfg.search == "adaptive" else plan.cfg.k[0])
+        """The point's reference branch: what an early stop compares a branch with."""
         self.could_continue: dict[int, int] = {}
         """point -> tokens: a branch trained whole that a kept parent checkpoint there would have shortened."""
 
@@ -676,11 +736,33 @@ class _Branches:
         specs = [branch_spec(self.plan, point, k, r) for r in range(self.plan.cfg.replicates)]
         dirs = [ensure_branch(self.plan.run_dir, s) for s in specs]
         self.dirs[point.tokens][_round_k(k)] = dirs
+        self._stop_rules(point, _round_k(k), dirs)
         if not specs[0]["from_parent_tokens"] and not (dirs[0] / "result.json").is_file():
             t = continuation_tokens(self.plan, point, from_dict(TrainConfig, specs[0]["config"]))
             if t is not None:
                 self.could_continue[point.tokens] = t
         return dirs
+
+    def _stop_rules(self, point: BranchPoint, k: float, dirs: list[Path]) -> None:
+        """Each unfinished branch above the point's reference gets its early-stop rule (once the
+        reference has finished); without early stopping, none (a rule left by another sweep goes)."""
+        ref = self.dirs[point.tokens].get(self.reference_k)
+        for r, d in enumerate(dirs):
+            if (d / "result.json").is_file():
+                continue
+            rule = stop_rule(self.plan, point, ref[r]) if (ref and k != self.reference_k) else None
+            if rule is None:
+                (d / STOP_RULE_FILE).unlink(missing_ok=True)
+            elif not (d / STOP_RULE_FILE).is_file() or read_json(d / STOP_RULE_FILE) != rule:
+                write_json_atomic(d / STOP_RULE_FILE, rule)
+
+    def _settled(self, d: Path) -> bool:
+        """Finished, or stopped early by this sweep's rule."""
+        if (d / "result.json").is_file():
+            return True
+        rule = d / STOP_RULE_FILE
+        return self.plan.cfg.early_stop_gap is not None and rule.is_file() and \
+            stopped_reading(d, read_json(rule)) is not None
 
     def continuation_note(self) -> str | None:
         """What kept checkpoints of the parent would have saved, when branches trained whole could
@@ -696,9 +778,11 @@ class _Branches:
 
     def run(self, dirs: list[Path]) -> None:
         c = self.plan.cfg
-        self.trained |= any(not (d / "result.json").is_file() for d in dirs)
+        todo = [d for d in dirs if not self._settled(d)]
+        self.trained |= bool(todo)
         self.bar.total = (self.bar.total or 0) + len(dirs)
-        run_jobs(dirs, c.jobs, c.threads_per_branch, c.launcher, lambda _d: self.bar.update(1),
+        self.bar.update(len(dirs) - len(todo))
+        run_jobs(todo, c.jobs, c.threads_per_branch, c.launcher, lambda _d: self.bar.update(1),
                  nproc_per_job=c.nproc_per_job, slurm=c.slurm, stack=self.stack)
         for t, by_k in self.dirs.items():
             for k, ds in by_k.items():
@@ -749,7 +833,10 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
                dynamic_ncols=True)
     stack, stacking = choose_stack(plan)
     br = _Branches(plan, bar, stack)
-    if cfg.search == "grid":
+    if cfg.search == "grid" and cfg.early_stop_gap is not None:  # the references first: the others read them
+        br.run([d for p in plan.points for d in br.make(p, cfg.k[0])])
+        br.run([d for p in plan.points for k in cfg.k[1:] for d in br.make(p, k)])
+    elif cfg.search == "grid":
         br.run([d for p in plan.points for k in cfg.k for d in br.make(p, k)])
     else:
         searches = {p.tokens: _search(plan, lambda ks, recs: decide_point(plan, ks, recs)) for p in plan.points}
@@ -761,7 +848,9 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None) -> SweepResult:
             br.run(todo)
     bar.close()
     if not br.trained and (plan.sweep_dir / "cbs.json").is_file():
-        return SweepResult(plan, read_json(plan.sweep_dir / "cbs.json"), plan.sweep_dir)  # nothing new: unchanged
+        old = read_json(plan.sweep_dir / "cbs.json")
+        if not old["cost"].get("stopped_early"):  # else another sweep may have finished a stopped branch since
+            return SweepResult(plan, old, plan.sweep_dir)  # nothing new: unchanged
     if (note := br.continuation_note()) is not None:
         plan.notes.append(note)
     curve = build_curve(plan, br.results, wall_time_s=time.time() - t0)
@@ -796,6 +885,11 @@ def describe_point(p: dict) -> str:
             s += f" (~{p['replicates_needed']} replicates would settle it)"
         elif p.get("eval_seqs_needed"):
             s += f" (~{p['eval_seqs_needed']:,} held-out sequences would settle it)"
+    stopped = [(k, x) for k, reps in zip(p["ks"], p.get("stopped_early", [])) for x in reps if x]
+    if stopped:
+        s += "; stopped early as failing: " + ", ".join(
+            f"{k * p['base_batch_seqs']:g} seqs (gap {x['gap_mean']:+.4f} ± {x['gap_se']:.4f} over {x['spans']} "
+            f"cooldown stretches > {x['gap']:g})" for k, x in stopped)
     if p.get("eval_noise_ok") is False:
         s += f"; held-out paired error {p['max_paired_eval_se']:.4f} is not well below eps: raise --eval-seqs"
     return s

@@ -16,6 +16,7 @@ from ..dist import barrier, init_distributed, resolve_device
 from ..errors import ConfigError, CritbatchError
 from ..io import read_json
 from ..train import Trainer
+from ..train.early_stop import STOP_RULE_FILE, STOPPED_FILE, EarlyStop
 
 LAUNCHERS = ("inprocess", "local", "slurm", "submitit-local")
 
@@ -38,7 +39,9 @@ def run_job(job_dir: str | Path, threads: int | None = None, callbacks: Iterable
 
     Under torchrun every rank calls this: rank 0 holds the lock and the others wait for it at a
     barrier. ``stop_on_signals`` (workers, Slurm tasks): SIGTERM/SIGUSR1/SIGUSR2 pause the job at
-    the next step boundary with a resume checkpoint, and :class:`Interrupted` is raised."""
+    the next step boundary with a resume checkpoint, and :class:`Interrupted` is raised. A job
+    directory holding ``stop_rule.json`` trains with :class:`critbatch.train.early_stop.EarlyStop`:
+    when it stops, ``stopped.json`` is written and ``None`` returned."""
     d = Path(job_dir)
     job = read_json(d / "job.json")
     cfg = from_dict(TrainConfig, job["config"])
@@ -53,10 +56,15 @@ def run_job(job_dir: str | Path, threads: int | None = None, callbacks: Iterable
         if threads:
             torch.set_num_threads(threads)
         try:
+            callbacks = list(callbacks)
+            if (d / STOP_RULE_FILE).is_file():
+                callbacks.append(EarlyStop(read_json(d / STOP_RULE_FILE)))
+            if info.is_main:
+                (d / STOPPED_FILE).unlink(missing_ok=True)  # it trains on: an earlier stop no longer holds
             init = (d / job["init_from"]) if job.get("init_from") else None
             t = Trainer(cfg, d, init_from=init, progress=False, quiet=True, eval_at_start=job.get("eval_at_start", True),
                         keep_final_checkpoint=job.get("keep_final_checkpoint", True),
-                        callbacks=list(callbacks), init_loss_ema=job.get("init_loss_ema"),
+                        callbacks=callbacks, init_loss_ema=job.get("init_loss_ema"),
                         stop_on_signals=stop_on_signals)
             result = t.run()
             if result is None and t.stop_signal is not None:

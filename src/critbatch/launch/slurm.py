@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..config import from_dict
 from ..errors import ConfigError, CritbatchError
+from ..train.early_stop import STOPPED_FILE
 from .jobs import Interrupted, visible_gpus
 from .worker import run_named
 
@@ -188,7 +189,7 @@ def run_submitit(dirs: list[Path], jobs: int, threads: int, launcher: str, on_do
     def finish(job, d: Path) -> None:
         try:
             job.results()  # every task's (one per rank); raises if one failed
-            if not (d / "result.json").is_file():
+            if not (d / "result.json").is_file() and not (d / STOPPED_FILE).is_file():  # finished, or stopped early
                 raise CritbatchError("the job ended without a result")
         except Exception as e:  # noqa: BLE001 - a failed job is reported, the others go on
             try:

@@ -188,6 +188,8 @@ class Trainer:
         self.stop_after_tokens = stop_after_tokens
         self.stop_on_signals = stop_on_signals
         self.stop_signal: int | None = None
+        self.pause_reason: str | None = None
+        """Set by :meth:`request_pause` (a callback's verdict, e.g. an early stop)."""
         self.trained_as = "alone"
         """``alone``, or ``stacked xN`` when :mod:`critbatch.train.stacked` trained it with others."""
         self.device = resolve_device(cfg.device)
@@ -495,7 +497,14 @@ class Trainer:
 
         return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 
+    def request_pause(self, reason: str) -> None:
+        """Pause at the next step boundary, as ``stop_after_tokens`` does (a resume checkpoint is
+        written). Callbacks call it with the same inputs on every rank, so every rank pauses together."""
+        self.pause_reason = reason
+
     def _pause_requested(self) -> bool:
+        if self.pause_reason is not None:
+            return True
         if self.stop_after_tokens is not None and self.tokens >= self.stop_after_tokens:
             return True
         if not self.stop_on_signals:

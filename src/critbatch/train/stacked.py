@@ -32,6 +32,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from ..config import TrainConfig, defining_dict, from_dict
 from ..io import read_json
 from ..model.losses import next_token_loss_sum
+from .early_stop import STOP_RULE_FILE
 from .loop import Trainer
 
 
@@ -234,9 +235,12 @@ def _unstack(t: Trainer) -> None:
 
 
 def job_stack_key(job_dir: Path) -> str | None:
-    """:func:`stack_key` of a job directory (``None`` for a job that names callbacks)."""
+    """:func:`stack_key` of a job directory (``None`` for a job that names callbacks or has an
+    early-stop rule: those train alone)."""
     job = read_json(Path(job_dir) / "job.json")
-    return None if job.get("callbacks") else stack_key(from_dict(TrainConfig, job["config"]))
+    if job.get("callbacks") or (Path(job_dir) / STOP_RULE_FILE).is_file():
+        return None
+    return stack_key(from_dict(TrainConfig, job["config"]))
 
 
 def stacks(dirs: list[Path], size: int) -> list[list[Path]]:
