@@ -287,3 +287,20 @@ def test_train_keeps_the_checkpoints_a_later_sweep_continues_from(data_dir, tmp_
     code = main([str(a) for a in tiny_args(data_dir, tmp_path / "r2", "--branch-window-tokens", "4k")])
     err = capsys.readouterr().err
     assert code == 2 and "give them with --checkpoint-tokens" in err and err.count("\n") == 1, err
+
+
+def test_an_optional_number_flag_takes_none_to_turn_it_off():
+    from critbatch.cli import _pick, make_parser
+    from critbatch.demo import DemoConfig
+
+    p = make_parser()
+
+    def demo(*argv):
+        ns = p.parse_args(["demo", *argv])
+        return _pick(ns, ns.flags["cfg"], DemoConfig)
+
+    assert demo().early_stop_gap == 0.02  # the demo stops settled branches early by default
+    assert demo("--early-stop-gap", "none").early_stop_gap is None
+    assert demo("--early-stop-gap", "0.03").early_stop_gap == 0.03
+    assert demo("--auto-window-tokens", "None").auto_window_tokens is None
+    assert demo("--auto-window-tokens", "8k").auto_window_tokens == 8000

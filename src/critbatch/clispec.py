@@ -78,7 +78,11 @@ def _converter(tp: Any, flag: str) -> tuple[Callable[[str], Any] | None, str]:
     if origin in (typing.Union, types.UnionType):
         if dict in args and str in args:  # an inline JSON object, or a path
             return (lambda v: json.loads(v) if v.lstrip().startswith("{") else v), "JSON|PATH"
-        return _converter(next(a for a in args if a is not type(None)), flag)
+        inner = next(a for a in args if a is not type(None))
+        parse, meta = _converter(inner, flag)
+        if type(None) in args and inner in (int, float):  # "none" gives back an optional number's None (off)
+            return (lambda v: None if v.strip().lower() == "none" else parse(v)), f"{meta}|none"
+        return parse, meta
     if tp is bool:
         return None, ""
     if tp is int:

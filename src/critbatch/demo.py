@@ -64,6 +64,10 @@ class DemoConfig:
     """Bisection lattice step in k (default: every batch dividing the window)."""
     cooldown_fraction: float = 0.25
     """Branches end with an LR decay over this fraction of their window (docs/method.md §2.3)."""
+    early_stop_gap: float | None = 0.02
+    """A branch stops part-way through its cooldown once its paired gap to the smallest batch is
+    settled above this (twice the sweep's eps; ``branch --early-stop-gap``); ``None``: full windows.
+    On the demo it decides as full windows do (bench/early_stop_cost.py, docs/LOG.md)."""
     eval_seqs: int = 2048
     """Held-out sequences of every evaluation."""
     gns_b_big: int = 64
@@ -189,7 +193,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     def sweep():
         res = run_sweep(SweepConfig(run=str(out / "base"), at=cfg.points, window_tokens=cfg.window_tokens,
                                     search="adaptive", k_min=cfg.k_min, k_max=cfg.k_max, resolution=cfg.resolution,
-                                    cooldown_fraction=cfg.cooldown_fraction,
+                                    cooldown_fraction=cfg.cooldown_fraction, early_stop_gap=cfg.early_stop_gap,
                                     eval_seqs=cfg.eval_seqs, jobs=cfg.jobs, launcher=cfg.launcher,
                                     threads_per_branch=_threads(cfg)), progress=None)
         st.artifact("sweep_dir", str(res.sweep_dir.relative_to(out)))
