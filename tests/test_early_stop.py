@@ -158,7 +158,8 @@ def test_a_sweep_that_stops_early_decides_as_full_windows_for_fewer_tokens(paren
     saved = early["cost"]["early_stop_saved_tokens"]
     assert saved > 0 and early["cost"]["branch_tokens"] == full["cost"]["branch_tokens"] - saved
     assert "stopped early as failing" in " ".join(describe_point(p) for p in early["points"])
-    assert f"{len(stopped)} branches stopped early" in _cost_sentence(early["cost"])
+    assert f"{len(stopped)} branches stopped early once settled as failing" in _cost_sentence(early["cost"])
+    assert "; 1 branch stopped early" in _cost_sentence({**early["cost"], "stopped_early": 1})
     # the early-stopping sweep again: every branch is finished now, its full results decide
     again = _sweep(run, early_stop_gap=0.02, **over)
     assert again["cost"]["stopped_early"] == 0 and _decisions(again) == _decisions(full)

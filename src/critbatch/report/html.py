@@ -214,7 +214,8 @@ def _cost_sentence(sc: dict) -> str:
         s += (f"; the k = 1 branches read {sc['tokens_from_base']:,} more from the base run's own continuation "
               f"(its checkpoints before their cooldowns) instead of training them")
     if sc.get("stopped_early"):
-        s += (f"; {sc['stopped_early']} branches stopped early once they were settled as failing, saving "
+        n = sc["stopped_early"]
+        s += (f"; {n} branch{'es' if n != 1 else ''} stopped early once settled as failing, saving "
               f"{sc['early_stop_saved_tokens']:,} tokens")
     if sc.get("full_grid_branch_tokens"):
         s += f"; every candidate batch at every point would have cost {sc['full_grid_branch_tokens']:,}"

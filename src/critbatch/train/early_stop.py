@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..dist import barrier
 from ..io import read_json, read_jsonl, write_json_atomic
 from .callbacks import Callback
 
@@ -118,9 +119,9 @@ class EarlyStop(Callback):
 
     def on_train_start(self, trainer) -> None:
         self.reading = GapReading(self.rule["reference"], self.rule["from_tokens"])
+        barrier(trainer.dist)  # the main rank has cut metrics.jsonl back to the checkpoint (MetricsLog runs first)
         if trainer.out_dir is not None and (trainer.out_dir / "metrics.jsonl").is_file():
-            # a resumed branch: the steps it trained before its checkpoint (the file may still hold
-            # later ones on a rank that does not write it)
+            # a resumed branch: the steps it trained before its checkpoint
             for end, loss, bt in step_records(read_jsonl(trainer.out_dir / "metrics.jsonl")):
                 if end <= trainer.tokens:
                     self.reading.add(end, loss, bt)
