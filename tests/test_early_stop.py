@@ -136,9 +136,9 @@ def test_a_sweep_that_stops_early_decides_as_full_windows_for_fewer_tokens(paren
     run = tmp_path / "run"
     shutil.copytree(parent, run)
     over = dict(search=search, k_min=0.5, k_max=4) if search == "adaptive" else {}
-    over["launcher"] = launcher
-    if search == "grid":  # through the command line, in worker processes
-        argv = ["branch", "--run", str(run), "--at", "512,1024", "--k", "0.5,1,2,4", "--window-tokens", "8192",
+    if launcher == "local":  # through the command line, in worker processes; the sweeps after it in process
+        over["at"] = [512]
+        argv = ["branch", "--run", str(run), "--at", "512", "--k", "0.5,1,2,4", "--window-tokens", "8192",
                 "--lr-rule", "none", "--eval-seqs", "64", "--launcher", "local", "--jobs", "2",
                 "--early-stop-gap", "0.02", "--no-progress"]
         assert main(argv) == 0
@@ -160,6 +160,10 @@ def test_a_sweep_that_stops_early_decides_as_full_windows_for_fewer_tokens(paren
     assert "stopped early as failing" in " ".join(describe_point(p) for p in early["points"])
     assert f"{len(stopped)} branches stopped early once settled as failing" in _cost_sentence(early["cost"])
     assert "; 1 branch stopped early" in _cost_sentence({**early["cost"], "stopped_early": 1})
+    # the figure marks the stopped batches (they have no loss at the window's end)
+    svg = (run / "sweeps" / early["sweep_id"] / "loss_vs_batch.svg").read_text()
+    assert 'id="stopped-early' in svg and "stopped early" in svg
+    assert 'id="stopped-early' not in (run / "sweeps" / full["sweep_id"] / "loss_vs_batch.svg").read_text()
     # the early-stopping sweep again: every branch is finished now, its full results decide
     again = _sweep(run, early_stop_gap=0.02, **over)
     assert again["cost"]["stopped_early"] == 0 and _decisions(again) == _decisions(full)

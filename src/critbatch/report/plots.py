@@ -123,6 +123,10 @@ def plot_loss_vs_batch(curve: dict, base: Path) -> None:
             if st != "pass" and m is not None and math.isfinite(m):
                 ax.plot([b], [m], "x" if st == "fail" else "d", color="C3" if st == "fail" else "C4", ms=8,
                         mfc="none" if st != "fail" else None)
+        stopped = [b for b, reps in zip(bs, p.get("stopped_early") or []) if any(reps)]
+        if stopped:  # no loss at the window's end: marked at the panel's top edge
+            ax.plot(stopped, [0.97] * len(stopped), "^", color="C3", ms=7, transform=ax.get_xaxis_transform(),
+                    gid="stopped-early")
         if p["k_star"] is not None:
             ax.axvline(p["k_star"] * p["base_batch_seqs"], color="C1", ls="--", lw=1)
         ax.set_xscale("log", base=2)
@@ -131,8 +135,9 @@ def plot_loss_vs_batch(curve: dict, base: Path) -> None:
         ax.set_ylabel(f"{metric} loss")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle("Branch loss vs batch size (x: shown worse than a smaller batch; ◇: undetermined; dashed: CBS)",
-                 fontsize=10)
+    stops = any(any(reps) for p in pts for reps in p.get("stopped_early") or [])
+    fig.suptitle("Branch loss vs batch size (x: shown worse than a smaller batch; ◇: undetermined; "
+                 + ("▲: stopped early, worse; " if stops else "") + "dashed: CBS)", fontsize=10)
     fig.tight_layout()
     save(fig, base)
 
