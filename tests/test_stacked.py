@@ -162,3 +162,43 @@ def test_the_sweep_chooses_stacking_by_measuring_it(parents):
     assert choose_stack(plan) == (1, {"stack": 1, "chosen_by": "CPU: stacking measured no faster (docs/LOG.md)"})
     given = plan_sweep(SweepConfig(run=str(parents / "a"), at=[1024], k=[1.0, 2.0], window_tokens=512, stack=3))
     assert choose_stack(given) == (3, {"stack": 3, "chosen_by": "--stack"})
+
+
+def _count_device_reads(monkeypatch):
+    """Counts of tensor reads to the host (``item``, ``float()``, ``tolist``) made by critbatch's own
+    code: each makes the host wait for the device (the optimizer's reads of its CPU step counters
+    are torch's, and not counted)."""
+    import collections
+    import torch
+
+    calls = collections.Counter()
+    for name in ("item", "tolist", "__float__"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrap(self, *a, _orig=orig, _name=name, **k):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("critbatch"):
+                calls[_name] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrap)
+    return calls
+
+
+def test_a_step_waits_on_the_device_once(parents, tmp_path, monkeypatch):
+    """The loss and the gradient norm of a step reach the host together: one read a step, and one
+    for a whole stack of N runs, not 2N (on a GPU each read stalls the queue of kernel launches)."""
+    from critbatch.train import Trainer
+    from critbatch.train.stacked import Stack
+
+    cfg = from_dict(TrainConfig, read_json(parents / "a" / "config.json"))
+    ts = [Trainer(cfg, None, init_from=parents / "a" / "ckpt" / "tok_000000001024", progress=False, quiet=True)
+          for _ in range(3)]
+    for t in ts:
+        t.begin()
+    calls = _count_device_reads(monkeypatch)
+    plan = ts[0].plan_step()
+    loss, grad_norm, _ = ts[0].train_step(plan)
+    assert dict(calls) == {"tolist": 1} and loss > 0 and grad_norm > 0
+    calls.clear()
+    out = Stack(ts).step([t.plan_step() for t in ts])
+    assert dict(calls) == {"tolist": 1} and len(out) == 3 and all(o[0] > 0 for o in out)

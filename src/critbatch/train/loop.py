@@ -459,19 +459,34 @@ class Trainer:
 
     def complete_step(self, plan: StepPlan, loss_sum: torch.Tensor) -> tuple[float, float, dict]:
         """After the micro-batches' backward passes (gradients in ``.grad``): reduce the loss, clip,
-        step the optimizer (skipped for a non-finite loss or norm) and clear the gradients."""
-        B, T = plan.batch_seqs, self.cfg.model.seq_len
+        step the optimizer (skipped for a non-finite loss or norm) and clear the gradients. The
+        host waits on the device once a step, for the loss and the norm together."""
         all_reduce_sum(loss_sum, self.dist)
-        loss = float(loss_sum.item()) / (B * T)
-        rec = {"step": self.state["step"] + 1, "tokens": plan.tokens + B * T}
+        rec = self.begin_optim_step(plan)
+        total, grad_norm = torch.stack([loss_sum.double(), self.clip_gradients().double()]).tolist()
+        loss = total / (plan.batch_seqs * self.cfg.model.seq_len)
+        self.finish_optim_step(loss, grad_norm)
+        return loss, grad_norm, rec
+
+    def begin_optim_step(self, plan: StepPlan) -> dict:
+        """The step's record, and the callbacks' hook before clipping and the optimizer step."""
+        rec = {"step": self.state["step"] + 1, "tokens": plan.tokens + plan.batch_seqs * self.cfg.model.seq_len}
         for cb in self.callbacks:
             cb.on_before_optim_step(self, rec)
+        return rec
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip the gradients to ``optim.max_grad_norm`` (when set); returns their norm before
+        clipping as a tensor on the device (reading it would make the host wait)."""
         max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+
+    def finish_optim_step(self, loss: float, grad_norm: float) -> None:
+        """The optimizer step (skipped for a non-finite loss or norm); the gradients cleared."""
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm, rec
 
     def _advance(self, plan: StepPlan, loss: float, grad_norm: float, rec: dict) -> dict:
         """The state after a finished step, and its metrics record."""

@@ -103,7 +103,15 @@ class Stack:
         scales = torch.tensor([t.begin_step(p) for t, p in zip(ts, plans)], dtype=torch.float32, device=ts[0].device)
         loss_sums = self.models.backward(zip(*(t.micro_batches(p) for t, p in zip(ts, plans))), scales,
                                          ts[0]._autocast)
-        return [t.complete_step(p, loss_sums[i]) for i, (t, p) in enumerate(zip(ts, plans))]
+        recs = [t.begin_optim_step(p) for t, p in zip(ts, plans)]
+        norms = torch.stack([t.clip_gradients() for t in ts]).double()
+        values = torch.cat([loss_sums, norms]).tolist()  # the stack's one wait on the device a step, not 2N
+        out = []
+        for i, (t, p) in enumerate(zip(ts, plans)):
+            loss, grad_norm = values[i] / (p.batch_seqs * t.cfg.model.seq_len), values[len(ts) + i]
+            t.finish_optim_step(loss, grad_norm)
+            out.append((loss, grad_norm, recs[i]))
+        return out
 
 
 def measure_stacking(model_cfg, batch_seqs: int, n: int, device, reps: int = 5,
