@@ -11,6 +11,7 @@ trained. Sweeps are content-addressed: a rerun on the same ``--work`` trains not
 
     python bench/early_stop_cost.py                          # runs/demo/base, gap 2 x eps
     python bench/early_stop_cost.py --run RUN --gap 0.015 --work /tmp/es-work --out es.json
+    python bench/early_stop_cost.py --corpus shakespeare --work runs/es-shk   # trains the demo's base run on it first
 """
 
 from __future__ import annotations
@@ -30,6 +31,19 @@ def sweep(run: Path, d: DemoConfig, jobs: int | None, **over) -> dict:
                eval_seqs=d.eval_seqs, jobs=jobs)
     cfg.update(over)
     return run_sweep(SweepConfig(**cfg), progress=False).curve
+
+
+def demo_base(corpus: str, out: Path) -> Path:
+    """The demo's base run (its model, batch, checkpoints) on another embedded corpus, in bytes."""
+    from critbatch.data.prepare import prepare
+    from critbatch.demo import _train_config
+    from critbatch.train import train
+
+    data = out / "data"
+    if not (data / "meta.json").is_file():
+        prepare(data, corpus=corpus, tokenizer="bytes", quiet=True)
+    train(_train_config(DemoConfig(), data), out / "base", progress=False, quiet=True)
+    return out / "base"
 
 
 def compare(name: str, early: dict, full: dict) -> dict:
@@ -68,7 +82,10 @@ def main() -> None:
     ap.add_argument("--grid-k-max", type=float, default=4.0, help="the grid's largest multiplier")
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--out", default=None, help="also write the comparison as JSON here")
+    ap.add_argument("--corpus", default=None, help="train the demo's base run on this embedded corpus in --work first")
     a = ap.parse_args()
+    if a.corpus is not None:
+        a.run = str(demo_base(a.corpus, Path(a.work) / "corpus-base"))
     if not (Path(a.run) / "result.json").is_file():
         sys.exit(f"early_stop_cost: {a.run} is not a finished run (make demo first, or give --run)")
     d = DemoConfig()

@@ -167,3 +167,14 @@ def test_a_sweep_that_stops_early_decides_as_full_windows_for_fewer_tokens(paren
     # the early-stopping sweep again: every branch is finished now, its full results decide
     again = _sweep(run, early_stop_gap=0.02, **over)
     assert again["cost"]["stopped_early"] == 0 and _decisions(again) == _decisions(full)
+
+
+def test_a_damaged_stop_rule_is_one_clear_error(data_dir, tmp_path):
+    from critbatch.errors import ConfigError
+
+    rule = _rule(ref_loss=0.0)
+    del rule["gap"]
+    d = _job(tmp_path, data_dir, "bad", rule)
+    with pytest.raises(ConfigError, match="stop_rule.json lacks gap"):
+        run_job(d, threads=1)
+    assert not (d / "result.json").exists() and not (d / STOPPED_FILE).exists()

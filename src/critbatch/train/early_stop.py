@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 
 from ..dist import barrier
+from ..errors import ConfigError
 from ..io import read_json, read_jsonl, write_json_atomic
 from .callbacks import Callback
 
@@ -106,7 +107,7 @@ class EarlyStop(Callback):
     def __init__(self, rule: dict):
         missing = [k for k in (*RULE_KEYS, "reference") if k not in rule]
         if missing:
-            raise ValueError(f"stop rule lacks {', '.join(missing)}")
+            raise ConfigError(f"{STOP_RULE_FILE} lacks {', '.join(missing)}; the sweep writes it (--early-stop-gap)")
         self.rule = rule
         self.stopped = False
 
