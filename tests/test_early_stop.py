@@ -178,3 +178,12 @@ def test_a_damaged_stop_rule_is_one_clear_error(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="stop_rule.json lacks gap"):
         run_job(d, threads=1)
     assert not (d / "result.json").exists() and not (d / STOPPED_FILE).exists()
+
+
+def test_a_job_stopped_early_under_submitit_is_done_not_failed(data_dir, tmp_path):
+    from critbatch.launch.slurm import run_submitit
+
+    d = _job(tmp_path, data_dir, "stopped", _rule(ref_loss=0.0))
+    done = []
+    run_submitit([d], 1, 1, "submitit-local", done.append, slurm={"folder": str(tmp_path / "submitit")})
+    assert done == [d] and read_json(d / STOPPED_FILE)["tokens"] == 640 and not (d / "result.json").exists()
