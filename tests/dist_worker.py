@@ -6,11 +6,11 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import StreamRecorder, small_cfg  # noqa: E402
 
+from critbatch.dist import shutdown  # noqa: E402
 from critbatch.train import Callback, Trainer  # noqa: E402
 
 
@@ -89,8 +89,8 @@ def main():
     if t.stop_signal is not None:
         (out / f"stopped_rank{rank}.json").write_text(json.dumps({"signal": t.stop_signal, "tokens": t.tokens}))
     (out / f"positions_rank{rank}_{len(list(out.glob(f'positions_rank{rank}_*')))}.json").write_text(json.dumps(cb.reads))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    del t, cb, callbacks, syncs  # the DDP/FSDP model goes before the group it holds
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -156,3 +156,23 @@ def test_fsdp_checkpoints_are_full_and_resume_anywhere(data_dir, tmp_path, first
     assert positions(tmp_path / "r") == positions(tmp_path / "ref")
     for (ta, la), (tb, lb) in zip(train_losses(tmp_path / "ref"), train_losses(tmp_path / "r")):
         assert ta == tb and la == pytest.approx(lb, rel=2e-5)
+
+
+def test_a_joined_process_group_is_left_at_exit(tmp_path):
+    """A process that joined torchrun's group leaves it while the interpreter is whole (atexit),
+    even when its code never does: gloo's threads met at interpreter finalization can abort it."""
+    script = tmp_path / "w.py"
+    script.write_text(
+        "import atexit, os, pathlib, torch.distributed as dist\n"
+        "out = pathlib.Path(os.environ['OUT'])\n"
+        "# registered first, so it runs last: after critbatch's own exit handler\n"
+        "atexit.register(lambda: (out / f\"rank{os.environ['RANK']}\").write_text(str(dist.is_initialized())))\n"
+        "from critbatch.dist import init_distributed, all_reduce_sum\n"
+        "import torch\n"
+        "info = init_distributed('cpu')\n"
+        "assert all_reduce_sum(torch.ones(1), info).item() == 2\n")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", str(script)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [(tmp_path / f"rank{i}").read_text() for i in (0, 1)] == ["False", "False"]

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from ..config import from_dict
+from ..dist import shutdown
 from ..errors import ConfigError, CritbatchError
 from ..train.early_stop import STOPPED_FILE
 from .jobs import Interrupted, visible_gpus
@@ -160,8 +160,7 @@ class JobTask:
             print(f"critbatch: error: {e}", file=sys.stderr, flush=True)
             raise
         finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            shutdown()
 
     def checkpoint(self, job_dir: str):
         """The requeued task: the same directory (the Trainer resumes from its resume checkpoint)."""

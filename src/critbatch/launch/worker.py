@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-import torch.distributed as dist
 
 from ..config import TrainConfig, to_dict
+from ..dist import shutdown
 from ..errors import ConfigError, CritbatchError
 from ..gns.online import NoiseScaleCallback
 from ..io import read_json, write_json_atomic
@@ -82,8 +82,7 @@ def main() -> int:
         print(f"critbatch: error: {e}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
     return 0
 
 
