@@ -428,7 +428,7 @@ def branch_spec(plan: SweepPlan, point: BranchPoint, k: float, replicate: int) -
         "total_tokens": point.tokens + plan.window_tokens, "exact_total_tokens": True,
         "checkpoint_tokens": [], "save_interval_tokens": max(plan.window_tokens // 4, T),
         "eval_interval_tokens": 0, "micro_batch_seqs": micro,  # evaluated once, at the window's end
-        "lr_schedule": {"cooldown_tokens": int(round(plan.cfg.cooldown_fraction * plan.window_tokens)),
+        "lr_schedule": {"cooldown_tokens": cooldown_tokens(plan.window_tokens, plan.cfg.cooldown_fraction),
                         "cooldown_end_tokens": None},
         "eval_seqs": plan.cfg.eval_seqs or plan.parent.eval_seqs, "device": plan.cfg.device,
         "data": {"stream_shift_seqs": shift},
@@ -549,11 +549,16 @@ def continuation_checkpoints(points: list[int], window_tokens: int, cooldown_fra
     return sorted(set(out) - set(points))
 
 
+def cooldown_tokens(window_tokens: int, cooldown_fraction: float) -> int:
+    """Tokens of a branch window's final LR decay (a branch's ``lr_schedule.cooldown_tokens``)."""
+    return int(round(cooldown_fraction * window_tokens))
+
+
 def last_step_before_cooldown(start: int, step_tokens: int, window_tokens: int, cooldown_fraction: float) -> int:
     """For a branch from the step boundary ``start`` at steps of ``step_tokens``: the last step
     boundary up to which it runs at the full LR (the step that starts at the cooldown's start still
     does), and at least one step before the window's end."""
-    cool = int(round(cooldown_fraction * window_tokens))
+    cool = cooldown_tokens(window_tokens, cooldown_fraction)
     return start + min((window_tokens - cool) // step_tokens * step_tokens + step_tokens,
                        (window_tokens // step_tokens - 1) * step_tokens)
 
@@ -615,7 +620,7 @@ def stop_rule(plan: SweepPlan, point: BranchPoint, ref_dir: Path) -> dict | None
         return None
     if read_json(ref_dir / "result.json")["diverged"]:
         return None
-    start = point.tokens + plan.window_tokens - int(round(cfg.cooldown_fraction * plan.window_tokens))
+    start = point.tokens + plan.window_tokens - cooldown_tokens(plan.window_tokens, cfg.cooldown_fraction)
     steps = [s for s in step_records(read_jsonl(ref_dir / "metrics.jsonl")) if s[0] >= start]
     return {"gap": float(cfg.early_stop_gap), "z": NormalDist().inv_cdf(cfg.confidence),
             "min_spans": EARLY_STOP_MIN_SPANS, "from_tokens": start, "reference_branch": ref_dir.name,
