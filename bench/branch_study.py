@@ -25,7 +25,7 @@ def main() -> None:
     from critbatch import presets
     from critbatch.analysis.decision import decide_ttest
     from critbatch.branch import SweepConfig, run_sweep
-    from critbatch.branch.sweep import describe_point
+    from critbatch.branch import describe_point
     from critbatch.config import merge
     from critbatch.train import train
 

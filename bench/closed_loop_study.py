@@ -42,8 +42,8 @@ def fmt(m, se):
 
 def main() -> None:
     from critbatch import presets
-    from critbatch.autobatch import AutoBatchConfig, run_auto_batch
-    from critbatch.compare import CompareConfig, run_compare
+    from critbatch.closed_loop import AutoBatchConfig, run_auto_batch
+    from critbatch.warmup import CompareConfig, run_compare
     from critbatch.config import merge, to_dict
     from critbatch.data import prepare
     from critbatch.io import read_json, read_jsonl, write_json_atomic, write_text_atomic

@@ -328,7 +328,7 @@ def stacked_loop(torch, spec: dict, device, quick: bool, measure_s: float, data_
            "precision": "bf16-autocast" if device.type == "cuda" else "fp32", "compile": False,
            "fused_adamw": device.type == "cuda", "grad_clip": trainers[0].cfg.optim.max_grad_norm,
            "warmup_steps": WARMUP_STEPS, "setup_s": t0 - t_setup, "timed_steps": steps - WARMUP_STEPS, "timed_s": dt,
-           "tokens_per_s_per_gpu": tokens / dt, "final_loss": trainers[0].state["last_loss"]}
+           "tokens_per_s_per_gpu": tokens / dt, "final_loss": trainers[0].state.last_loss}
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     del stack, trainers
@@ -340,7 +340,7 @@ def sweep_ratio(torch, device, work: Path, data_dir: Path) -> dict:
     cooldowns, which those branches start from) and an adaptive branch sweep from them."""
     from critbatch import presets
     from critbatch.branch import SweepConfig, run_sweep
-    from critbatch.branch.sweep import continuation_checkpoints
+    from critbatch.branch import continuation_checkpoints
     from critbatch.config import merge
     from critbatch.train import train
 

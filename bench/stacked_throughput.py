@@ -22,7 +22,7 @@ from pathlib import Path
 def main() -> None:
     from critbatch import presets
     from critbatch.branch import SweepConfig, plan_sweep
-    from critbatch.branch.sweep import branch_spec
+    from critbatch.branch import branch_spec
     from critbatch.config import TrainConfig, from_dict, merge
     from critbatch.data import prepare
     from critbatch.io import read_json, write_json_atomic
@@ -56,8 +56,8 @@ def main() -> None:
         dirs = []
         for r in range(a.n):
             spec = branch_spec(plan, plan.points[0], 1.0, r)
-            d = out / name / "jobs" / spec["id"]
-            write_job(d, from_dict(TrainConfig, spec["config"]), out / name / spec["ckpt"], eval_at_start=False,
+            d = out / name / "jobs" / spec.id
+            write_job(d, from_dict(TrainConfig, spec.config), out / name / spec.ckpt, eval_at_start=False,
                       keep_final_checkpoint=False)
             dirs.append(d)
         sets.append(dirs)

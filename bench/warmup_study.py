@@ -74,8 +74,9 @@ def legacy_fit_schedule(curve: dict, start: int, until: int) -> list[list[int]]:
 def main() -> None:
     from critbatch import presets
     from critbatch.branch import SweepConfig, run_sweep
-    from critbatch.branch.sweep import describe_point
-    from critbatch.compare import CompareConfig, build_configs, summarize, table
+    from critbatch.branch import describe_point
+    from critbatch.warmup import CompareConfig, build_configs, summarize
+    from critbatch.analysis.comparison import table
     from critbatch.config import config_hash, merge, to_dict
     from critbatch.data import prepare
     from critbatch.errors import ConfigError

@@ -39,6 +39,48 @@ def small_cfg(data_dir, **over) -> TrainConfig:
     return merge(cfg, over) if over else cfg
 
 
+@pytest.fixture(scope="session")
+def shared_parent(data_dir, tmp_path_factory) -> Path:
+    """One finished parent run for every test that branches from one, trained once per session: batch 4
+    sequences of 16 tokens, 8192 tokens, cosine LR with a 512-token warmup, kept checkpoints at 1024
+    and 4096. Tests that write into a run (sweeps, branches) take a private copy (:func:`fresh_parent`)."""
+    from critbatch.train import train
+
+    run = tmp_path_factory.mktemp("shared-parent") / "run"
+    train(small_cfg(data_dir, total_tokens=8192, batch_seqs=4, checkpoint_tokens=[1024, 4096],
+                    lr_schedule={"kind": "cosine", "warmup_tokens": 512}), run, progress=False)
+    return run
+
+
+def fresh_parent(parent: Path, tmp_path: Path) -> Path:
+    """A private copy of a finished parent run, without its branches and sweeps."""
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(parent, dst, ignore=shutil.ignore_patterns("branches", "sweeps"))
+    return dst
+
+
+QUICK_DEMO_LINE = "critbatch demo --quick --out runs/quick"
+"""The README's last stage command: the session runs it once (:func:`quick_demo`) for every test of it."""
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> Path:
+    """``critbatch demo --quick --out runs/quick`` (the README's line), run once per session through
+    the command line's entry point, in a fresh directory (the report tests and the README test read it)."""
+    from critbatch.cli import main
+
+    cwd = tmp_path_factory.mktemp("readme-demo")
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        assert main(QUICK_DEMO_LINE.split()[1:]) == 0
+    finally:
+        os.chdir(old)
+    return cwd / "runs" / "quick"
+
+
 @pytest.fixture
 def cfg_factory(data_dir):
     return lambda **over: small_cfg(data_dir, **over)
@@ -59,7 +101,7 @@ class StreamRecorder(Callback):
         orig = trainer.stream.batch
 
         def batch(start, n):
-            self.reads.append([trainer.state["step"], start, n])
+            self.reads.append([trainer.state.step, start, n])
             return orig(start, n)
 
         trainer.stream.batch = batch

@@ -15,7 +15,7 @@ import pytest
 from conftest import small_cfg
 from critbatch.analysis.triggers import (calibrate, cbs_estimate, gns_verdict, log_spaced_points, norm_verdict,
                                          probe_verdict, steps_for)
-from critbatch.autobatch import AutoBatchConfig, run_auto_batch
+from critbatch.closed_loop import AutoBatchConfig, ClosedLoop, run_auto_batch
 from critbatch.errors import ConfigError
 from critbatch.io import read_json, read_jsonl
 from critbatch.train import Trainer
@@ -226,7 +226,7 @@ def test_other_settings_in_the_same_directory_are_refused(data_dir, tmp_path):
 KILL_SCRIPT = """
 import sys, json
 from critbatch.config import TrainConfig, from_dict
-from critbatch.autobatch import AutoBatchConfig, run_auto_batch
+from critbatch.closed_loop import AutoBatchConfig, run_auto_batch
 cfg = from_dict(TrainConfig, json.loads(sys.argv[2]))
 run_auto_batch(cfg, AutoBatchConfig(probe_at=[2048, 4096], window_tokens=8192, launcher="inprocess",
                gns_b_big=8, gns_batches=4, threads_per_branch=1), sys.argv[1], threads=1)
@@ -286,7 +286,7 @@ def test_train_auto_batch_on_the_command_line(data_dir, tmp_path, capsys):
 
 
 def test_plan_arithmetic_known_answer():
-    from critbatch.plan import PlanConfig, estimate
+    from critbatch.closed_loop import PlanConfig, estimate
 
     # 1M tokens, seq 64, start 8: control 1954 steps at 10 ms; probes at 250k, 500k (window 20,480)
     cfg = PlanConfig(total_tokens=1_000_000, start_seqs=8, seq_len=64,
@@ -340,7 +340,7 @@ def test_plan_on_the_command_line(tmp_path, capsys):
 
 def test_compare_replays_the_closed_loop_as_a_fourth_run(data_dir, tmp_path):
     from critbatch.analysis.comparison import markdown_table
-    from critbatch.compare import CompareConfig, run_compare
+    from critbatch.warmup import CompareConfig, run_compare
     from critbatch.config import to_dict
 
     cfg = loop_cfg(data_dir)
@@ -384,29 +384,31 @@ def test_speculation_trains_the_next_segment_beside_the_probes_and_changes_nothi
     assert (s["discarded_tokens"] > 0) == (s["kept"] < 1)
 
 
+ONE_OF_TWO, TWO_OF_TWO = {"seen": 1, "needed": 2}, {"seen": 2, "needed": 2}
+
+
 def planted_probe(passes, gap=0.005):
     """A stand-in for the loop's branch probe: ``passes(tokens, batch)`` says whether 2B passes, and
     2B's held-out loss is ``gap`` above B's."""
-    from critbatch import autobatch
+    from critbatch.train.checkpoint import find_kept
 
-    def fake_sweep(self, seg, t, beside=None):
-        B = int(autobatch.find_kept(seg, [t])[0].meta["batch_seqs"])
+    def fake_probe(self, seg, t, beside=None):
+        B = int(find_kept(seg, [t])[0].meta["batch_seqs"])
         ok = passes(t, B)
         point = {"ks": [1.0, 2.0], "cbs_low_seqs": 2.0 * B if ok else 0.0, "cbs_high_seqs": None if ok else 2.0 * B,
                  "undetermined_ks": []}
-        return {"ks": [1.0, 2.0], "cbs_low_seqs": point["cbs_low_seqs"], "cbs_high_seqs": point["cbs_high_seqs"],
-                "eval_losses": [[2.0], [2.0 + gap]], "probe_tokens": 0, "_point": point}
+        evidence = {"ks": [1.0, 2.0], "cbs_low_seqs": point["cbs_low_seqs"], "cbs_high_seqs": point["cbs_high_seqs"],
+                    "eval_losses": [[2.0], [2.0 + gap]], "probe_tokens": 0}
+        return evidence, point
 
-    return fake_sweep
+    return fake_probe
 
 
 def test_confirm_raises_only_after_consecutive_passes(data_dir, tmp_path, monkeypatch):
     """The probe's verdicts planted (pass, fail, pass, pass): confirm=2 ignores the isolated pass and
     raises at the second of two consecutive ones; confirm=1 raises at the first pass."""
-    from critbatch import autobatch
-
     passes = {1024: True, 2048: False, 3072: True, 4096: True}
-    monkeypatch.setattr(autobatch._Loop, "_sweep", planted_probe(lambda t, B: passes[t]))
+    monkeypatch.setattr(ClosedLoop, "branch_probe", planted_probe(lambda t, B: passes[t]))
     cfg = loop_cfg(data_dir)
     kw = dict(probe_at=sorted(passes), noise_scale=False, launcher="inprocess")
     r1 = run_auto_batch(cfg, AutoBatchConfig(**kw, confirm=1), tmp_path / "c1")
@@ -414,17 +416,15 @@ def test_confirm_raises_only_after_consecutive_passes(data_dir, tmp_path, monkey
     r2 = run_auto_batch(cfg, AutoBatchConfig(**kw), tmp_path / "c2")  # the default: confirm 2
     assert r2["schedule"] == [[0, 4], [4096, 8]]
     ds = read_jsonl(tmp_path / "c2" / "decisions.jsonl")
-    assert [d.get("confirmations") for d in ds] == ["1 of 2", None, "1 of 2", "2 of 2"]
+    assert [d.get("confirmations") for d in ds] == [ONE_OF_TWO, None, ONE_OF_TWO, TWO_OF_TWO]
     assert [d["batch_after"] for d in ds] == [4, 4, 4, 8]
 
 
 def test_confirm_factor_confirms_a_pass_sooner(data_dir, tmp_path, monkeypatch):
     """A pass at 1024 tokens is confirmed at 1.5 × 1024 = 1536 (a point inserted between the
     scheduled 1024 and 4096) instead of waiting for 4096; a failed confirmation returns to the grid."""
-    from critbatch import autobatch
-
     seen = []
-    monkeypatch.setattr(autobatch._Loop, "_sweep", planted_probe(
+    monkeypatch.setattr(ClosedLoop, "branch_probe", planted_probe(
         lambda t, B: seen.append((t, B)) or (t, B) in {(1024, 4), (1536, 4), (4096, 8)}))
     cfg = loop_cfg(data_dir)
     kw = dict(probe_at=[1024, 4096], noise_scale=False, launcher="inprocess")
@@ -433,7 +433,7 @@ def test_confirm_factor_confirms_a_pass_sooner(data_dir, tmp_path, monkeypatch):
     assert seen == [(1024, 4), (1536, 4), (4096, 8), (6144, 8)]
     assert r["schedule"] == [[0, 4], [1536, 8]]
     ds = read_jsonl(tmp_path / "cf" / "decisions.jsonl")
-    assert [d.get("confirmations") for d in ds] == ["1 of 2", "2 of 2", "1 of 2", None]
+    assert [d.get("confirmations") for d in ds] == [ONE_OF_TWO, TWO_OF_TWO, ONE_OF_TWO, None]
     seen.clear()
     r0 = run_auto_batch(cfg, AutoBatchConfig(**kw), tmp_path / "grid")  # without it: only the scheduled points
     assert seen == [(1024, 4), (4096, 4)] and r0["schedule"] == [[0, 4]]
@@ -444,9 +444,7 @@ def test_confirm_factor_confirms_a_pass_sooner(data_dir, tmp_path, monkeypatch):
 def test_eps_budget_stops_raises_from_adding_up(data_dir, tmp_path, monkeypatch):
     """Every probe passes with 2B 0.006 behind: per decision the loop raises at every point; with a
     budget of 0.01 for the run, the first raise spends 0.006 and the second would pass it."""
-    from critbatch import autobatch
-
-    monkeypatch.setattr(autobatch._Loop, "_sweep", planted_probe(lambda t, B: True, gap=0.006))
+    monkeypatch.setattr(ClosedLoop, "branch_probe", planted_probe(lambda t, B: True, gap=0.006))
     cfg = loop_cfg(data_dir)
     kw = dict(probe_at=[1024, 2048, 4096], noise_scale=False, launcher="inprocess", confirm=1)
     per = run_auto_batch(cfg, AutoBatchConfig(**kw), tmp_path / "per-decision")

@@ -4,36 +4,26 @@ import shutil
 
 import pytest
 
-from conftest import StreamRecorder, small_cfg
+from conftest import StreamRecorder, fresh_parent, small_cfg
 from critbatch.branch import SweepConfig, plan_sweep, run_branch_dir, run_sweep
-from critbatch.branch.sweep import branch_spec, describe_point, ensure_branch
+from critbatch.branch import branch_spec, describe_point, ensure_branch
 from critbatch.errors import ConfigError, DataError
 from critbatch.io import read_json, read_jsonl
 from critbatch.optim import lr_rule_multiplier, lr_schedule_factor
 from critbatch.train import train
 
 
-@pytest.fixture(scope="module")
-def parent(data_dir, tmp_path_factory):
-    """A finished parent run: batch 4 sequences of 16 tokens, kept checkpoints at 1024 and 4096."""
-    run = tmp_path_factory.mktemp("parent") / "run"
-    cfg = small_cfg(data_dir, total_tokens=8192, batch_seqs=4, checkpoint_tokens=[1024, 4096],
-                    lr_schedule={"kind": "cosine", "warmup_tokens": 512})
-    train(cfg, run, progress=False)
-    return run
+@pytest.fixture
+def parent(shared_parent):
+    """The session's finished parent run (conftest.shared_parent): batch 4 sequences of 16 tokens,
+    kept checkpoints at 1024 and 4096."""
+    return shared_parent
 
 
 def read_cfg(run):
     from critbatch.config import TrainConfig, from_dict
 
     return from_dict(TrainConfig, read_json(run / "config.json"))
-
-
-def fresh_parent(parent, tmp_path):
-    """A private copy of the parent (sweeps write into the run directory)."""
-    dst = tmp_path / "run"
-    shutil.copytree(parent, dst, ignore=shutil.ignore_patterns("branches", "sweeps"))
-    return dst
 
 
 def sweep_cfg(run, **over):
@@ -83,8 +73,8 @@ def test_each_branch_lr_and_sequences(parent, tmp_path):
         seen[k] = rec.positions
         assert res["tokens"] - res["start_tokens"] == 16 * 48  # exactly the window, whatever k
         steps = [r for r in read_jsonl(d / "metrics.jsonl") if "train/loss" in r]
-        assert res["steps"] == len(steps) == 48 // spec["batch_seqs"]  # whole steps only
-        assert all(r["train/batch_seqs"] == spec["batch_seqs"] for r in steps)
+        assert res["steps"] == len(steps) == 48 // spec.batch_seqs  # whole steps only
+        assert all(r["train/batch_seqs"] == spec.batch_seqs for r in steps)
         for r in steps:
             start = r["tokens"] - r["train/batch_tokens"]
             eta = parent_cfg.optim.lr * lr_schedule_factor(parent_cfg.lr_schedule, start)  # parent's LR at this token
@@ -102,7 +92,7 @@ def test_cooldown_probe_decays_the_lr_over_the_windows_end(parent, tmp_path):
     W, start = plan.window_tokens, plan.points[1].tokens
     for k in (1, 2):
         spec = branch_spec(plan, plan.points[1], k, 0)
-        assert spec["config"]["lr_schedule"]["cooldown_tokens"] == W // 2
+        assert spec.config["lr_schedule"]["cooldown_tokens"] == W // 2
         d = ensure_branch(run, spec)
         run_branch_dir(d)
         for r in (r for r in read_jsonl(d / "metrics.jsonl") if "train/loss" in r):
@@ -142,14 +132,14 @@ def test_fractional_k_and_whole_step_windows(parent, tmp_path):
     assert plan.window_tokens == 16 * 16 and plan.window_tokens_requested == 160
     spec = branch_spec(plan, plan.points[0], 0.5, 0)  # 2 seqs of 16 tokens
     res = run_branch_dir(ensure_branch(run, spec))
-    assert spec["batch_seqs"] == 2 and res["steps"] == 8
+    assert spec.batch_seqs == 2 and res["steps"] == 8
     spec = branch_spec(plan, plan.points[0], 1, 0)  # 4 seqs: 16 = 4 x 4, no partial step
     res = run_branch_dir(ensure_branch(run, spec))
-    steps = [r for r in read_jsonl(run / "branches" / spec["id"] / "metrics.jsonl") if "train/loss" in r]
+    steps = [r for r in read_jsonl(run / "branches" / spec.id / "metrics.jsonl") if "train/loss" in r]
     assert [r["train/batch_seqs"] for r in steps] == [4, 4, 4, 4]
     assert res["steps"] == 4 and res["tokens"] == 1024 + 256
     # no resume checkpoints are left behind by a finished branch
-    assert not (run / "branches" / spec["id"] / "ckpt").exists()
+    assert not (run / "branches" / spec.id / "ckpt").exists()
 
 
 def test_branch_isolation_order_and_jobs(parent, tmp_path):
@@ -347,7 +337,7 @@ def test_a_branch_evaluates_once_at_its_end(parent, tmp_path):
     run = fresh_parent(parent, tmp_path)
     plan = plan_sweep(sweep_cfg(run, at=[1024], k=[1, 2]))
     spec = branch_spec(plan, plan.points[0], 2, 0)
-    assert spec["config"]["eval_interval_tokens"] == 0  # no periodic evaluation, not a huge interval
+    assert spec.config["eval_interval_tokens"] == 0  # no periodic evaluation, not a huge interval
     d = ensure_branch(run, spec)
     run_branch_dir(d)
     evals = [r for r in read_jsonl(d / "metrics.jsonl") if "eval/loss" in r]

@@ -9,7 +9,7 @@ import torch
 
 from conftest import small_cfg
 from critbatch.branch import SweepConfig, plan_sweep, run_branch_dir, run_sweep
-from critbatch.branch.sweep import (agreeing_steps, branch_spec, continuation_checkpoints, continuation_tokens, ensure_branch,
+from critbatch.branch import (agreeing_steps, branch_spec, continuation_checkpoints, continuation_tokens, ensure_branch,
                                    parent_continuation)
 from critbatch.config import merge
 from critbatch.io import read_json
@@ -45,18 +45,18 @@ def test_k1_cooldown_branch_starts_at_the_parents_checkpoint_and_equals_the_whol
     plan = res.plan
     point = plan.points[0]
     spec1 = branch_spec(plan, point, 1, 0)
-    assert spec1["from_parent_tokens"] == 3072 and spec1["ckpt"].endswith("000000004096")
-    r1 = read_json(parent / "branches" / spec1["id"] / "result.json")
+    assert spec1.from_parent_tokens == 3072 and spec1.ckpt.endswith("000000004096")
+    r1 = read_json(parent / "branches" / spec1.id / "result.json")
     assert r1["start_tokens"] == 4096 and r1["tokens"] == 1024 + 4096  # trained only its cooldown
     spec2 = branch_spec(plan, point, 2, 0)
-    assert spec2["from_parent_tokens"] == 0  # another batch: its own steps from the point
+    assert spec2.from_parent_tokens == 0  # another batch: its own steps from the point
     cost = res.curve["cost"]
     assert cost["tokens_from_base"] == 3072 and cost["branch_tokens"] == 4096 + 1024
     assert cost["branch_tokens_over_base"] == pytest.approx((4096 + 1024) / 8192)
     assert res.curve["points"][0]["from_parent_tokens"] == [[3072], [0]]
     assert res.curve["points"][0]["steps"] == [[64], [32]]  # the window's steps, the parent's 48 included
     # the same branch trained whole, from the point: the same numbers, bit for bit
-    whole = dict(spec1, id="whole_k1", ckpt=str(point.ckpt.path.relative_to(parent)), from_parent_tokens=0,
+    whole = dataclasses.replace(spec1, id="whole_k1", ckpt=str(point.ckpt.path.relative_to(parent)), from_parent_tokens=0,
                  init_loss_ema=None)
     rw = run_branch_dir(ensure_branch(parent, whole), threads=1)
     assert rw["start_tokens"] == 1024
@@ -66,21 +66,21 @@ def test_k1_cooldown_branch_starts_at_the_parents_checkpoint_and_equals_the_whol
 def test_only_branches_that_take_the_parents_steps_continue_it(parent):
     plan = plan_sweep(sweep(parent, replicates=2, rule="eps"))
     point = plan.points[0]
-    assert branch_spec(plan, point, 1, 0)["from_parent_tokens"] == 3072
-    assert branch_spec(plan, point, 1, 1)["from_parent_tokens"] == 0  # replicate 1 reads another window
+    assert branch_spec(plan, point, 1, 0).from_parent_tokens == 3072
+    assert branch_spec(plan, point, 1, 1).from_parent_tokens == 0  # replicate 1 reads another window
     # the branch's micro-batch differs from the parent's: float sums differ, so it trains whole
     plan = plan_sweep(sweep(parent, micro_batch_seqs=2))
-    assert branch_spec(plan, plan.points[0], 1, 0)["from_parent_tokens"] == 0
+    assert branch_spec(plan, plan.points[0], 1, 0).from_parent_tokens == 0
     # a cooldown that starts before the parent's 4096 checkpoint: the latest one before it is 1024 itself
     plan = plan_sweep(sweep(parent, cooldown_fraction=0.5))
-    assert branch_spec(plan, plan.points[0], 1, 0)["from_parent_tokens"] == 0
+    assert branch_spec(plan, plan.points[0], 1, 0).from_parent_tokens == 0
     # no cooldown: the plain continuation goes on to the last kept checkpoint inside the window
     plan = plan_sweep(sweep(parent, cooldown_fraction=0))
     spec = branch_spec(plan, plan.points[0], 1, 0)
-    assert spec["from_parent_tokens"] == 4608 - 1024
+    assert spec.from_parent_tokens == 4608 - 1024
     # another LR rule changes nothing at k = 1; another base LR would
     plan = plan_sweep(sweep(parent, lr_rule="linear"))
-    assert branch_spec(plan, plan.points[0], 1, 0)["from_parent_tokens"] == 3072
+    assert branch_spec(plan, plan.points[0], 1, 0).from_parent_tokens == 3072
 
 
 def test_without_the_parents_step_losses_the_branch_trains_whole(parent, tmp_path):
@@ -93,7 +93,7 @@ def test_without_the_parents_step_losses_the_branch_trains_whole(parent, tmp_pat
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(l for l in lines if '"tokens": 2048,' not in l) + "\n")
     plan = plan_sweep(sweep(run))
-    assert branch_spec(plan, plan.points[0], 1, 0)["from_parent_tokens"] == 0
+    assert branch_spec(plan, plan.points[0], 1, 0).from_parent_tokens == 0
 
 
 def test_a_sweep_says_which_kept_checkpoints_would_have_saved_tokens(parent, tmp_path):

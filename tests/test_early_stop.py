@@ -10,11 +10,11 @@ import torch
 
 from conftest import small_cfg
 from critbatch.branch import SweepConfig, run_sweep
-from critbatch.branch.sweep import describe_point
+from critbatch.branch import describe_point
 from critbatch.cli import main
 from critbatch.io import read_json
 from critbatch.launch import run_job, write_job
-from critbatch.report.html import _cost_sentence
+from critbatch.analysis.describe import describe_sweep_cost
 from critbatch.train import train
 from critbatch.train.early_stop import STOP_RULE_FILE, STOPPED_FILE, GapReading
 from critbatch.train.stacked import job_stack_key
@@ -158,8 +158,10 @@ def test_a_sweep_that_stops_early_decides_as_full_windows_for_fewer_tokens(paren
     saved = early["cost"]["early_stop_saved_tokens"]
     assert saved > 0 and early["cost"]["branch_tokens"] == full["cost"]["branch_tokens"] - saved
     assert "stopped early as failing" in " ".join(describe_point(p) for p in early["points"])
-    assert f"{len(stopped)} branches stopped early once settled as failing" in _cost_sentence(early["cost"])
-    assert "; 1 branch stopped early" in _cost_sentence({**early["cost"], "stopped_early": 1})
+    saved = early["cost"]["early_stop_saved_tokens"]
+    assert f"{len(stopped)} branches stopped early ({saved:,} tokens saved) once settled as failing" in \
+        describe_sweep_cost(early["cost"])
+    assert "; 1 branch stopped early" in describe_sweep_cost({**early["cost"], "stopped_early": 1})
     # the figure marks the stopped batches (they have no loss at the window's end)
     svg = (run / "sweeps" / early["sweep_id"] / "loss_vs_batch.svg").read_text()
     assert 'id="stopped-early' in svg and "stopped early" in svg

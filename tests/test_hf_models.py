@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 from conftest import small_cfg  # noqa: E402
 from critbatch.branch import SweepConfig, plan_sweep, run_branch_dir, run_sweep  # noqa: E402
-from critbatch.branch.sweep import branch_spec, ensure_branch  # noqa: E402
+from critbatch.branch import branch_spec, ensure_branch  # noqa: E402
 from critbatch.cli import main  # noqa: E402
 from critbatch.errors import ConfigError  # noqa: E402
 from critbatch.io import read_json, read_jsonl  # noqa: E402
@@ -179,7 +179,7 @@ def test_checkpoints_record_the_hf_config(parent):
 
 
 def test_compare_and_report_on_an_hf_model(data_dir, tmp_path):
-    from critbatch.compare import CompareConfig, run_compare
+    from critbatch.warmup import CompareConfig, run_compare
     from critbatch.report import build_report
 
     cfg_file = tmp_path / "olmo2.json"
@@ -197,7 +197,7 @@ def test_compare_and_report_on_an_hf_model(data_dir, tmp_path):
 
 def test_a_model_with_dropout_never_starts_a_branch_at_a_later_checkpoint(data_dir):
     """Dropout draws depend on where a run started, so the parent's steps are not the branch's."""
-    from critbatch.branch.sweep import agreeing_steps
+    from critbatch.branch import agreeing_steps
     from critbatch.model import dropout_probabilities
 
     plain = hf_cfg(data_dir, "llama")

@@ -266,7 +266,7 @@ def test_bad_launch_options_are_refused_before_writing(parent, tmp_path, over, n
 
 
 def test_comparison_refuses_bad_launch_options_before_writing(tmp_path, monkeypatch):
-    from critbatch.compare import CompareConfig, run_compare
+    from critbatch.warmup import CompareConfig, run_compare
 
     out = tmp_path / "cmp"
     with pytest.raises(ConfigError, match=r"unknown slurm option 'slurm.gpus'; accepted: partition"):

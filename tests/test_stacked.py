@@ -13,7 +13,7 @@ import pytest
 
 from conftest import small_cfg
 from critbatch.branch import SweepConfig, plan_sweep
-from critbatch.branch.sweep import branch_spec
+from critbatch.branch import branch_spec
 from critbatch.config import TrainConfig, from_dict
 from critbatch.io import read_json, read_jsonl
 from critbatch.launch import run_job, write_job
@@ -39,8 +39,8 @@ def jobs(run, ks_points, window=512):
     for point in plan.points:
         for k, r in ks_points:
             spec = branch_spec(plan, point, k, r)
-            d = run / "jobs" / spec["id"]
-            write_job(d, from_dict(TrainConfig, spec["config"]), run / spec["ckpt"], eval_at_start=False,
+            d = run / "jobs" / spec.id
+            write_job(d, from_dict(TrainConfig, spec.config), run / spec.ckpt, eval_at_start=False,
                       keep_final_checkpoint=True)
             out.append(d)
     return out
@@ -151,7 +151,7 @@ def test_a_killed_stack_resumes_to_the_runs_trained_alone(parents):
 def test_the_sweep_chooses_stacking_by_measuring_it(parents):
     """Without --stack a sweep on CUDA times stacked against alone and takes the faster; forced to
     measure here on CPU, the choice follows the measurement; on CPU by default it is alone, unmeasured."""
-    from critbatch.branch.sweep import STACK_CUDA, choose_stack
+    from critbatch.branch import STACK_CUDA, choose_stack
 
     plan = plan_sweep(SweepConfig(run=str(parents / "a"), at=[1024], k=[1.0, 2.0], window_tokens=512,
                                   launcher="inprocess"))

@@ -225,7 +225,7 @@ def test_plain_loop_driven_by_batch_schedule_reproduces_the_trainer(cfg_factory,
 
 
 def compare_cfg(data_dir, out, **over):
-    from critbatch.compare import CompareConfig
+    from critbatch.warmup import CompareConfig
 
     base = {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 16}
     cfg_file = out.parent / f"{out.name}-model.json"
@@ -239,7 +239,7 @@ def compare_cfg(data_dir, out, **over):
 
 
 def test_comparison_runs_and_reports(data_dir, tmp_path, monkeypatch):
-    from critbatch.compare import run_compare
+    from critbatch.warmup import run_compare
     from critbatch.io import read_json
     from critbatch.train import Callback
 
@@ -258,10 +258,10 @@ def test_comparison_runs_and_reports(data_dir, tmp_path, monkeypatch):
 
             trainer.stream.batch = batch
 
-    from critbatch.launch import worker
+    from critbatch.train import job
 
-    orig_make = worker.make_callbacks
-    monkeypatch.setattr(worker, "make_callbacks", lambda names: [*orig_make(names), Rec()])
+    orig_make = job.make_callbacks
+    monkeypatch.setattr(job, "make_callbacks", lambda names: [*orig_make(names), Rec()])
     out = tmp_path / "cmp"
     comp = run_compare(compare_cfg(data_dir, out))
     # the same sequences in the same order for all three runs
@@ -307,7 +307,7 @@ def test_comparison_runs_and_reports(data_dir, tmp_path, monkeypatch):
 
 
 def test_seeds_anneal_steps_and_token_weighted_averages(data_dir, tmp_path):
-    from critbatch.compare import _mean_loss, run_compare, run_dir
+    from critbatch.warmup import mean_train_loss, run_compare, run_dir
     from critbatch.io import read_json
 
     out = tmp_path / "cmp"
@@ -329,11 +329,11 @@ def test_seeds_anneal_steps_and_token_weighted_averages(data_dir, tmp_path):
     assert "Mean over 2 seeds" in (out / "comparison.md").read_text()
     # a step of 4 sequences weighs twice a step of 2 in the averaged training loss
     recs = [{"tokens": 32, "train/loss": 1.0, "train/batch_tokens": 32}, {"tokens": 96, "train/loss": 4.0, "train/batch_tokens": 64}]
-    assert _mean_loss(recs, 0, 96) == pytest.approx((1 * 32 + 4 * 64) / 96)
+    assert mean_train_loss(recs, 0, 96) == pytest.approx((1 * 32 + 4 * 64) / 96)
 
 
 def test_resume_in_the_middle_of_a_warmup_phase(data_dir, tmp_path):
-    from critbatch.compare import build_configs
+    from critbatch.warmup import build_configs
     from critbatch.io import read_jsonl
     from critbatch.train import Trainer, list_checkpoints, load_checkpoint, train
 
@@ -359,7 +359,7 @@ def test_resume_in_the_middle_of_a_warmup_phase(data_dir, tmp_path):
     ({"seeds": [1, 1]}, "must be distinct"),
 ])
 def test_compare_bad_input(data_dir, tmp_path, over, needle):
-    from critbatch.compare import run_compare
+    from critbatch.warmup import run_compare
 
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         run_compare(compare_cfg(data_dir, tmp_path / "c", **over))
@@ -371,7 +371,7 @@ def test_a_diverged_comparison_run_is_reported_not_averaged(data_dir, tmp_path, 
     one does not. Their losses and gaps are absent, not a mean of what survived; the table and the
     report say "diverged" with the reason."""
     from critbatch.analysis.comparison import markdown_table
-    from critbatch.compare import run_compare
+    from critbatch.warmup import run_compare
     from critbatch.model import gpt
     from critbatch.report.html import _comparison_conclusions
 
@@ -396,7 +396,7 @@ def test_a_diverged_comparison_run_is_reported_not_averaged(data_dir, tmp_path, 
 def test_compare_rounds_tokens_up_to_whole_sequences_and_says_so(data_dir, tmp_path):
     """Like train, compare takes a token count that is not whole sequences; it rounds up (every
     run must stop at the same count) and records the adjustment."""
-    from critbatch.compare import build_configs
+    from critbatch.warmup import build_configs
 
     configs, _, facts = build_configs(compare_cfg(data_dir, tmp_path / "c", total_tokens=4100, anneal_tokens=20))
     assert facts["pretrain_tokens"] == 4112 and facts["anneal_tokens"] == 32

@@ -18,28 +18,26 @@ from pathlib import Path
 from typing import Callable
 
 from . import presets
-from .branch import SweepConfig, run_sweep
-from .branch.sweep import continuation_checkpoints, describe_point
-from .clispec import Flag, add_dataclass_args, overrides
-from .compare import CompareConfig, run_compare
 from .analysis.comparison import markdown_table
-from .autobatch import AutoBatchConfig, run_auto_batch
-from .autobatch import describe as describe_auto_batch
+from .analysis.describe import describe_sweep_cost
+from .branch import SweepConfig, continuation_checkpoints, describe_point, run_sweep
+from .clispec import Flag, add_dataclass_args, overrides
+from .closed_loop import AutoBatchConfig, PlanConfig, run_auto_batch, run_plan
+from .closed_loop import describe as describe_auto_batch
+from .closed_loop import describe_plan
 from .config import TrainConfig, from_dict, load_config_file, merge, option
 from .data.prepare import PrepareConfig, prepare_config
 from .demo import DemoConfig, run_demo
-from .derive import ScheduleConfig, write_schedule
 from .errors import ConfigError, CritbatchError
 from .gns.checkpoints import GNSConfig, gns_at_checkpoints
 from .gns.online import NoiseScaleCallback
 from .io import read_json
 from .model import count_params
-from .plan import PlanConfig, run_plan
-from .plan import describe as describe_plan
 from .report import build_report
 from .schedules import BatchSchedule
 from .train import Trainer
 from .version import __version__
+from .warmup import CompareConfig, ScheduleConfig, run_compare, write_schedule
 
 
 @dataclass
@@ -205,18 +203,9 @@ def cmd_branch(ns: argparse.Namespace) -> int:
     for p in c["points"]:
         print(f"  at {p['tokens']:>12,} tokens (base batch {p['base_batch_seqs']}): {describe_point(p)}")
     cost = c["cost"]
-    line = f"  branches {cost['branches']}, branch tokens {cost['branch_tokens']:,}"
-    if cost.get("branch_tokens_over_base") is not None:
-        line += f" ({cost['branch_tokens_over_base']:.2f}x the base run's {cost['base_tokens']:,})"
-    if cost.get("tokens_from_base"):
-        line += f", {cost['tokens_from_base']:,} more read from the base run's own continuation"
-    if cost.get("stopped_early"):
-        line += f", {cost['stopped_early']} stopped early ({cost['early_stop_saved_tokens']:,} tokens saved)"
-    line += f", {cost['wall_time_s']:.1f}s"
+    line = f"  {describe_sweep_cost(cost)}, {cost['wall_time_s']:.1f}s"
     if cost.get("trained"):
         line += " (" + ", ".join(f"{v} {k}" for k, v in cost["trained"].items()) + ")"
-    if "full_grid_branch_tokens" in cost:
-        line += f" (full grid would spend {cost['full_grid_branch_tokens']:,})"
     print(line)
     if c.get("fit"):
         f = c["fit"]

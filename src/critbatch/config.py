@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .registry import MODEL_FAMILIES, Registry
 from .units import parse_count
 
 HOW = {"defining": False}
@@ -30,8 +31,8 @@ def option(default: Any = dataclasses.MISSING, *, default_factory: Any = datacla
     """A dataclass field with command-line metadata: the accepted ``choices``, short flag ``aliases``
     (``--lr`` beside ``--optim.lr``), and ``defining=False`` for a setting that changes no result."""
     meta = dict(meta)
-    if choices is not None:
-        meta["choices"] = tuple(choices)
+    if choices is not None:  # a Registry stays live: its keys are read when a value is checked
+        meta["choices"] = choices if isinstance(choices, Registry) else tuple(choices)
     if aliases:
         meta["aliases"] = tuple(aliases)
     if not defining:
@@ -51,8 +52,6 @@ TOKENIZERS = ("bytes", "bpe")
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
 
-
-MODEL_FAMILIES = ("gpt", "hf")
 
 
 @dataclass
@@ -357,6 +356,26 @@ def load_config_file(path: str) -> dict:
     return data
 
 
+def check_choices(cfg: Any, path: str = "") -> None:
+    """Every field of ``cfg`` (a dataclass, nested ones included) whose metadata names ``choices``
+    holds one of them (``None`` passes: it means "the default"): the one check of every enumerated
+    setting, read from the fields themselves. Raises ConfigError naming the field, the value and
+    what is accepted."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        where = f"{path}.{f.name}" if path else f.name
+        if dataclasses.is_dataclass(v):
+            check_choices(v, where)
+            continue
+        choices = f.metadata.get("choices")
+        if choices is None or v is None:
+            continue
+        if isinstance(choices, Registry):
+            choices.check(v, where)
+        elif v not in choices:
+            raise ConfigError(f"{where}={v!r} is not one of {', '.join(map(str, choices))}")
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -365,24 +384,17 @@ def _require(cond: bool, msg: str) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Check every value that can be checked without data or devices. Raises ConfigError."""
     m, o, s = cfg.model, cfg.optim, cfg.lr_schedule
-    _require(m.family in MODEL_FAMILIES, f"model.family={m.family!r} is not one of {', '.join(MODEL_FAMILIES)}")
-    _require(m.family != "hf" or m.hf not in (None, "", {}),
-             "model.family 'hf' needs model.hf: a mapping with model_type, a config.json or a local model directory")
+    check_choices(cfg)
     for name in ("n_layer", "n_head", "d_model", "seq_len", "mlp_ratio"):
         v = getattr(m, name)
         _require(isinstance(v, int) and v > 0, f"model.{name}={v!r} must be a positive integer")
-    _require(m.family != "gpt" or m.d_model % m.n_head == 0,
-             f"model.n_head={m.n_head} must divide model.d_model={m.d_model}")
+    MODEL_FAMILIES[m.family].check(m)
     _require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive")
-    _require(o.name in OPTIMIZERS, f"optim.name={o.name!r} is not one of {', '.join(OPTIMIZERS)}")
-    _require(o.lr_rule in LR_RULES, f"optim.lr_rule={o.lr_rule!r} is not one of {', '.join(LR_RULES)}")
-    _require(o.adam_rule in ADAM_RULES, f"optim.adam_rule={o.adam_rule!r} is not one of {', '.join(ADAM_RULES)}")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim betas ({o.beta1}, {o.beta2}) must be in [0, 1)")
     _require(o.eps >= 0, f"optim.eps={o.eps} must be >= 0")
     _require(math.isfinite(o.lr) and o.lr > 0, f"learning rate {o.lr!r} must be a positive number")
     _require(o.max_grad_norm is None or o.max_grad_norm > 0, f"optim.max_grad_norm={o.max_grad_norm} must be positive or null")
     _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
-    _require(s.kind in LR_SCHEDULES, f"lr_schedule.kind={s.kind!r} is not one of {', '.join(LR_SCHEDULES)}")
     _require(0 <= s.min_lr_ratio <= 1, f"lr_schedule.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
     _require(cfg.total_tokens > 0, f"total_tokens={cfg.total_tokens} must be positive")
     late = [t for t in cfg.checkpoint_tokens if t > cfg.total_tokens]
@@ -400,9 +412,6 @@ def validate(cfg: TrainConfig) -> None:
              f"eval_interval_tokens={cfg.eval_interval_tokens} must be >= 0 (0: only at kept checkpoints and the end)")
     _require(cfg.lr_ref_batch_seqs is None or cfg.lr_ref_batch_seqs > 0,
              f"lr_ref_batch_seqs={cfg.lr_ref_batch_seqs} must be positive")
-    _require(cfg.data.tokenizer in TOKENIZERS, f"data.tokenizer={cfg.data.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
-    _require(cfg.precision in PRECISIONS, f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
-    _require(cfg.parallel in PARALLEL, f"parallel={cfg.parallel!r} is not one of {', '.join(PARALLEL)}")
     if s.horizon_tokens is not None:
         _require(s.horizon_tokens > 0, f"lr_schedule.horizon_tokens={s.horizon_tokens} must be positive")
     _require(s.cooldown_tokens >= 0, f"lr_schedule.cooldown_tokens={s.cooldown_tokens} must be >= 0")

@@ -24,19 +24,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import presets
-from .autobatch import AutoBatchConfig, run_auto_batch
-from .branch import SweepConfig, run_sweep
-from .branch.sweep import continuation_checkpoints
-from .compare import CompareConfig, run_compare
-from .config import defining_dict, how, merge, to_dict
+from .branch import SweepConfig, continuation_checkpoints, run_sweep
+from .closed_loop import AutoBatchConfig, run_auto_batch
+from .config import check_choices, defining_dict, how, merge, to_dict
 from .data import prepare
-from .derive import ScheduleConfig, write_schedule
 from .errors import ConfigError
 from .gns.checkpoints import GNSConfig, gns_at_checkpoints
 from .io import check_output, read_json, write_json_atomic
+from .records import read_closed_loop_result
 from .launch import inprocess_threads
 from .report import build_report
 from .train import train
+from .warmup import CompareConfig, ScheduleConfig, run_compare, write_schedule
 
 STAGES = ("prepare", "base", "sweep", "gns", "schedule", "autobatch", "compare", "report")
 
@@ -161,6 +160,7 @@ class _Stages:
 
 
 def _validate(cfg: DemoConfig, seq_len: int) -> None:
+    check_choices(cfg)
     for name in ("total_tokens", "anneal_tokens", "window_tokens"):
         v = getattr(cfg, name)
         if v < 0 or v % seq_len:
@@ -223,7 +223,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     def compare():
         doc = read_json(out / "schedule.json")
         changes = len([p for p in doc["phases"] if p["start_tokens"] < cfg.total_tokens]) > 1
-        loop = read_json(out / "autobatch" / "result.json") if cfg.closed_loop else None
+        loop = read_closed_loop_result(out / "autobatch") if cfg.closed_loop else None
         if not changes and not (loop and loop["raises"]):
             st.artifact("compare_skipped", "neither the derived schedule nor the closed loop changed the batch within "
                                            "the run: nothing to compare")

@@ -39,14 +39,16 @@ prefix passes. The interval is [k*·B, k_next·B] with k_next the smallest k abo
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..registry import Registry
 
-RULES = ("eps", "noninf")
 PASS, FAIL, UNDETERMINED = "pass", "fail", "undetermined"
 POWER = 0.8
 """Power assumed when saying how many replicates would settle an undetermined k."""
@@ -125,8 +127,11 @@ def _reference_diverged(rule: str, ks: list[float], means: list[float], details:
         details=details, undetermined_reason=reason)
 
 
-def _finish(rule: str, ks: list[float], status: list[str], means: list[float], needed: list[int | None],
-            details: dict) -> Decision:
+def finish_decision(rule: str, ks: list[float], status: list[str], means: list[float], needed: list[int | None],
+                    details: dict) -> Decision:
+    """The :class:`Decision` from each k's status (``pass``, ``fail``, ``undetermined``) against the
+    smaller k: both readings and the interval; a diverged reference makes the point undetermined.
+    Every rule ends here, a rule registered from outside included."""
     n = len(ks)
     if not math.isfinite(means[0]):
         return _reference_diverged(rule, ks, means, details)
@@ -200,29 +205,46 @@ def paired_eval_noise(per_seq: list[list]) -> tuple[list[list[float]], list[list
     return se, sd
 
 
+@functools.lru_cache(maxsize=4096)
+def t_quantile(p: float, df: int) -> float:
+    """Student t quantile (cached: the decisions and the sample-size search ask for few distinct ones)."""
+    from scipy.stats import t as student
+
+    return float(student.ppf(p, df))
+
+
 def needed_samples(sd: float, gap: float, eps: float, confidence: float, power: float = POWER) -> int | None:
     """The smallest n whose one-sided t bound settles "is the true gap within ε?" with the given
     power when the true gap is the measured one: power(n) = 1 − F_nct(t_conf,n−1; n−1, |ε − gap|·√n/sd)
-    (docs/method.md §6 gives the normal approximation n ≈ ((z_α + z_β)·sd / |ε − gap|)²)."""
-    from scipy.stats import nct
-    from scipy.stats import t as student
+    (docs/method.md §6 gives the normal approximation n ≈ ((z_α + z_β)·sd / |ε − gap|)², where the
+    search for the exact n starts; power grows with n, so it walks from there to the boundary)."""
+    from scipy.stats import nct, norm
 
     if not (math.isfinite(sd) and math.isfinite(gap)) or sd <= 0 or abs(eps - gap) < 1e-15:
         return None
     delta = abs(eps - gap) / sd
 
     def pw(n: int) -> float:
-        return float(1 - nct.cdf(student.ppf(confidence, n - 1), n - 1, delta * math.sqrt(n)))
+        return float(1 - nct.cdf(t_quantile(confidence, n - 1), n - 1, delta * math.sqrt(n)))
 
-    lo, hi = 2, 2
-    while pw(hi) < power:
-        lo, hi = hi, hi * 2
-        if hi > 10**8:
+    guess = ((norm.ppf(confidence) + norm.ppf(power)) / delta) ** 2
+    if not math.isfinite(guess) or guess > 10**8:
+        return None
+    n = max(2, math.ceil(guess))
+    if pw(n) >= power:  # walk down to the smallest n that still has the power
+        while n > 2 and pw(n - 1) >= power:
+            n -= 1
+        return n
+    lo, step = n, 1  # gallop up past the boundary, then bisect: the smallest n in (lo, hi] with the power
+    while pw(lo + step) < power:
+        lo, step = lo + step, step * 2
+        if lo > 10**8:
             return None
-    while lo < hi:  # smallest n in [lo, hi] with enough power
+    hi = lo + step
+    while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if pw(mid) < power else (lo, mid)
-    return lo
+        lo, hi = (mid, hi) if pw(mid) < power else (lo, mid)
+    return hi
 
 
 def decide_eps(ks: list[float], losses: list[list[float]], eps: float = 0.01, *, diff_se=None,
@@ -271,13 +293,12 @@ def decide_eps(ks: list[float], losses: list[list[float]], eps: float = 0.01, *,
                if R < 2 else "replicate means; the replicates' spread is not used by this rule"}
     if diff_se is not None:
         details["diff_se"] = se.tolist()
-    return _finish("eps", ks, status, means, [None] * len(ks), details)
+    return finish_decision("eps", ks, status, means, [None] * len(ks), details)
 
 
 def decide_noninf(ks: list[float], losses: list[list[float]], eps: float = 0.01, confidence: float = 0.95, *,
                   diff_se=None) -> Decision:
     """Non-inferiority over paired replicates: pass iff UCB(L_k − L_k') ≤ ε for every smaller k'."""
-    from scipy.stats import t as student
 
     _check_eps(eps)
     _check_confidence(confidence)
@@ -289,7 +310,7 @@ def decide_noninf(ks: list[float], losses: list[list[float]], eps: float = 0.01,
     se_eval = _se_table(diff_se, len(ks))
     means = [float(a.mean()) for a in arr]
     alpha = 1 - confidence
-    t_pass = student.ppf(confidence, R - 1)
+    t_pass = t_quantile(confidence, R - 1)
     status, needed, ucb_rows, lcb_rows = [PASS], [None], [[]], [[]]
     for i in range(1, len(ks)):
         if not np.all(np.isfinite(arr[i])):
@@ -298,7 +319,7 @@ def decide_noninf(ks: list[float], losses: list[list[float]], eps: float = 0.01,
             ucb_rows.append([math.inf] * i)
             lcb_rows.append([math.inf] * i)
             continue
-        t_fail = student.ppf(1 - alpha / i, R - 1)  # Bonferroni over the i smaller grid values
+        t_fail = t_quantile(1 - alpha / i, R - 1)  # Bonferroni over the i smaller grid values
         all_within, any_worse, need, ucbs, lcbs = True, False, None, [], []
         for j in range(i):
             if not np.all(np.isfinite(arr[j])):  # a diverged smaller batch: nothing to compare with
@@ -326,16 +347,38 @@ def decide_noninf(ks: list[float], losses: list[list[float]], eps: float = 0.01,
                "fail_correction": "bonferroni", "power_for_replicates_needed": POWER}
     if diff_se is not None:
         details["diff_se"] = se_eval.tolist()
-    return _finish("noninf", ks, status, means, needed, details)
+    return finish_decision("noninf", ks, status, means, needed, details)
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """A decision rule: ``decide(ks, losses, eps, confidence, diff_se=..., diff_sd=...)`` returns the
+    :class:`Decision` (build it with :func:`finish_decision` from per-k statuses); ``min_replicates``:
+    the replicates per k it needs."""
+
+    decide: Callable[..., Decision]
+    min_replicates: int = 1
+    description: str = ""
+
+
+RULES = Registry("decision rule")
+"""Decision rules by name; ``SweepConfig.rule`` and ``AutoBatchConfig.rule`` take their values from here."""
+RULES.register("eps", DecisionRule(
+    lambda ks, losses, eps, confidence, *, diff_se=None, diff_sd=None:
+        decide_eps(ks, losses, eps, diff_se=diff_se, diff_sd=diff_sd, confidence=confidence),
+    description="the paper's fixed tolerance on the replicate means"))
+RULES.register("noninf", DecisionRule(
+    lambda ks, losses, eps, confidence, *, diff_se=None, diff_sd=None:
+        decide_noninf(ks, losses, eps, confidence, diff_se=diff_se),
+    min_replicates=2, description="non-inferiority over paired replicates"))
 
 
 def decide(ks: list[float], losses: list[list[float]], rule: str = "eps", eps: float = 0.01,
            confidence: float = 0.95, *, diff_se=None, diff_sd=None) -> Decision:
-    if rule == "eps":
-        return decide_eps(ks, losses, eps, diff_se=diff_se, diff_sd=diff_sd, confidence=confidence)
-    if rule == "noninf":
-        return decide_noninf(ks, losses, eps, confidence, diff_se=diff_se)
+    """The decision of the rule named ``rule`` (:data:`RULES`)."""
     if rule == "ttest":
         raise ConfigError("rule 'ttest' was replaced by 'noninf' (non-inferiority: k passes only when the data show "
                           "it within eps of the smaller batches)")
-    raise ConfigError(f"decision rule {rule!r} is not one of {', '.join(RULES)}")
+    if rule not in RULES:
+        raise ConfigError(f"decision rule {rule!r} is not one of {', '.join(RULES)}")
+    return RULES[rule].decide(ks, losses, eps, confidence, diff_se=diff_se, diff_sd=diff_sd)

@@ -31,7 +31,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ..config import option
+from ..config import check_choices, option
 from ..errors import ConfigError, DataError
 from ..io import check_output, public_mode, sha256_file
 from .sources import TOKEN_DTYPES, chunks, columnar_documents, expand, is_hf_dataset_dir, scan, token_file
@@ -206,6 +206,7 @@ class PrepareConfig:
 
 def prepare_config(cfg: PrepareConfig, quiet: bool = False) -> Path:
     """:func:`prepare` from a :class:`PrepareConfig` (the command line's)."""
+    check_choices(cfg)
     return prepare(cfg.out, cfg.inputs or None, corpus=cfg.corpus if not cfg.inputs else None,
                    tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, holdout_fraction=cfg.holdout_fraction,
                    seed=cfg.seed, text_field=cfg.text_field, dtype=cfg.dtype, eos_token=cfg.eos_token, quiet=quiet)

@@ -18,13 +18,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..analysis.curve import attach_noise_scale
-from ..branch.sweep import write_curve
-from ..config import TrainConfig, config_hash, from_dict, how, option
+from ..branch import write_curve
+from ..config import TrainConfig, check_choices, config_hash, from_dict, how, option
 from ..data import SequenceStream, open_data
 from ..data.dataset import check_capacity
 from ..dist import resolve_device
 from ..errors import ConfigError, DataError
 from ..io import check_output, read_json, write_json_atomic
+from ..records import read_curve
 from ..model import build_model
 from ..train.checkpoint import find_kept, load_checkpoint
 from .probe import _check, estimate_noise_scale
@@ -66,6 +67,7 @@ def _settings(cfg: GNSConfig) -> dict:
 
 
 def gns_at_checkpoints(cfg: GNSConfig, progress: bool | None = None) -> dict:
+    check_choices(cfg)
     run = Path(cfg.run)
     if not (run / "config.json").is_file():
         raise DataError(f"run {run} is missing or incomplete (no config.json)")
@@ -131,6 +133,6 @@ def refresh_sweeps(run: Path) -> None:
     if not gns_p.is_file():
         return
     for cbs in sorted((Path(run) / "sweeps").glob("*/cbs.json")):
-        curve = read_json(cbs)
+        curve = read_curve(cbs)
         attach_noise_scale(curve, read_json(gns_p))
         write_curve(cbs.parent, curve)

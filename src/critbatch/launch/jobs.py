@@ -11,14 +11,15 @@ from typing import Iterable
 
 import torch
 
-from ..config import TrainConfig, from_dict
 from ..dist import barrier, init_distributed, resolve_device
 from ..errors import ConfigError, CritbatchError
+from ..registry import Registry
 from ..io import read_json
-from ..train import Trainer
-from ..train.early_stop import STOP_RULE_FILE, STOPPED_FILE, EarlyStop
+from ..train import JobSpec
+from ..train.early_stop import STOPPED_FILE
 
-LAUNCHERS = ("inprocess", "local", "slurm", "submitit-local")
+LAUNCHERS = Registry("launcher")
+"""Launchers by name (:class:`critbatch.launch.pool.Launcher`; registered in :mod:`critbatch.launch.pool`)."""
 
 
 class Interrupted(CritbatchError):
@@ -33,19 +34,18 @@ class Interrupted(CritbatchError):
 
 def run_job(job_dir: str | Path, threads: int | None = None, callbacks: Iterable = (),
             stop_on_signals: bool = False) -> dict | None:
-    """Train one job (or return its finished result). A file lock makes a second process wait for
-    the first instead of training the same job twice; a killed job resumes from its checkpoint.
-    ``callbacks``: instances (:func:`critbatch.launch.worker.run_named` builds the ones job.json names).
+    """Train one job (or return its finished result) with the callbacks its job.json names, then
+    ``callbacks`` (instances), then an early stop when the directory holds a stop rule
+    (:meth:`critbatch.train.JobSpec.trainer`). A file lock makes a second process wait for the first
+    instead of training the same job twice; a killed job resumes from its checkpoint.
 
     Under torchrun every rank calls this: rank 0 holds the lock and the others wait for it at a
     barrier. ``stop_on_signals`` (workers, Slurm tasks): SIGTERM/SIGUSR1/SIGUSR2 pause the job at
-    the next step boundary with a resume checkpoint, and :class:`Interrupted` is raised. A job
-    directory holding ``stop_rule.json`` trains with :class:`critbatch.train.early_stop.EarlyStop`:
-    when it stops, ``stopped.json`` is written and ``None`` returned."""
+    the next step boundary with a resume checkpoint, and :class:`Interrupted` is raised. A job that
+    stops early writes ``stopped.json`` and returns ``None``."""
     d = Path(job_dir)
-    job = read_json(d / "job.json")
-    cfg = from_dict(TrainConfig, job["config"])
-    info = init_distributed(resolve_device(cfg.device).type)  # a single process without torchrun
+    job = JobSpec.read(d)
+    info = init_distributed(resolve_device(job.train_config().device).type)  # a single process without torchrun
     with open(d / ".lock", "w") as lock:
         if info.is_main:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -56,16 +56,9 @@ def run_job(job_dir: str | Path, threads: int | None = None, callbacks: Iterable
         if threads:
             torch.set_num_threads(threads)
         try:
-            callbacks = list(callbacks)
-            if (d / STOP_RULE_FILE).is_file():
-                callbacks.append(EarlyStop(read_json(d / STOP_RULE_FILE)))
             if info.is_main:
                 (d / STOPPED_FILE).unlink(missing_ok=True)  # it trains on: an earlier stop no longer holds
-            init = (d / job["init_from"]) if job.get("init_from") else None
-            t = Trainer(cfg, d, init_from=init, progress=False, quiet=True, eval_at_start=job.get("eval_at_start", True),
-                        keep_final_checkpoint=job.get("keep_final_checkpoint", True),
-                        callbacks=callbacks, init_loss_ema=job.get("init_loss_ema"),
-                        stop_on_signals=stop_on_signals)
+            t = job.trainer(d, callbacks, stop_on_signals=stop_on_signals)
             result = t.run()
             if result is None and t.stop_signal is not None:
                 raise Interrupted(d, t.stop_signal, t.tokens)
@@ -147,9 +140,10 @@ def check_nproc(nproc_per_job: int, launcher: str) -> None:
     """Refuse a rank count the launcher cannot provide (before anything is written)."""
     if not isinstance(nproc_per_job, int) or nproc_per_job < 1:
         raise ConfigError(f"nproc_per_job={nproc_per_job!r} must be a whole number >= 1")
-    if nproc_per_job > 1 and launcher == "inprocess":
-        raise ConfigError(f"nproc_per_job={nproc_per_job} needs launcher local, slurm or submitit-local; "
-                          f"'inprocess' runs one process")
+    if nproc_per_job > 1 and launcher in LAUNCHERS and not LAUNCHERS[launcher].multi_rank:
+        names = [n for n in LAUNCHERS if LAUNCHERS[n].multi_rank]
+        able = ", ".join(names[:-1]) + (" or " if len(names) > 1 else "") + names[-1]
+        raise ConfigError(f"nproc_per_job={nproc_per_job} needs launcher {able}; '{launcher}' runs one process")
 
 
 def check_single_process(what: str) -> None:

@@ -1,5 +1,13 @@
-"""Run many job directories: in this process, as a pool of worker processes (one job per GPU, or
-per CPU core), or through submitit on Slurm. Order and concurrency never change results."""
+"""Run many job directories through a launcher: in this process, as a pool of worker processes (one
+job per GPU, or per CPU core), or through submitit on Slurm. Order and concurrency never change
+results.
+
+Launchers are registered in :data:`LAUNCHERS` (a :class:`critbatch.registry.Registry`); the
+``launcher`` fields of the sweep, comparison and closed-loop configs take their values from it.
+A :class:`Launcher` trains a list of unfinished job directories (:class:`Launch` says how many at
+once, with how many threads and ranks each) and checks, before anything is written, what it can be
+asked. Adding one is one ``LAUNCHERS.register(name, Launcher(...))``.
+"""
 
 from __future__ import annotations
 
@@ -7,49 +15,91 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ConfigError, CritbatchError
+from ..errors import CritbatchError
 from ..train.stacked import run_jobs_stacked, stacks
-from .jobs import LAUNCHERS, _error_line, check_nproc, die_with_parent, die_with_parent_term, worker_env
+from .jobs import LAUNCHERS, _error_line, check_nproc, die_with_parent, die_with_parent_term, run_job, worker_env
 from .slurm import check_slurm_here, run_submitit, slurm_config
-from .worker import run_named
+
+
+@dataclass
+class Launch:
+    """How a launcher runs its jobs."""
+
+    jobs: int
+    """Jobs at once."""
+    threads: int
+    """CPU threads of each job."""
+    on_done: Callable[[Path], None]
+    """Called with each job directory once it finished."""
+    nproc_per_job: int = 1
+    """Data-parallel ranks of each job."""
+    slurm: dict | None = None
+    """Options of the submitit launchers (:class:`critbatch.launch.slurm.SlurmConfig`)."""
+    stack: int = 1
+    """Jobs of one shape trained together as one stacked model, up to this many (launchers that can)."""
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """One way to run jobs."""
+
+    run: Callable[[list[Path], Launch], None]
+    """Train the (unfinished) job directories; raise CritbatchError naming the first that failed."""
+    check: Callable[[int, dict | None], None] = lambda nproc_per_job, slurm: None
+    """Refuse, before anything is written, what it cannot do (ranks per job, Slurm options)."""
+    multi_rank: bool = True
+    """Can train a job on several ranks (``nproc_per_job`` > 1)."""
+    stacks: bool = False
+    """Can train jobs of one shape stacked (``stack`` > 1)."""
+    description: str = ""
 
 
 def run_jobs(dirs: list[Path], jobs: int, threads: int, launcher: str = "local",
              on_done: Callable[[Path], None] = lambda d: None, *, nproc_per_job: int = 1,
              slurm: dict | None = None, stack: int = 1) -> None:
-    """Run job directories, ``jobs`` at a time. Finished ones are skipped; order and concurrency
-    never change results. ``nproc_per_job`` ranks train each job (data-parallel); ``slurm``:
-    :class:`critbatch.launch.slurm.SlurmConfig` options of the ``slurm``/``submitit-local`` launchers.
-    ``stack`` > 1: jobs of one shape train together, up to that many in one stacked model
-    (:mod:`critbatch.train.stacked`; in process and in the local pool, one process per stack, with
-    one rank; their numbers agree with training alone to float rounding)."""
+    """Run job directories, ``jobs`` at a time, through the launcher named ``launcher``. Finished ones
+    are skipped; order and concurrency never change results. ``nproc_per_job`` ranks train each job
+    (data-parallel); ``slurm``: :class:`critbatch.launch.slurm.SlurmConfig` options of the
+    ``slurm``/``submitit-local`` launchers. ``stack`` > 1: jobs of one shape train together, up to that
+    many in one stacked model (:mod:`critbatch.train.stacked`; launchers that can stack, with one
+    rank; their numbers agree with training alone to float rounding)."""
     if launcher not in LAUNCHERS:
         raise CritbatchError(f"launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    impl: Launcher = LAUNCHERS[launcher]
     check_nproc(nproc_per_job, launcher)
     todo = [d for d in dirs if not (d / "result.json").is_file()]
     for d in dirs:
         if d not in todo:
             on_done(d)
-    if not todo:
-        return
-    units = stacks(todo, stack) if stack > 1 and nproc_per_job == 1 and launcher in ("inprocess", "local") \
-        else [[d] for d in todo]
-    if launcher == "inprocess":
-        for unit in units:
-            if len(unit) == 1:
-                run_named(unit[0], threads)
-            else:
-                run_jobs_stacked(unit, threads)
-            for d in unit:
-                on_done(d)
-        return
-    if launcher in ("slurm", "submitit-local"):
-        run_submitit(todo, jobs, threads, launcher, on_done, nproc_per_job, slurm)
-        return
-    free_slots = list(range(jobs))
+    if todo:
+        impl.run(todo, Launch(jobs, threads, on_done, nproc_per_job, slurm, stack))
+
+
+def units_of(todo: list[Path], how: Launch) -> list[list[Path]]:
+    """The jobs grouped into what trains together: stacks where stacking is asked for, else one each."""
+    if how.stack > 1 and how.nproc_per_job == 1:
+        return stacks(todo, how.stack)
+    return [[d] for d in todo]
+
+
+def _inprocess(todo: list[Path], how: Launch) -> None:
+    for unit in units_of(todo, how):
+        if len(unit) == 1:
+            run_job(unit[0], how.threads)
+        else:
+            run_jobs_stacked(unit, how.threads)
+        for d in unit:
+            how.on_done(d)
+
+
+def _local(todo: list[Path], how: Launch) -> None:
+    """A pool of worker processes (``python -m critbatch.launch``), ``jobs`` at once; GPU slots through
+    ``CUDA_VISIBLE_DEVICES``; a job of several ranks under ``torchrun --standalone``."""
+    free_slots = list(range(how.jobs))
     lock = threading.Lock()
     errors: list[str] = []
 
@@ -58,34 +108,49 @@ def run_jobs(dirs: list[Path], jobs: int, threads: int, launcher: str = "local",
             slot = free_slots.pop(0)
         d = unit[0]
         try:
-            cmd = ["-m", "critbatch.launch", *map(str, unit), "--threads", str(threads)]
-            if nproc_per_job > 1:  # a data-parallel job: torchrun on a free port of its own
-                cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_job}", *cmd]
-            r = subprocess.run([sys.executable, *cmd], env=worker_env(threads, slot, nproc_per_job),
+            cmd = ["-m", "critbatch.launch", *map(str, unit), "--threads", str(how.threads)]
+            if how.nproc_per_job > 1:  # a data-parallel job: torchrun on a free port of its own
+                cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={how.nproc_per_job}", *cmd]
+            r = subprocess.run([sys.executable, *cmd], env=worker_env(how.threads, slot, how.nproc_per_job),
                                capture_output=True, text=True,
-                               preexec_fn=die_with_parent if nproc_per_job == 1 else die_with_parent_term)
+                               preexec_fn=die_with_parent if how.nproc_per_job == 1 else die_with_parent_term)
             if r.returncode != 0:
                 errors.append(f"job {d.name} failed: {_error_line(r.stderr)}")
             else:
                 for x in unit:
-                    on_done(x)
+                    how.on_done(x)
         finally:
             with lock:
                 free_slots.append(slot)
 
-    with ThreadPoolExecutor(max_workers=jobs) as ex:
-        list(ex.map(work, units))
+    with ThreadPoolExecutor(max_workers=how.jobs) as ex:
+        list(ex.map(work, units_of(todo, how)))
     if errors:
         raise CritbatchError(f"{len(errors)} job(s) failed; first: {errors[0]}")
 
 
+def _submitit(name: str) -> Callable[[list[Path], Launch], None]:
+    def run(todo: list[Path], how: Launch) -> None:
+        run_submitit(todo, how.jobs, how.threads, name, how.on_done, how.nproc_per_job, how.slurm)
+    return run
+
+
+def _check_slurm(nproc_per_job: int, slurm: dict | None) -> None:
+    slurm_config(slurm)
+    check_slurm_here()
+
+
+LAUNCHERS.register("inprocess", Launcher(_inprocess, multi_rank=False, stacks=True,
+                                         description="sequential, in this process"))
+LAUNCHERS.register("local", Launcher(_local, stacks=True, description="a pool of worker processes on this machine"))
+LAUNCHERS.register("slurm", Launcher(_submitit("slurm"), check=_check_slurm, description="a submitit job array on Slurm"))
+LAUNCHERS.register("submitit-local", Launcher(_submitit("submitit-local"), check=lambda n, s: slurm_config(s),
+                                              description="submitit's executor on this machine"))
+
+
 def check_launch(launcher: str, nproc_per_job: int = 1, slurm: dict | None = None) -> None:
     """Everything about where jobs run that can be checked before anything is written."""
-    if launcher not in LAUNCHERS:
-        raise ConfigError(f"launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    LAUNCHERS.check(launcher, "launcher")
     check_nproc(nproc_per_job, launcher)
     slurm_config(slurm)
-    if launcher == "slurm":
-        check_slurm_here()
-
-
+    LAUNCHERS[launcher].check(nproc_per_job, slurm)

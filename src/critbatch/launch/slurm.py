@@ -29,8 +29,7 @@ from ..config import from_dict
 from ..dist import shutdown
 from ..errors import ConfigError, CritbatchError
 from ..train.early_stop import STOPPED_FILE
-from .jobs import Interrupted, visible_gpus
-from .worker import run_named
+from .jobs import Interrupted, run_job, visible_gpus
 
 
 @dataclass
@@ -146,7 +145,7 @@ class JobTask:
         if env.num_tasks > 1:  # one rank per task; the Trainer joins through env://
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         try:
-            return run_named(job_dir, self.threads, stop_on_signals=True)
+            return run_job(job_dir, self.threads, stop_on_signals=True)
         except Interrupted as e:
             print(f"critbatch: {e}; asking submitit to requeue it", file=sys.stderr, flush=True)
             # submitit's own preemption handler (restored when the Trainer returned): it dumps

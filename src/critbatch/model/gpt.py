@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..errors import ConfigError
+from .family import ModelFamily
 from .losses import NextTokenLosses
 
 
@@ -117,3 +119,14 @@ def flops_per_token(cfg: ModelConfig) -> int:
     6·(non-embedding params + the tied output projection V·d) + 12·n_layer·d_model·seq_len (attention)."""
     V = cfg.vocab_size or 0
     return 6 * (count_params(cfg, embeddings=False) + V * cfg.d_model) + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
+
+
+def _check(cfg: ModelConfig) -> None:
+    if cfg.d_model % cfg.n_head:
+        raise ConfigError(f"model.n_head={cfg.n_head} must divide model.d_model={cfg.d_model}")
+
+
+FAMILY = ModelFamily(build=GPT, count_params=count_params, flops_per_token=flops_per_token, check=_check,
+                     describe=lambda cfg: f"a {cfg.n_layer}-layer GPT (d={cfg.d_model})", stackable=True)
+"""The built-in GPT (``model.family = 'gpt'``)."""
+

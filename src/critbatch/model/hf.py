@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from .family import ModelFamily
 from .losses import NextTokenLosses
 
 # token ids a generation config carries: critbatch never generates, and ids outside a small
@@ -148,3 +149,41 @@ def hf_shape(cfg: ModelConfig) -> dict:
     head = 0 if tied else out.weight.numel()
     return {"n_layer": hc.num_hidden_layers, "d_model": hc.hidden_size, "vocab_size": hc.vocab_size,
             "params": total, "non_embedding": total - emb - head, "head": hc.vocab_size * hc.hidden_size}
+
+
+def _count_params(cfg: ModelConfig, embeddings: bool = True) -> int:
+    s = hf_shape(cfg)
+    return s["params"] if embeddings else s["non_embedding"]
+
+
+def _flops_per_token(cfg: ModelConfig) -> int:
+    """6·(non-embedding parameters + the output projection V·d) + 12·n_layer·d_model·seq_len."""
+    s = hf_shape(cfg)
+    return 6 * (s["non_embedding"] + s["head"]) + 12 * s["n_layer"] * s["d_model"] * cfg.seq_len
+
+
+def _dropout_probabilities(cfg: ModelConfig) -> dict[str, float]:
+    fields = hf_config(cfg).to_dict()
+    return {k: float(v) for k, v in sorted(fields.items())
+            if ("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v}
+
+
+def _check(cfg: ModelConfig) -> None:
+    if cfg.hf in (None, "", {}):
+        raise ConfigError("model.family 'hf' needs model.hf: a mapping with model_type, a config.json or a local "
+                          "model directory")
+
+
+def _describe(cfg: ModelConfig) -> str:
+    hf = cfg.hf
+    if isinstance(hf, dict):
+        return (f"a {hf.get('model_type', 'transformers')} model from transformers ({hf.get('num_hidden_layers', '?')} "
+                f"layers, d={hf.get('hidden_size', '?')})")
+    return f"a transformers model from {hf}"
+
+
+FAMILY = ModelFamily(build=HFCausalLM, count_params=_count_params, flops_per_token=_flops_per_token,
+                     dropout_probabilities=_dropout_probabilities, vocab_size=lambda cfg: hf_config(cfg).vocab_size,
+                     check=_check, describe=_describe, stackable=False)
+"""Causal LMs from ``transformers`` (``model.family = 'hf'``); transformers is imported on first use."""
+

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from ..analysis.comparison import markdown_table, pm, run_names, table
 from ..analysis.curve import noise_scale_points
+from ..analysis.describe import describe_sweep_cost, interval_text
 from ..errors import DataError
 from ..io import check_output, read_json, read_jsonl, write_json_atomic, write_text_atomic
+from ..records import read_closed_loop_result, read_curve, read_decisions, read_run_result, unconfirmed_raise
 from ..units import fmt_count
 from .plots import plot_cbs_curve, plot_comparison, plot_loss_vs_batch, plot_schedule
 
@@ -64,39 +66,23 @@ def _doublings(points: list[dict]) -> dict:
             "certain": certain}
 
 
-def _interval_text(p: dict) -> str:
-    lo, hi = p["cbs_low_seqs"], p["cbs_high_seqs"]
-    if len(p["ks"]) < 2:
-        return "no decision (one batch size)"
-    if p.get("undetermined_reason"):
-        return "undetermined: " + p["undetermined_reason"]
-    und = ""
-    if p.get("settled") is False:
-        und = " (undetermined: " + ", ".join(f"{k * p['base_batch_seqs']:g}" for k in p.get("undetermined_ks", [])) + ")"
-    if hi is None:
-        return f"≥ {lo:g}" + (" (no larger batch was shown to fail)" if und else " (even the largest batch passed)") + und
-    if p["below_grid"] or lo <= 0:
-        return f"≤ {hi:g} (only the smallest batch passed)" + und
-    return f"{lo:g} – {hi:g}" + und
-
-
 def summarize(d: Path) -> dict:
     lay = _layout(d)
     run = lay["run"]
     cfg = read_json(run / "config.json")
-    res = read_json(run / "result.json") if (run / "result.json").is_file() else {}
+    res = read_run_result(run) if (run / "result.json").is_file() else {}
     env = read_json(run / "env.json") if (run / "env.json").is_file() else {}
     s: dict = {"kind": lay["kind"], "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "base": {"config": cfg, "result": res}, "versions": env}
     if lay["sweep"] is not None:
-        curve = read_json(lay["sweep"] / "cbs.json")
+        curve = read_curve(lay["sweep"])
         s["curve"] = curve
         s["points"] = [{
             "tokens": p["tokens"], "base_batch_seqs": p["base_batch_seqs"], "probed_k": p["ks"],
             "cbs_low_seqs": p["cbs_low_seqs"], "cbs_high_seqs": p["cbs_high_seqs"],
             "cbs_low_tokens": p["cbs_low_tokens"], "cbs_high_tokens": p["cbs_high_tokens"],
             "readings_disagree": p["readings_disagree"], "bounded_above": p["bounded_above"],
-            "below_grid": p["below_grid"], "interval": _interval_text(p),
+            "below_grid": p["below_grid"], "interval": interval_text(p),
             "settled": p.get("settled", True), "undetermined_ks": p.get("undetermined_ks", []),
             "undetermined_reason": p.get("undetermined_reason"),
             "replicates_needed": p.get("replicates_needed"), "eval_seqs_needed": p.get("eval_seqs_needed"),
@@ -113,8 +99,8 @@ def summarize(d: Path) -> dict:
     if lay["compare"] is not None:
         s["comparison"] = read_json(lay["compare"] / "comparison.json")
     if lay.get("autobatch") is not None:
-        s["closed_loop"] = read_json(lay["autobatch"] / "result.json")
-        s["closed_loop"]["decisions"] = read_jsonl(lay["autobatch"] / "decisions.jsonl")
+        s["closed_loop"] = read_closed_loop_result(lay["autobatch"])
+        s["closed_loop"]["decisions"] = read_decisions(lay["autobatch"])
     if lay["demo"] is not None:
         # the report's own cost cannot be in the report it is writing
         s["stages"] = {k: v for k, v in lay["demo"]["stages"].items() if k != "report"}
@@ -203,23 +189,8 @@ def conclusions(s: dict) -> list[str]:
                    f"{fmt_count(f['b_max'])} tokens" + ("" if f["plateau_in_range"] else
                    " — extrapolated: the measured points do not reach it") + ".")
     if (sc := s.get("sweep_cost")) and sc.get("branch_tokens_over_base") is not None:
-        out.append(_cost_sentence(sc))
+        out.append(f"The curve cost {describe_sweep_cost(sc)}.")
     return out + _comparison_conclusions(s)
-
-
-def _cost_sentence(sc: dict) -> str:
-    s = (f"The curve cost {sc['branches']} branches and {sc['branch_tokens']:,} trained branch tokens, "
-         f"{sc['branch_tokens_over_base']:.2f}× the base run's {sc['base_tokens']:,}")
-    if sc.get("tokens_from_base"):
-        s += (f"; the k = 1 branches read {sc['tokens_from_base']:,} more from the base run's own continuation "
-              f"(its checkpoints before their cooldowns) instead of training them")
-    if sc.get("stopped_early"):
-        n = sc["stopped_early"]
-        s += (f"; {n} branch{'es' if n != 1 else ''} stopped early once settled as failing, saving "
-              f"{sc['early_stop_saved_tokens']:,} tokens")
-    if sc.get("full_grid_branch_tokens"):
-        s += f"; every candidate batch at every point would have cost {sc['full_grid_branch_tokens']:,}"
-    return s + "."
 
 
 def _closed_loop_conclusions(s: dict, c: dict | None) -> list[str]:
@@ -231,7 +202,7 @@ def _closed_loop_conclusions(s: dict, c: dict | None) -> list[str]:
     sched = " → ".join(f"{b}" + (f" at {fmt_count(t)} tokens" if t else "") for t, b in cl["schedule"])
     took = f"took the batch (sequences) {sched}, {cl['steps_saved_pct']:.0f}% fewer optimizer steps than the small batch"
     if not cl["raises"]:
-        once = [d for d in cl.get("decisions", []) if d.get("confirmations", "").startswith("1 of")]
+        once = [d for d in cl.get("decisions", []) if unconfirmed_raise(d)]
         took = (f"kept the batch at {cl['start_batch_seqs']} sequences: no raise was confirmed"
                 + (f" (2B passed at {', '.join(fmt_count(d['tokens']) for d in once)} tokens, never at two "
                    f"consecutive points)" if once else ""))
@@ -375,14 +346,6 @@ th{background:#f6f6f6}td:first-child,th:first-child{text-align:left}pre{backgrou
 """
 
 
-def _over_base(cost: dict) -> str:
-    r = cost.get("branch_tokens_over_base")
-    out = "" if r is None else f" ({r:.2f}× the base run's {cost['base_tokens']:,})"
-    if cost.get("tokens_from_base"):
-        out += f", and {cost['tokens_from_base']:,} read from the base run's own continuation instead of trained"
-    return out
-
-
 def _table(headers: list[str], rows: list[list]) -> str:
     h = "".join(f"<th>{html.escape(str(x))}</th>" for x in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>" for r in rows)
@@ -468,9 +431,7 @@ def render_html(s: dict, figs: dict[str, Path]) -> str:
                             + [["total", f"{s['total_seconds']:.1f}"]]))
     if s.get("sweep_cost"):
         sc = s["sweep_cost"]
-        parts.append(f"<p>Branches: {sc['branches']}, {sc['branch_tokens']:,} branch tokens" + _over_base(sc)
-                     + (f" (a full grid at the same resolution: {sc['full_grid_branch_tokens']:,})"
-                        if sc.get("full_grid_branch_tokens") else "") + ".</p>")
+        parts.append(f"<p>The curve cost {e(describe_sweep_cost(sc))}.</p>")
     parts.append("<h2 id='configs'>Configuration and versions</h2>")
     v = s.get("versions", {})
     parts.append(_table(["component", "version"], [[k, v[k]] for k in ("critbatch", "torch", "numpy", "python", "platform",

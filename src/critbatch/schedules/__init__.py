@@ -1,3 +1,3 @@
-from .batch import BatchSchedule
+from .batch import BatchSchedule, schedule_of
 
-__all__ = ["BatchSchedule"]
+__all__ = ["BatchSchedule", "schedule_of"]

@@ -206,3 +206,13 @@ class BatchSchedule:
 
     def as_pairs(self) -> list[list[int]]:
         return [[s, b] for s, b in self.phases]
+
+
+def schedule_of(cfg) -> BatchSchedule:
+    """The batch schedule a :class:`critbatch.config.TrainConfig` trains: its ``batch_schedule``
+    (or one phase of ``batch_seqs``), its sequence length, LR rule, reference batch and Adam rule.
+    The one place a config's schedule is derived (the trainer, a branch's step check, the closed loop)."""
+    phases = cfg.batch_schedule if cfg.batch_schedule is not None else [[0, cfg.batch_seqs]]
+    return BatchSchedule.parse(phases, cfg.model.seq_len, cfg.optim.lr_rule,
+                               cfg.lr_ref_batch_seqs, cfg.optim.adam_rule)
+

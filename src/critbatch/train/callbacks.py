@@ -13,6 +13,9 @@ Order of the hooks in one session::
     then either on_pause (stopped early; a resume checkpoint follows), or
                 on_finish -> (result assembled) -> on_train_end -> (result.json written) -> on_complete
     on_log receives every record logged (step, eval, perf).
+
+The order of the callbacks themselves is :func:`run_callbacks`'s. Callbacks a run may name (in
+``job.json``, on the command line) are registered in :data:`critbatch.registry.TRAINING_CALLBACKS`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from tqdm.auto import tqdm
 
 from ..io import JsonlWriter, truncate_jsonl, write_npy_atomic
+from ..registry import TRAINING_CALLBACKS
 from .checkpoint import EVAL_LOSSES_FILE, prune_resume_checkpoints
 
 
@@ -113,11 +117,11 @@ class PerfLog(Callback):
         self.t, self.tokens = time.perf_counter(), trainer.tokens
 
     def on_boundary(self, trainer, tokens_before: int) -> None:
-        if trainer.state["step"] % trainer.cfg.log_interval_steps:
+        if trainer.state.step % trainer.cfg.log_interval_steps:
             return
         now = time.perf_counter()
         tps = (trainer.tokens - self.tokens) / max(now - self.t, 1e-9)
-        rec = {"step": trainer.state["step"], "tokens": trainer.tokens, "perf/tokens_per_s": tps}
+        rec = {"step": trainer.state.step, "tokens": trainer.tokens, "perf/tokens_per_s": tps}
         if trainer.peak_flops:
             rec["perf/mfu"] = tps * trainer.flops_per_token / (trainer.peak_flops * trainer.dist.world_size)
         trainer.log(rec)
@@ -142,8 +146,8 @@ class ProgressBar(Callback):
     def on_boundary(self, trainer, tokens_before: int) -> None:
         total = trainer.cfg.total_tokens
         self.bar.update(min(trainer.tokens, total) - min(tokens_before, total))
-        if trainer.state["step"] % trainer.cfg.log_interval_steps == 0:
-            self.bar.set_postfix(loss=f"{trainer.state['loss_ema']:.3f}", refresh=False)
+        if trainer.state.step % trainer.cfg.log_interval_steps == 0:
+            self.bar.set_postfix(loss=f"{trainer.state.loss_ema:.3f}", refresh=False)
 
     def _close(self, trainer, *_) -> None:
         if self.bar is not None:
@@ -165,7 +169,7 @@ class Evaluator(Callback):
 
     def _evaluate(self, trainer) -> float:
         ev = trainer.evaluate()
-        rec = {"step": trainer.state["step"], "tokens": trainer.tokens, "eval/loss": ev, "eval/loss_se": trainer.last_eval_se}
+        rec = {"step": trainer.state.step, "tokens": trainer.tokens, "eval/loss": ev, "eval/loss_se": trainer.last_eval_se}
         if not math.isfinite(ev):
             rec["train/diverged"] = True
             trainer.log(rec)
@@ -285,9 +289,19 @@ class DivergenceGuard(Callback):
         self.recent = [float(x) for x in state.get("recent", [])]
 
 
-def builtin_callbacks(*, progress: bool | None, desc: str | None, eval_at_start: bool,
-                      keep_final_checkpoint: bool) -> list[Callback]:
-    """The callbacks every run has, in the order they act at a boundary: the divergence guard, throughput, progress,
-    evaluation (before checkpoints, which record its loss), checkpoints; the metrics file last."""
-    return [DivergenceGuard(), PerfLog(), ProgressBar(progress, desc), Evaluator(eval_at_start),
-            Checkpointer(keep_final_checkpoint), MetricsLog()]
+def make_callbacks(names) -> list[Callback]:
+    """Instances of the named callbacks (:data:`critbatch.registry.TRAINING_CALLBACKS`), in order."""
+    return [TRAINING_CALLBACKS[n]() for n in names]
+
+
+def run_callbacks(user: list[Callback], *, progress: bool | None, desc: str | None, eval_at_start: bool,
+                  keep_final_checkpoint: bool) -> list[Callback]:
+    """Every callback of a run, in the order their hooks run:
+
+    1. the metrics file: it opens before anything is logged and closes after the last record;
+    2. the caller's callbacks, in the order given (they see a step before the built-ins act on it);
+    3. the divergence guard, throughput, progress;
+    4. evaluation, then checkpoints (a kept checkpoint records the eval loss measured at its boundary).
+    """
+    return [MetricsLog(), *user, DivergenceGuard(), PerfLog(), ProgressBar(progress, desc), Evaluator(eval_at_start),
+            Checkpointer(keep_final_checkpoint)]

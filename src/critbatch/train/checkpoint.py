@@ -125,14 +125,14 @@ def find_kept(run_dir: str | Path, tokens: list[int] | None = None) -> list[Chec
     return out
 
 
-def training_meta(state: dict, cfg, schedule, *, tokens: int, requested: int | None, config_hash: str,
+def training_meta(state, cfg, schedule, *, tokens: int, requested: int | None, config_hash: str,
                   eval_loss: float | None, eval_loss_se: float | None) -> dict:
-    """``meta.json`` of a training checkpoint: where the run is, and the batch and LR multiplier it
+    """``meta.json`` of a training checkpoint (``state``: the run's :class:`critbatch.train.state.TrainerState`): where the run is, and the batch and LR multiplier it
     continues with from here (a branch's base B)."""
-    return {"step": state["step"], "offset_seqs": state["offset_seqs"],
+    return {"step": state.step, "offset_seqs": state.offset_seqs,
             "requested_tokens": requested if requested is not None else tokens,
             "model": to_dict(cfg.model), "config_hash": config_hash,
-            "train_loss_ema": state["loss_ema"], "eval_loss": eval_loss,
+            "train_loss_ema": state.loss_ema, "eval_loss": eval_loss,
             "eval_loss_se": eval_loss_se if eval_loss is not None else None,
             "batch_seqs": schedule.batch_seqs_at(tokens), "lr_multiplier": schedule.lr_multiplier_at(tokens),
             "lr_ref_batch_seqs": schedule.reference, "seq_len": cfg.model.seq_len}

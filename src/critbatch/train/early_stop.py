@@ -138,8 +138,8 @@ class EarlyStop(Callback):
         m, se, n = self.reading.reading()
         s = trainer.state
         write_json_atomic(trainer.out_dir / STOPPED_FILE, {
-            **{k: self.rule[k] for k in RULE_KEYS}, "tokens": trainer.tokens, "start_tokens": s["start_tokens"],
-            "steps": s["step"] - s["start_step"], "wall_time_s": s["elapsed_s"], "gap_mean": m, "gap_se": se,
+            **{k: self.rule[k] for k in RULE_KEYS}, "tokens": trainer.tokens, "start_tokens": s.start_tokens,
+            "steps": s.step - s.start_step, "wall_time_s": s.elapsed_s, "gap_mean": m, "gap_se": se,
             "spans": n})
 
 

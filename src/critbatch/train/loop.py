@@ -7,157 +7,77 @@ FSDP2, averaged) gradient is exactly that of the mean loss over the global batch
 synchronise once, on the last micro-batch; then clip, step. Checkpoints hold the full, unsharded state
 in one format whatever the parallelism, so a run resumes at any world size, under DDP or FSDP2.
 
-The pieces: :meth:`Trainer.plan_step` (what the next step is: batch, micro-batches, LR — pure
-schedule arithmetic), :meth:`Trainer.train_step` (the step itself, no I/O), :meth:`Trainer.run`
-(the loop and its stop conditions) and the callbacks of :mod:`critbatch.train.callbacks`
-(evaluation, checkpoints, metrics, throughput, progress), which the loop does not know by name.
+The pieces: :func:`critbatch.train.resolve.step_plan` (what the next step is: batch, micro-batches,
+LR — pure schedule arithmetic), :meth:`Trainer.train_step` (the step itself, no I/O),
+:meth:`Trainer.run` (the loop and its stop conditions), :class:`critbatch.train.state.TrainerState`
+(where the run is between steps) and the callbacks of :mod:`critbatch.train.callbacks` (evaluation,
+checkpoints, metrics, throughput, progress), which the loop does not know by name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import platform
 import signal
-import socket
-import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
-import numpy as np
 import torch
 
-from ..config import LRScheduleConfig, TrainConfig, defining_dict, defining_hash, from_dict, to_dict, validate
-from ..data import SequenceStream, TokenData, open_data, prepare_embedded
-from ..data.dataset import check_capacity, eval_sequences, step_slices
+from ..config import TrainConfig, defining_dict, defining_hash, from_dict, to_dict, validate
+from ..data import SequenceStream, open_data
+from ..data.dataset import check_capacity, eval_sequences
 from ..dist import (DistInfo, all_reduce_max_int, all_reduce_sum, barrier, fsdp_full_state, fsdp_load_optimizer,
                     init_distributed, resolve_device, shard_model)
 from ..errors import CheckpointError, ConfigError
 from ..io import check_output, read_json, read_jsonl, write_json_atomic
 from ..model import build_model, count_params, flops_per_token
-from ..model.hf import hf_config
 from ..model.losses import next_token_loss_sum
-from ..optim import build_optimizer, lr_schedule_factor
+from ..optim import build_optimizer
 from ..perf import peak_flops
-from ..schedules import BatchSchedule
-from ..version import __version__
-from .callbacks import Callback, builtin_callbacks
+from ..records import RunResult, read_run_result
+from ..schedules import schedule_of
+from .callbacks import Callback, run_callbacks
 from .checkpoint import (EVAL_LOSSES_FILE, check_model_matches, copy_checkpoint_state, list_checkpoints,
                          load_checkpoint, prune_resume_checkpoints, save_checkpoint, training_meta)
+from .resolve import StepPlan, autocast, config_diff, environment, resolve_config, resolve_data, step_plan
+from .state import EMA_ALPHA, TrainerState
 
-EMA_ALPHA = 0.5  # Merrill et al. 2025: training loss smoothed by an EMA with alpha = 0.5
 # Slurm's preemption and time-limit signals (SIGTERM; SIGUSR1/SIGUSR2 through --signal, submitit's USR2)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def resolve_data(cfg: TrainConfig) -> Path:
-    if cfg.data.path:
-        return Path(cfg.data.path)
-    return prepare_embedded(cfg.data.corpus, cfg.data.tokenizer, cfg.data.bpe_vocab_size)
+@dataclass
+class Display:
+    """What a run shows (never what it computes)."""
 
-
-def resolved_lr_schedule(cfg: TrainConfig) -> LRScheduleConfig:
-    """``cfg``'s LR schedule with its ends in tokens filled in: the horizon and a cooldown's end
-    default to the run's total tokens."""
-    s = cfg.lr_schedule
-    return replace(s, horizon_tokens=cfg.total_tokens if s.horizon_tokens is None else s.horizon_tokens,
-                   cooldown_end_tokens=(cfg.total_tokens if s.cooldown_tokens and s.cooldown_end_tokens is None
-                                        else s.cooldown_end_tokens))
-
-
-def resolve_config(cfg: TrainConfig, data: TokenData) -> TrainConfig:
-    """Fill in every derived value so the saved config says exactly what ran."""
-    cfg = from_dict(TrainConfig, to_dict(cfg))  # a copy
-    cfg.data.path = str(data.path)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = data.vocab_size
-    if cfg.model.family == "hf":  # the transformers config may fix its own vocabulary
-        cfg.model.vocab_size = hf_config(cfg.model).vocab_size
-    if cfg.model.vocab_size < data.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary {data.vocab_size}")
-    if cfg.batch_schedule is None:
-        cfg.batch_schedule = [[0, cfg.batch_seqs]]
-    sched = BatchSchedule.parse(cfg.batch_schedule, cfg.model.seq_len, cfg.optim.lr_rule, cfg.lr_ref_batch_seqs,
-                                cfg.optim.adam_rule)
-    cfg.batch_schedule = sched.as_pairs()
-    cfg.batch_seqs = sched.phases[0][1]
-    cfg.lr_ref_batch_seqs = sched.reference
-    cfg.lr_schedule = resolved_lr_schedule(cfg)
-    if cfg.save_interval_tokens is None:
-        cfg.save_interval_tokens = max(cfg.total_tokens // 10, 1)
-    if cfg.eval_interval_tokens is None:
-        cfg.eval_interval_tokens = max(cfg.total_tokens // 20, 1)
-    return cfg
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-        return out
-    return [] if a == b else [f"{prefix}: {a!r} vs {b!r}"]
-
-
-def environment() -> dict:
-    env = {"critbatch": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-           "platform": platform.platform(), "hostname": socket.gethostname(), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if torch.cuda.is_available():
-        env["cuda_device"] = torch.cuda.get_device_name(0)
-        env["cuda_version"] = torch.version.cuda
-    env["numpy"] = np.__version__
-    return env
-
-
-def autocast(precision: str, device: torch.device):
-    """The forward's autocast context: bf16 when asked for, or by default (``auto``) on CUDA."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    progress: bool | None = None
+    """A progress bar: ``None``: when stderr is a terminal."""
+    quiet: bool = False
+    """No warnings (a repeated epoch) on the console."""
+    desc: str | None = None
+    """The progress bar's label (default: the run directory's name)."""
 
 
 @dataclass
-class StepPlan:
-    """What one optimizer step does; pure schedule arithmetic (:meth:`Trainer.plan_step`)."""
+class RunOptions:
+    """How a session of the run goes: where it starts, when it pauses, what it keeps."""
 
-    tokens: int
-    """Tokens consumed before the step."""
-    batch_seqs: int
-    micro_batch_seqs: int
-    accum: int
-    lr: float
-    adam: tuple[float, float, float] | None
-    """(beta1, beta2, eps) when an Adam rule changes them with the batch."""
-    slices: list[tuple[int, int]]
-    """This rank's stream slices (start, n), in micro-batch order."""
-
-
-def step_plan(cfg: TrainConfig, schedule: BatchSchedule, tokens0: int, offset_seqs: int, rank: int = 0,
-              world_size: int = 1) -> StepPlan:
-    """The optimizer step a run of ``cfg`` (resolved; ``schedule`` its batch schedule) takes after
-    ``tokens0`` tokens, with its stream at ``offset_seqs``: pure schedule arithmetic, so two runs
-    whose step plans agree over a span take the same steps there (a branch reading its start from
-    the parent run, :mod:`critbatch.branch.sweep`)."""
-    c, W, T = cfg, world_size, cfg.model.seq_len
-    B = schedule.batch_seqs_at(tokens0)
-    micro = schedule.micro_batch_at(tokens0, c.micro_batch_seqs, W)
-    accum = schedule.accum_steps_at(tokens0, micro, W)
-    if c.exact_total_tokens and tokens0 + B * T > c.total_tokens:
-        B = (c.total_tokens - tokens0) // T  # final partial step: only what remains
-        accum = -(-(B // W) // micro)
-    lr = c.optim.lr * schedule.lr_multiplier_at(tokens0) * lr_schedule_factor(c.lr_schedule, tokens0)
-    adam = (schedule.adam_at(tokens0, c.optim.beta1, c.optim.beta2, c.optim.eps)
-            if c.optim.adam_rule != "none" and c.optim.name == "adamw" else None)
-    slices = step_slices(offset_seqs + c.data.stream_shift_seqs, B, micro, rank, W)
-    assert len(slices) == accum, (len(slices), accum)
-    return StepPlan(tokens0, B, micro, accum, lr, adam, slices)
+    eval_at_start: bool = True
+    """Evaluate before the first step of a fresh run (branches skip it: their parent evaluated there)."""
+    keep_final_checkpoint: bool = True
+    """Keep a checkpoint at the end (branches do not: they prune theirs once complete)."""
+    stop_after_tokens: int | None = None
+    """Pause at the first step boundary at or after this many tokens (a resume checkpoint is written)."""
+    stop_on_signals: bool = False
+    """Pause on SIGTERM, SIGUSR1 or SIGUSR2 at the next step boundary, every rank together (job workers)."""
+    init_loss_ema: float | None = None
+    """The smoothed training loss a run from ``init_from`` starts with (a branch starting inside its
+    window carries what it would have reached by then); ``None``: it starts afresh."""
 
 
 class Trainer:
@@ -180,82 +100,107 @@ class Trainer:
                  eval_at_start: bool = True, keep_final_checkpoint: bool = True, stop_on_signals: bool = False,
                  init_loss_ema: float | None = None):
         validate(cfg)
-        self.init_loss_ema = init_loss_ema
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if self.out_dir is not None:
             check_output(self.out_dir, "--out")
-        self.quiet = quiet
-        self.stop_after_tokens = stop_after_tokens
-        self.stop_on_signals = stop_on_signals
-        self.stop_signal: int | None = None
-        self.pause_reason: str | None = None
-        """Set by :meth:`request_pause` (a callback's verdict, e.g. an early stop)."""
-        self.trained_as = "alone"
-        """``alone``, or ``stacked xN`` when :mod:`critbatch.train.stacked` trained it with others."""
+        self.display = Display(progress, quiet, desc)
+        self.options = RunOptions(eval_at_start, keep_final_checkpoint, stop_after_tokens, stop_on_signals,
+                                  init_loss_ema)
+        # ---- where it runs ----
         self.device = resolve_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.fsdp = cfg.parallel == "fsdp" and self.dist.enabled
-        user = list(callbacks)
-        for cb in user:
-            if self.fsdp and not cb.supports_fsdp:
-                raise ConfigError(f"{cb.description or 'the ' + cb.name + ' callback'} needs parallel='ddp'; it is not "
-                                  f"available with parallel='fsdp'")
-        builtins = builtin_callbacks(progress=progress, desc=desc, eval_at_start=eval_at_start,
-                                     keep_final_checkpoint=keep_final_checkpoint)
-        self.callbacks = [builtins[-1], *user, *builtins[:-1]]  # the metrics file opens first
-        # ---- everything that can fail on bad input happens before anything is written ----
+        self.callbacks = run_callbacks(self._checked(callbacks), progress=progress, desc=desc,
+                                       eval_at_start=eval_at_start, keep_final_checkpoint=keep_final_checkpoint)
+        # ---- the session's state, set as the run goes ----
+        self.state = TrainerState()
+        self.stop_signal: int | None = None
+        """The stop signal the run paused on (``RunOptions.stop_on_signals``)."""
+        self.pause_reason: str | None = None
+        """Set by :meth:`request_pause` (a callback's verdict, e.g. an early stop)."""
+        self.trained_as = "alone"
+        """``alone``, or ``stacked xN`` when :mod:`critbatch.train.stacked` trained it with others."""
+        self.diverged_at: int | None = None
+        self.diverged_reason: str | None = None
+        self.last_eval: tuple[int, float] | None = None
+        """(tokens, loss) of the latest evaluation."""
+        self.last_eval_se: float | None = None
+        self.last_eval_per_seq: torch.Tensor | None = None
+        self.last_boundary = 0
+        """Tokens at the start of the latest step (where its boundary callbacks looked back to)."""
+        self.step_info: dict = {}
+        """The current step's shape (batch, micro-batches, accumulation) for callbacks."""
+        # ---- built by begin(): model, optimizer and their derived numbers ----
+        self.raw_model: torch.nn.Module | None = None
+        self.model: torch.nn.Module | None = None
+        """``raw_model`` as trained: compiled and/or wrapped by DDP."""
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.params: list[torch.Tensor] = []
+        self.n_params = self.flops_per_token = 0
+        self.peak_flops: float | None = None
+        # ---- where it starts: checked before anything is written ----
+        self.existing_result: RunResult | None = None
+        """A finished run's result.json (the run is then a no-op)."""
+        self.resume_from: Path | None = None
+        self.start_offset = 0
+        self._init: dict | None = None
+        """The checkpoint to start from, until the model and optimizer hold it."""
         self.data = open_data(resolve_data(cfg), verify=cfg.data.verify)
         self.cfg = resolve_config(cfg, self.data)
         c = self.cfg
-        self.schedule = BatchSchedule.parse(c.batch_schedule, c.model.seq_len, c.optim.lr_rule, c.lr_ref_batch_seqs,
-                                            c.optim.adam_rule)
+        self.schedule = schedule_of(c)
         self.schedule.check_divisible(c.micro_batch_seqs, self.dist.world_size)
         if c.optim.name == "adamw":
             self.schedule.check_adam(c.optim.beta1, c.optim.beta2, c.optim.eps)
         self.stream = SequenceStream(self.data, c.model.seq_len, c.data.order_seed)
         self.eval_set = eval_sequences(self.data, c.model.seq_len, c.eval_seqs, c.data.eval_seed)
         self._find_start(init_from)
-        self._check_capacity()
+        self.planned_steps, self.end_tokens = self._check_capacity()
+
+    def _checked(self, callbacks: Iterable[Callback]) -> list[Callback]:
+        user = list(callbacks)
+        for cb in user:
+            if self.fsdp and not cb.supports_fsdp:
+                raise ConfigError(f"{cb.description or 'the ' + cb.name + ' callback'} needs parallel='ddp'; it is not "
+                                  f"available with parallel='fsdp'")
+        return user
 
     # ---- where the run starts -----------------------------------------------------------------
     def _find_start(self, init_from) -> None:
         """A finished run, a run to resume from its newest checkpoint, a start from ``init_from``,
         or a fresh start. Only the checkpoint's meta is kept until the model is built."""
         c = self.cfg
-        self.existing_result = None
-        self.resume_from = None
         if self.out_dir is not None and (self.out_dir / "config.json").is_file():
             # through the dataclass: fields added since the run was made take their defaults
             saved = from_dict(TrainConfig, read_json(self.out_dir / "config.json"))
-            diffs = _diff(defining_dict(saved), defining_dict(c))
+            diffs = config_diff(defining_dict(saved), defining_dict(c))
             if diffs:
                 raise ConfigError(f"{self.out_dir} holds a run with a different config ({'; '.join(diffs[:4])}); "
                                   f"use another --out")
             if (self.out_dir / "result.json").is_file():
-                self.existing_result = read_json(self.out_dir / "result.json")
+                self.existing_result = read_run_result(self.out_dir)
             elif ckpts := list_checkpoints(self.out_dir):
                 self.resume_from = ckpts[-1].path
                 read_jsonl(self.out_dir / "metrics.jsonl")  # damaged records fail here, before anything is written
-        self._init = None
         if self.resume_from is not None:
             self._init, where = load_checkpoint(self.resume_from), str(self.resume_from)
         elif isinstance(init_from, dict):
             self._init, where = copy_checkpoint_state(init_from), "given in memory"
         elif init_from is not None:
             self._init, where = load_checkpoint(init_from), str(init_from)
-        self.start_offset = 0
         if self._init is not None:
             check_model_matches(self._init["meta"], to_dict(c.model), where)
             self.start_offset = int(self._init["meta"]["offset_seqs"])
             if self.start_offset * c.model.seq_len != int(self._init["meta"]["tokens"]):
                 raise CheckpointError(f"checkpoint {where} is inconsistent: offset and tokens disagree")
 
-    def _check_capacity(self) -> None:
+    def _check_capacity(self) -> tuple[int, int]:
+        """(the steps planned, the tokens at the end), once the run is checked to fit the data."""
         c = self.cfg
         T = c.model.seq_len
-        self.planned_steps, end_tokens = self.schedule.walk(self.start_offset * T, c.total_tokens)
+        planned_steps, end_tokens = self.schedule.walk(self.start_offset * T, c.total_tokens)
         if c.exact_total_tokens:
             end_tokens = max(c.total_tokens, self.start_offset * T)
             last = (end_tokens - self.start_offset * T) % self.schedule.batch_tokens_at(max(end_tokens - 1, 0))
@@ -265,9 +210,10 @@ class Trainer:
         need = end_tokens // T + c.data.stream_shift_seqs
         epochs = check_capacity(self.stream, need, c.data.allow_repeat, "the run",
                                 f"pass --allow-repeat to train {need / self.stream.n_seqs:.2f} epochs, or lower --total-tokens")
-        if epochs > 1 and self.dist.is_main and not self.quiet:
+        if epochs > 1 and self.dist.is_main and not self.display.quiet:
             warnings.warn(f"critbatch: this run repeats data: it reads {epochs:.2f} epochs of the training split "
                           f"({need:,} of {self.stream.n_seqs:,} sequences)", stacklevel=2)
+        return planned_steps, end_tokens
 
     # ---- the model --------------------------------------------------------------------------
     def _autocast(self):
@@ -284,8 +230,7 @@ class Trainer:
         if self.fsdp:
             shard_model(self.raw_model, self.device)  # in place: the optimizer below holds the shards
         self.optimizer = build_optimizer(self.raw_model, c.optim, self.device)
-        self.state = {"step": 0, "offset_seqs": 0, "loss_ema": None, "start_step": 0, "start_tokens": 0,
-                      "elapsed_s": 0.0, "last_loss": None}
+        self.state = TrainerState()
         if self._init is not None:
             self._restore(self._init)
         self._init = None  # the model and optimizer hold it now; do not keep a second copy for the run
@@ -308,17 +253,15 @@ class Trainer:
             fsdp_load_optimizer(self.raw_model, self.optimizer, copy_checkpoint_state(ck["optim"]))
         else:
             self.optimizer.load_state_dict(copy_checkpoint_state(ck["optim"]))
-        self.state["step"] = int(ck["meta"]["step"])
-        self.state["offset_seqs"] = int(ck["meta"]["offset_seqs"])
+        self.state.step = int(ck["meta"]["step"])
+        self.state.offset_seqs = int(ck["meta"]["offset_seqs"])
         if self.resume_from is None:
-            self.state["start_step"] = self.state["step"]
-            self.state["start_tokens"] = self.state["offset_seqs"] * self.cfg.model.seq_len
-            self.state["loss_ema"] = self.init_loss_ema
+            self.state.start_step = self.state.step
+            self.state.start_tokens = self.state.offset_seqs * self.cfg.model.seq_len
+            self.state.loss_ema = self.options.init_loss_ema
             return
         st = ck["state"]
-        for key in ("loss_ema", "start_step", "start_tokens", "elapsed_s", "last_loss"):
-            if key in st:
-                self.state[key] = st[key]
+        self.state.load_session(st)
         torch.set_rng_state(st["rng_cpu"])
         if self.device.type == "cuda" and st.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(st["rng_cuda"], self.device)
@@ -328,7 +271,7 @@ class Trainer:
 
     @property
     def tokens(self) -> int:
-        return self.state["offset_seqs"] * self.cfg.model.seq_len
+        return self.state.offset_seqs * self.cfg.model.seq_len
 
     # ---- services for callbacks -----------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -396,7 +339,7 @@ class Trainer:
         if not self.dist.is_main:
             return None
         ev = self.last_eval[1] if (kept and self.last_eval and self.last_eval[0] == self.tokens) else None
-        st = {**self.state, "rng_cpu": torch.get_rng_state(),
+        st = {**self.state.to_dict(), "rng_cpu": torch.get_rng_state(),
               "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
               "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks}}
         meta = training_meta(self.state, self.cfg, self.schedule, tokens=self.tokens, requested=requested,
@@ -411,7 +354,7 @@ class Trainer:
     # ---- one step -----------------------------------------------------------------------------
     def plan_step(self) -> StepPlan:
         """The next step's batch, micro-batches, LR (and Adam hyperparameters) from the schedules."""
-        return step_plan(self.cfg, self.schedule, self.tokens, self.state["offset_seqs"], self.dist.rank,
+        return step_plan(self.cfg, self.schedule, self.tokens, self.state.offset_seqs, self.dist.rank,
                          self.dist.world_size)
 
     def _grad_sync(self, last_micro: bool):
@@ -470,7 +413,7 @@ class Trainer:
 
     def begin_optim_step(self, plan: StepPlan) -> dict:
         """The step's record, and the callbacks' hook before clipping and the optimizer step."""
-        rec = {"step": self.state["step"] + 1, "tokens": plan.tokens + plan.batch_seqs * self.cfg.model.seq_len}
+        rec = {"step": self.state.step + 1, "tokens": plan.tokens + plan.batch_seqs * self.cfg.model.seq_len}
         for cb in self.callbacks:
             cb.on_before_optim_step(self, rec)
         return rec
@@ -491,12 +434,8 @@ class Trainer:
     def _advance(self, plan: StepPlan, loss: float, grad_norm: float, rec: dict) -> dict:
         """The state after a finished step, and its metrics record."""
         B, T = plan.batch_seqs, self.cfg.model.seq_len
-        self.state["step"] += 1
-        self.state["offset_seqs"] += B
-        ema = self.state["loss_ema"]
-        self.state["loss_ema"] = loss if ema is None else EMA_ALPHA * loss + (1 - EMA_ALPHA) * ema
-        self.state["last_loss"] = loss
-        rec.update({"train/loss": loss, "train/loss_ema": self.state["loss_ema"], "optim/lr": plan.lr,
+        self.state.advance(B, loss)
+        rec.update({"train/loss": loss, "train/loss_ema": self.state.loss_ema, "optim/lr": plan.lr,
                     "train/batch_seqs": B, "train/batch_tokens": B * T, "train/grad_norm": grad_norm})
         return rec
 
@@ -504,7 +443,7 @@ class Trainer:
     def _install_stop_handlers(self) -> dict:
         """Record SIGTERM/SIGUSR1/SIGUSR2 instead of dying of them (``stop_on_signals``, main thread
         only). Returns the previous handlers."""
-        if not self.stop_on_signals or threading.current_thread() is not threading.main_thread():
+        if not self.options.stop_on_signals or threading.current_thread() is not threading.main_thread():
             return {}
 
         def handler(signum, _frame):
@@ -520,16 +459,17 @@ class Trainer:
     def _pause_requested(self) -> bool:
         if self.pause_reason is not None:
             return True
-        if self.stop_after_tokens is not None and self.tokens >= self.stop_after_tokens:
+        stop_after = self.options.stop_after_tokens
+        if stop_after is not None and self.tokens >= stop_after:
             return True
-        if not self.stop_on_signals:
+        if not self.options.stop_on_signals:
             return False
         # every rank pauses at the same step boundary, whichever of them received the signal
         self.stop_signal = all_reduce_max_int(self.stop_signal or 0, self.dist, self.device) or None
         return self.stop_signal is not None
 
     # ---- the run ----------------------------------------------------------------------------------
-    def run(self) -> dict | None:
+    def run(self) -> RunResult | None:
         """Train to ``total_tokens`` (or pause at ``stop_after_tokens`` or on a stop signal). Returns
         the result dict, or ``None`` when paused. A finished run directory is returned as it is."""
         if self.existing_result is not None:
@@ -554,7 +494,7 @@ class Trainer:
                 loss, grad_norm, rec = self.train_step(plan)
                 self.after_step(plan, loss, grad_norm, rec)
         finally:
-            self.state["elapsed_s"] += time.perf_counter() - t_session
+            self.state.elapsed_s += time.perf_counter() - t_session
         return self.end(paused)
 
     # ---- the session in parts (the loop above; :mod:`critbatch.train.stacked` drives several at once) --
@@ -579,7 +519,7 @@ class Trainer:
         """Record a trained step: a non-finite loss or norm is a divergence; otherwise advance the
         state, log the step and run the boundary callbacks."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.log({"step": self.state["step"], "tokens": plan.tokens, "train/diverged": True,
+            self.log({"step": self.state.step, "tokens": plan.tokens, "train/diverged": True,
                       "train/loss": loss, "train/grad_norm": grad_norm})
             self.diverge(plan.tokens, f"the training loss ({loss}) or gradient norm ({grad_norm}) is not finite")
             return
@@ -613,25 +553,25 @@ class Trainer:
         barrier(self.dist)
         return result
 
-    def result(self) -> dict:
+    def result(self) -> RunResult:
         ok = self.diverged_at is None
         s = self.state
         return {
-            "tokens": self.tokens, "steps": s["step"] - s["start_step"], "global_step": s["step"],
-            "start_tokens": s["start_tokens"],
+            "tokens": self.tokens, "steps": s.step - s.start_step, "global_step": s.step,
+            "start_tokens": s.start_tokens,
             "final_eval_loss": self.last_eval[1] if ok and self.last_eval else None,
             "final_eval_loss_se": self.last_eval_se if ok else None, "eval_seqs": self.cfg.eval_seqs,
-            "final_train_loss": s["loss_ema"] if ok else None,
-            "final_train_loss_last_step": s["last_loss"] if ok else None,
+            "final_train_loss": s.loss_ema if ok else None,
+            "final_train_loss_last_step": s.last_loss if ok else None,
             "train_loss_smoothing": f"EMA alpha={EMA_ALPHA} over steps",
             "diverged": not ok, "diverged_at_tokens": self.diverged_at, "diverged_reason": self.diverged_reason,
-            "epochs": s["offset_seqs"] / self.stream.n_seqs, "params": self.n_params,
-            "flops_per_token": self.flops_per_token, "wall_time_s": s["elapsed_s"],
-            "tokens_per_s": (self.tokens - s["start_tokens"]) / s["elapsed_s"] if s["elapsed_s"] > 0 else None,
+            "epochs": s.offset_seqs / self.stream.n_seqs, "params": self.n_params,
+            "flops_per_token": self.flops_per_token, "wall_time_s": s.elapsed_s,
+            "tokens_per_s": (self.tokens - s.start_tokens) / s.elapsed_s if s.elapsed_s > 0 else None,
             "config_hash": defining_hash(self.cfg), "trained": self.trained_as,
         }
 
 
-def train(cfg: TrainConfig, out_dir: str | Path | None, **kwargs) -> dict | None:
+def train(cfg: TrainConfig, out_dir: str | Path | None, **kwargs) -> RunResult | None:
     """Run (or resume, or return the finished result of) one training run. See :class:`Trainer`."""
     return Trainer(cfg, out_dir, **kwargs).run()

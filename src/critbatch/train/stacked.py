@@ -14,7 +14,7 @@ order; ``tests/test_stacked.py`` holds them to 1e-5 in fp32). A run directory tr
 normal run directory: a killed stack resumes, each run from its own checkpoint, stacked again while
 their steps have one shape (a run left with more steps than the others finishes alone).
 
-Stackable: single-process runs of the built-in GPT (``model.family``) on one device with the same
+Stackable: single-process runs of a stackable model family (the built-in GPT) on one device with the same
 model config, precision and step structure, and no job callbacks (the online noise scale reads each
 micro-batch's gradient, which lives in the stack until the step's last micro-batch).
 """
@@ -29,16 +29,17 @@ from pathlib import Path
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from ..config import TrainConfig, defining_dict, from_dict
-from ..io import read_json
+from ..config import TrainConfig, defining_dict
+from ..model import family
 from ..model.losses import next_token_loss_sum
 from .early_stop import STOP_RULE_FILE
+from .job import JobSpec
 from .loop import Trainer
 
 
 def stack_key(cfg: TrainConfig) -> str | None:
     """Runs with the same key can be stacked; ``None``: this run cannot be (it trains alone)."""
-    if cfg.model.family != "gpt":
+    if not family(cfg.model).stackable:
         return None
     d = defining_dict(cfg)
     return repr((d["model"], cfg.precision, cfg.device, cfg.compile, cfg.micro_batch_seqs, cfg.batch_seqs,
@@ -221,14 +222,14 @@ def train_stacked(trainers: list[Trainer]) -> list[dict | None]:
     finally:
         dt = time.perf_counter() - t_session
         for t in group:  # the stack's time, shared: each run is charged 1/N of it
-            t.state["elapsed_s"] += dt / len(group)
+            t.state.elapsed_s += dt / len(group)
     for t in group:  # a run the stack could not take to its end (it diverged, or its steps differ) goes on alone
         _unstack(t)
         t0 = time.perf_counter()
         while t.running():
             plan = t.plan_step()
             t.after_step(plan, *t.train_step(plan))
-        t.state["elapsed_s"] += time.perf_counter() - t0
+        t.state.elapsed_s += time.perf_counter() - t0
     for i, t in zip(todo, group):
         results[i] = t.end(False)
     return results
@@ -245,10 +246,10 @@ def _unstack(t: Trainer) -> None:
 def job_stack_key(job_dir: Path) -> str | None:
     """:func:`stack_key` of a job directory (``None`` for a job that names callbacks or has an
     early-stop rule: those train alone)."""
-    job = read_json(Path(job_dir) / "job.json")
-    if job.get("callbacks") or (Path(job_dir) / STOP_RULE_FILE).is_file():
+    job = JobSpec.read(job_dir)
+    if job.callbacks or (Path(job_dir) / STOP_RULE_FILE).is_file():
         return None
-    return stack_key(from_dict(TrainConfig, job["config"]))
+    return stack_key(job.train_config())
 
 
 def stacks(dirs: list[Path], size: int) -> list[list[Path]]:
@@ -284,15 +285,7 @@ def run_jobs_stacked(job_dirs: list[str | Path], threads: int | None = None) -> 
             f = open(d / ".lock", "w")
             fcntl.flock(f, fcntl.LOCK_EX)
             locks.append(f)
-        trainers = []
-        for d in dirs:
-            job = read_json(d / "job.json")
-            cfg = from_dict(TrainConfig, job["config"])
-            init = (d / job["init_from"]) if job.get("init_from") else None
-            trainers.append(Trainer(cfg, d, init_from=init, progress=False, quiet=True,
-                                    eval_at_start=job.get("eval_at_start", True),
-                                    keep_final_checkpoint=job.get("keep_final_checkpoint", True),
-                                    init_loss_ema=job.get("init_loss_ema")))
+        trainers = [JobSpec.read(d).trainer(d) for d in dirs]
         groups: dict[str, list[int]] = {}
         for i, d in enumerate(dirs):
             key = job_stack_key(d)

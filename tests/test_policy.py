@@ -1,0 +1,87 @@
+"""The closed loop's raise policy as pure functions: planted verdicts in, the batch out — no training."""
+
+import pytest
+
+from critbatch.closed_loop import AutoBatchConfig, decide_raise, next_point, probe_gap, raise_streak
+from critbatch.records import probe_decision, unconfirmed_raise
+
+
+def evidence(gap: float = 0.005) -> dict:
+    return {"ks": [1.0, 2.0], "eval_losses": [[2.0, 2.0], [2.0 + gap, 2.0 + gap]]}
+
+
+def run_policy(verdicts_by_point: list[dict], a: AutoBatchConfig, B0: int = 4, gap: float = 0.005) -> list[dict]:
+    """Drive the policy over a sequence of points as the loop does: each point's branch probe allows
+    2B when its verdict says raise."""
+    decisions: list[dict] = []
+    B = B0
+    for i, v in enumerate(verdicts_by_point):
+        branch_after = 2 * B if v.get("branch") == "raise" else B
+        if a.max_batch_seqs is not None and branch_after > a.max_batch_seqs:
+            branch_after = B
+        d = decide_raise(B, v, branch_after, evidence(gap), decisions, a)
+        rec = {"point": i, "tokens": 1000 * (i + 1), "batch_before": B, "batch_after": d.batch_after,
+               "verdicts": v, "acted_on": d.acted_on, "cost": {}}
+        for key in ("confirmations", "eps_budget", "eps_spent"):
+            if getattr(d, key) is not None:
+                rec[key] = getattr(d, key)
+        decisions.append(rec)
+        B = d.batch_after
+    return decisions
+
+
+RAISE, STAY = {"branch": "raise"}, {"branch": "stay"}
+
+
+def test_confirmation_needs_consecutive_raises_at_the_same_batch():
+    ds = run_policy([RAISE, STAY, RAISE, RAISE, RAISE, RAISE], AutoBatchConfig(confirm=2))
+    assert [d["batch_after"] for d in ds] == [4, 4, 4, 8, 8, 16]
+    assert [d.get("confirmations") for d in ds] == [
+        {"seen": 1, "needed": 2}, None, {"seen": 1, "needed": 2}, {"seen": 2, "needed": 2},
+        {"seen": 1, "needed": 2}, {"seen": 2, "needed": 2}]  # a new batch starts a new streak
+    assert [unconfirmed_raise(d) for d in ds] == [True, False, True, False, True, False]
+    assert [d["batch_after"] for d in run_policy([RAISE, STAY, RAISE], AutoBatchConfig(confirm=1))] == [8, 8, 16]
+
+
+def test_streak_counts_only_the_acting_trigger_at_this_batch():
+    prev = [{"batch_before": 4, "verdicts": {"branch": "raise", "norm": "stay"}, "acted_on": "branch"},
+            {"batch_before": 4, "verdicts": {"branch": "stay", "norm": "raise"}, "acted_on": "norm"},
+            {"batch_before": 4, "verdicts": {"branch": "raise"}, "acted_on": "branch"}]
+    assert raise_streak(4, prev) == 4  # this point and three before it (the norm trigger acted at one)
+    assert raise_streak(8, prev) == 1
+    assert raise_streak(4, prev + [{"batch_before": 4, "verdicts": {"branch": "stay"}, "acted_on": "branch"}]) == 1
+
+
+def test_a_cheaper_trigger_acts_only_when_it_has_a_verdict_and_never_past_the_cap():
+    a = AutoBatchConfig(act_on="gns", confirm=1, max_batch_seqs=8)
+    ds = run_policy([{"branch": "stay", "gns": None}, {"branch": "stay", "gns": "raise"},
+                     {"branch": "raise", "gns": "raise"}], a)
+    assert [d["acted_on"] for d in ds] == ["branch", "gns", "gns"]  # uncalibrated gns: the branch probe acts
+    assert [d["batch_after"] for d in ds] == [4, 8, 8]  # 16 would pass the cap
+
+
+def test_the_eps_budget_is_spent_by_the_gaps_of_the_raises_taken():
+    ds = run_policy([RAISE, RAISE, RAISE], AutoBatchConfig(confirm=1, eps_budget=0.012), gap=0.006)
+    assert [d["batch_after"] for d in ds] == [8, 16, 16]
+    assert [d.get("eps_spent") for d in ds] == [pytest.approx(0.006), pytest.approx(0.006), None]
+    assert ds[2]["eps_budget"] == {"spent_before": pytest.approx(0.012), "gap": pytest.approx(0.006), "budget": 0.012}
+    assert probe_gap(evidence(-0.003), 2.0) == 0.0  # a larger batch ahead spends nothing
+    assert probe_gap(evidence(), 4.0) is None  # not probed
+
+
+def test_next_point_confirms_an_unconfirmed_raise_sooner():
+    a = AutoBatchConfig(confirm=2, confirm_factor=1.5)
+    pending = {"batch_before": 4, "batch_after": 4, "confirmations": {"seen": 1, "needed": 2}}
+    assert next_point(1000, [1000, 4000], 8000, pending, a) == 1500
+    assert next_point(1000, [1000, 4000], 8000, {**pending, "confirmations": None}, a) == 4000
+    assert next_point(1000, [1000, 1200], 8000, pending, a) == 1200  # the scheduled point comes first
+    assert next_point(4000, [1000, 4000], 8000, None, a) == 8000
+    assert next_point(1000, [1000, 4000], 8000, pending, AutoBatchConfig(confirm=2)) == 4000
+
+
+def test_decisions_written_before_structured_confirmations_read_the_same():
+    old = {"tokens": 30208, "batch_before": 8, "batch_after": 8, "verdicts": {"branch": "raise"}, "acted_on": "branch",
+           "cost": {"probe_tokens": 1, "gns_tokens": 0}, "confirmations": "1 of 2"}
+    d = probe_decision(old)
+    assert d["confirmations"] == {"seen": 1, "needed": 2} and unconfirmed_raise(d)
+    assert d["probe"] is None and d["eps_spent"] is None  # keys added since fill in
