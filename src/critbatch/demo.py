@@ -44,7 +44,7 @@ STAGES = ("prepare", "base", "sweep", "gns", "schedule", "autobatch", "compare",
 class DemoConfig:
     """The whole study on the embedded corpus."""
 
-    out: str = "runs/demo"
+    out: str = how("runs/demo")
     """Study directory (a rerun skips finished stages)."""
     quick: bool = False
     """A short version (tests, a first look): a smaller run, fewer points, short windows."""
@@ -130,7 +130,9 @@ class _Stages:
         mine = defining_dict(cfg)
         if state and {k: v for k, v in state.get("config", {}).items() if k in mine} != mine:
             raise ConfigError(f"{out} holds a demo with a different configuration; use another --out")
-        self.state = {"config": asdict(cfg), "stages": state.get("stages", {}), "artifacts": state.get("artifacts", {})}
+        # where the study lives is not part of it: a moved or copied directory is the same study
+        config = {k: v for k, v in asdict(cfg).items() if k != "out"}
+        self.state = {"config": config, "stages": state.get("stages", {}), "artifacts": state.get("artifacts", {})}
 
     def done(self, name: str) -> bool:
         return bool(self.state["stages"].get(name, {}).get("done"))
@@ -233,7 +235,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         run_compare(CompareConfig(out=str(out / "compare"), schedule=str(out / "schedule.json"), config=str(cfg_file),
                                   total_tokens=cfg.total_tokens, anneal_tokens=cfg.anneal_tokens, seeds=cfg.seeds,
                                   jobs=cfg.jobs, launcher=cfg.launcher, threads_per_job=_threads(cfg),
-                                  closed_loop=str(out / "autobatch") if loop else None))
+                                  closed_loop=str(out / "autobatch") if loop and loop["raises"] else None))
 
     st.run("compare", compare)
     st.run("report", lambda: build_report(out), always=True)
