@@ -341,3 +341,79 @@ def test_inprocess_threads_respect_omp_num_threads(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert inprocess_threads() == usable_cores() == len(os.sched_getaffinity(0))
     assert _threads(DemoConfig(launcher="local")) == 1
+
+
+# ---- warm workers (critbatch.launch.warm): the local pool's processes train many jobs each ----------
+
+def test_warm_workers_train_many_jobs_each_with_the_results_of_in_process(data_dir, tmp_path, monkeypatch):
+    from critbatch.launch import warm
+
+    started = []
+    orig = warm.Worker.__init__
+
+    def counting(self, slot, threads):
+        started.append(slot)
+        orig(self, slot, threads)
+
+    monkeypatch.setattr(warm.Worker, "__init__", counting)
+    cfgs = [small_cfg(data_dir, total_tokens=512, seed=s) for s in range(5)]
+    warm_dirs = [write_job(tmp_path / "warm" / f"j{i}", c) for i, c in enumerate(cfgs)]
+    ref_dirs = [write_job(tmp_path / "ref" / f"j{i}", c) for i, c in enumerate(cfgs)]
+    done = []
+    run_jobs(warm_dirs, jobs=2, threads=1, launcher="local", on_done=done.append)
+    assert sorted(started) == [0, 1] and sorted(done) == sorted(warm_dirs)  # two processes for five jobs
+    run_jobs(ref_dirs, jobs=1, threads=1, launcher="inprocess")
+    for a, b in zip(warm_dirs, ref_dirs):
+        same_run(a, b)
+
+
+def test_a_killed_warm_worker_fails_only_its_job_and_the_rerun_resumes_it(data_dir, tmp_path, monkeypatch):
+    from critbatch.launch import warm
+
+    workers = []
+    orig = warm.Worker.__init__
+
+    def keep(self, slot, threads):
+        orig(self, slot, threads)
+        workers.append(self)
+
+    monkeypatch.setattr(warm.Worker, "__init__", keep)
+    long = write_job(tmp_path / "long", long_job_cfg(data_dir))
+    short = [write_job(tmp_path / f"short{i}", small_cfg(data_dir, total_tokens=512, seed=i)) for i in range(2)]
+    import threading
+
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("err", _run_catching([long, *short])))
+    t.start()
+    wait_for_training(long, lambda: t.is_alive())
+    workers[0].proc.send_signal(signal.SIGKILL)  # the worker holding the long job
+    t.join(timeout=120)
+    err = box["err"]
+    assert isinstance(err, CritbatchError) and f"job {long.name} failed" in str(err) and "exit status -9" in str(err)
+    assert all((d / "result.json").is_file() for d in short)  # a fresh worker trained the rest
+    assert len(workers) == 2
+    run_jobs([long], jobs=1, threads=1, launcher="local")  # again: it resumes and finishes
+    ref = write_job(tmp_path / "ref", long_job_cfg(data_dir))
+    run_jobs([ref], jobs=1, threads=1, launcher="inprocess")
+    assert read_json(long / "result.json")["final_eval_loss"] == read_json(ref / "result.json")["final_eval_loss"]
+
+
+def _run_catching(dirs):
+    try:
+        run_jobs(dirs, jobs=1, threads=1, launcher="local")
+    except CritbatchError as e:
+        return e
+    return None
+
+
+def test_workers_do_not_import_from_the_callers_directory(data_dir, tmp_path, monkeypatch):
+    """A concurrent.py in the directory a sweep is started from would replace the standard package in
+    a worker that put that directory first on its import path (issue 24 item 7)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "concurrent.py").write_text("raise SystemExit('imported the caller\\'s concurrent.py')\n")
+    (cwd / "json.py").write_text("raise SystemExit('imported the caller\\'s json.py')\n")
+    monkeypatch.chdir(cwd)
+    d = write_job(cwd / "job", small_cfg(data_dir, total_tokens=512))
+    run_jobs([Path("job")], jobs=1, threads=1, launcher="local")  # relative, from the hostile directory
+    assert (d / "result.json").is_file()

@@ -12,7 +12,6 @@ asked. Adding one is one ``LAUNCHERS.register(name, Launcher(...))``.
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ from typing import Callable
 
 from ..errors import CritbatchError
 from ..train.stacked import run_jobs_stacked, stacks
-from .jobs import LAUNCHERS, _error_line, check_nproc, die_with_parent, die_with_parent_term, run_job, worker_env
+from .jobs import LAUNCHERS, _error_line, check_nproc, die_with_parent_term, run_job, worker_env
 from .slurm import check_slurm_here, run_submitit, slurm_config
+from .warm import python_command, run_warm
 
 
 @dataclass
@@ -97,8 +97,19 @@ def _inprocess(todo: list[Path], how: Launch) -> None:
 
 
 def _local(todo: list[Path], how: Launch) -> None:
-    """A pool of worker processes (``python -m critbatch.launch``), ``jobs`` at once; GPU slots through
-    ``CUDA_VISIBLE_DEVICES``; a job of several ranks under ``torchrun --standalone``."""
+    """A pool of ``jobs`` worker processes on this machine (GPU slots through ``CUDA_VISIBLE_DEVICES``):
+    warm workers that train many jobs each (:mod:`critbatch.launch.warm`); a job of several ranks
+    under ``torchrun --standalone``, a process group per job."""
+    units = units_of(todo, how)
+    if how.nproc_per_job == 1:
+        errors = run_warm(units, how.jobs, how.threads, how.on_done)
+    else:
+        errors = _torchrun_each(units, how)
+    if errors:
+        raise CritbatchError(f"{len(errors)} job(s) failed; first: {errors[0]}")
+
+
+def _torchrun_each(units: list[list[Path]], how: Launch) -> list[str]:
     free_slots = list(range(how.jobs))
     lock = threading.Lock()
     errors: list[str] = []
@@ -107,13 +118,12 @@ def _local(todo: list[Path], how: Launch) -> None:
         with lock:
             slot = free_slots.pop(0)
         d = unit[0]
-        try:
-            cmd = ["-m", "critbatch.launch", *map(str, unit), "--threads", str(how.threads)]
-            if how.nproc_per_job > 1:  # a data-parallel job: torchrun on a free port of its own
-                cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={how.nproc_per_job}", *cmd]
-            r = subprocess.run([sys.executable, *cmd], env=worker_env(how.threads, slot, how.nproc_per_job),
-                               capture_output=True, text=True,
-                               preexec_fn=die_with_parent if how.nproc_per_job == 1 else die_with_parent_term)
+        try:  # a data-parallel job: torchrun on a free port of its own
+            cmd = [*python_command(), "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={how.nproc_per_job}", "-m", "critbatch.launch", *(str(Path(x).resolve()) for x in unit),
+                   "--threads", str(how.threads)]
+            env = {**worker_env(how.threads, slot, how.nproc_per_job), "PYTHONSAFEPATH": "1"}  # the ranks, too
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, preexec_fn=die_with_parent_term)
             if r.returncode != 0:
                 errors.append(f"job {d.name} failed: {_error_line(r.stderr)}")
             else:
@@ -124,9 +134,8 @@ def _local(todo: list[Path], how: Launch) -> None:
                 free_slots.append(slot)
 
     with ThreadPoolExecutor(max_workers=how.jobs) as ex:
-        list(ex.map(work, units_of(todo, how)))
-    if errors:
-        raise CritbatchError(f"{len(errors)} job(s) failed; first: {errors[0]}")
+        list(ex.map(work, units))
+    return errors
 
 
 def _submitit(name: str) -> Callable[[list[Path], Launch], None]:

@@ -21,9 +21,20 @@ from .jobs import Interrupted, run_job
 
 def main() -> int:
     ap = argparse.ArgumentParser(prog="critbatch.launch.worker")
-    ap.add_argument("job_dir", nargs="+", help="one job; several: trained together as one stacked model")
+    ap.add_argument("job_dir", nargs="*", help="one job; several: trained together as one stacked model")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--serve", action="store_true", help="a warm worker: job directories a line on stdin "
+                                                          "(critbatch.launch.warm)")
     a = ap.parse_args()
+    if a.serve:
+        from .warm import serve
+
+        try:
+            return serve(a.threads)
+        finally:
+            shutdown()
+    if not a.job_dir:
+        ap.error("give a job directory (or --serve)")
     try:
         if len(a.job_dir) == 1:
             run_job(a.job_dir[0], a.threads, stop_on_signals=True)
