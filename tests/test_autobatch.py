@@ -338,6 +338,30 @@ def test_plan_on_the_command_line(tmp_path, capsys):
     assert "no raise" in capsys.readouterr().out
 
 
+def test_plan_and_schedule_say_where_the_start_batch_sits(tmp_path, capsys):
+    """Given a sweep, the plan and the schedule both state the start batch against the measured CBS."""
+    from critbatch.cli import main
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "cbs.json").write_text(json.dumps({"seq_len": 64, "window_tokens": 98304, "points": [
+        {"tokens": t, "cbs_low_seqs": lo, "cbs_high_seqs": hi, "base_batch_seqs": 8}
+        for t, lo, hi in ((20_000, 0, 6), (200_000, 8, 12), (600_000, 16, 32))]}))
+    plan = ["plan", "--total-tokens", "1M", "--seq-len", "64", "--step-seconds", '{"8": 0.01}', "--sweep", str(sweep)]
+    assert main([*plan, "--start-seqs", "8", "--out", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "start batch: warning: the start batch of 8 sequences is above the measured CBS at 20,000 tokens" in out
+    assert read_json(tmp_path / "p.json")["start_advice"]["recommended_seqs"] == 4
+    assert main([*plan, "--start-seqs", "4"]) == 0
+    assert "start batch: the start batch of 4 sequences is below the measured CBS: the lower bounds allow 2 doublings" \
+        in capsys.readouterr().out
+    assert main(["schedule", "--sweep", str(sweep), "--out", str(tmp_path / "s.json"), "--start-seqs", "4"]) == 0
+    assert "start batch: the start batch of 4 sequences is below" in capsys.readouterr().out
+    assert read_json(tmp_path / "s.json")["start_advice"]["position"] == "below"
+    assert main([*plan, "--start-seqs", "4", "--seq-len", "128"]) == 2
+    assert "measured 64-token sequences" in capsys.readouterr().err
+
+
 def test_compare_replays_the_closed_loop_as_a_fourth_run(data_dir, tmp_path):
     from critbatch.analysis.comparison import markdown_table
     from critbatch.warmup import CompareConfig, run_compare

@@ -351,7 +351,8 @@ def test_resume_in_the_middle_of_a_warmup_phase(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("over,needle", [
-    ({"schedule": "0:2,8000:4"}, "no batch change before 4,096 tokens"),
+    ({"schedule": "0:2,8000:4"}, "no batch change before 5,120 tokens"),  # 4,096 + the 1,024-token anneal
+    ({"schedule": "0:2,4160:4", "anneal_tokens": 0, "anneal_steps": 8}, "changes the batch inside the anneal"),
     ({"schedule": "0:2,1024:3", "micro_batch_seqs": 2}, "warmup run: batch 3 sequences of phase 1"),
     ({"anneal_tokens": -16}, "anneal tokens -16 and anneal steps 0 must be >= 0"),
     ({"anneal_tokens": 16, "anneal_steps": 2}, "not both"),
@@ -429,3 +430,22 @@ def test_schedule_cli_from_a_real_sweep(tmp_path, capsys, data_dir):
     saved = read_json(tmp_path / "w" / "config.json")
     assert saved["batch_schedule"] == [[p["start_tokens"], p["batch_seqs"]] for p in doc["phases"]]
     assert saved["lr_ref_batch_seqs"] == doc["ref_batch_seqs"] and saved["optim"]["lr_rule"] == doc["rule"]
+
+
+def test_a_batch_that_grows_inside_the_anneal_is_trained_and_counted(data_dir, tmp_path):
+    """A seesaw schedule (critbatch schedule --decay seesaw) doubles the batch inside the LR decay: the
+    warmup run trains those phases, the large control trains the batch the pretraining ends with, and
+    the steps saved count the anneal's steps (the paper's Table 1 includes its annealing steps)."""
+    from critbatch.io import read_jsonl
+    from critbatch.warmup import run_compare
+
+    out = tmp_path / "cmp"
+    comp = run_compare(compare_cfg(data_dir, out, schedule="0:2,1024:4,4608:8"), progress=False)
+    assert comp["decay_phases"] == [[4608, 8]] and comp["final_seqs"] == 4
+    steps = [r for r in read_jsonl(out / "runs" / "s0" / "warmup" / "metrics.jsonl") if "train/loss" in r]
+    assert {r["train/batch_seqs"] for r in steps if r["tokens"] > 4608} == {8}
+    assert comp["runs"]["warmup"]["optimizer_steps"] == 1024 // 32 + (4608 - 1024) // 64 + 512 // 128
+    assert comp["runs"]["large"]["batch_schedule"] == [[0, 4]]
+    lr = {r["tokens"]: r["optim/lr"] for r in steps}
+    # the step that starts at 4608 (the anneal's halfway point) runs at sqrt(2) x the LR the anneal gives it at batch 4
+    assert lr[4608 + 128] / lr[4608] == pytest.approx(2 ** 0.5 * (1 - 512 / 1024) / (1 - 448 / 1024), rel=1e-6)

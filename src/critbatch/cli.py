@@ -235,6 +235,7 @@ def cmd_schedule(ns: argparse.Namespace) -> int:
               f"LR x {ph['lr_multiplier']:.3f}")
     for n in doc["notes"]:
         print(f"  note: {n}")
+    print(f"  start batch: {doc['start_advice']['message']}")
     ex = doc["exports"]
     print(f"  Megatron-LM: --step-batch-size-schedule \"{ex['megatron_step_batch_size_schedule']}\" "
           f"--seq-length {doc['seq_len']} (no --global-batch-size)")

@@ -130,9 +130,10 @@ def _first_crossing(C: Callable[[float], float], level: float, t_from: float, t_
 
 def derive_schedule(curve: dict, start_seqs: int, *, max_seqs: int | None = None, granularity: int | None = None,
                     safety: float = 1.0, source: str = "measured", rule: str = "sqrt", adam_rule: str = "none",
-                    until_tokens: int | None = None) -> DerivedSchedule:
+                    until_tokens: int | None = None, not_before: float = 0.0) -> DerivedSchedule:
     """Warmup phases from a CBS curve (the module docstring states the rule). Thresholds are rounded
-    up to whole sequences."""
+    up to whole sequences. ``not_before``: no step up before this many tokens (a step the bound
+    allowed earlier is taken there)."""
     if start_seqs is None or start_seqs <= 0:
         raise ConfigError(f"start batch {start_seqs} must be a positive number of sequences")
     if max_seqs is not None and max_seqs < start_seqs:
@@ -147,7 +148,7 @@ def derive_schedule(curve: dict, start_seqs: int, *, max_seqs: int | None = None
     measured_max = max(p["tokens"] for p in curve["points"])
     until = float(until_tokens or max(measured_max * 4, 1))
     phases = [(0, start_seqs)]
-    b, t = start_seqs, 0.0
+    b, t = start_seqs, float(not_before)
     cap = max_seqs if max_seqs is not None else math.inf
 
     def allowed(c: float) -> int:
@@ -193,3 +194,98 @@ def derive_schedule(curve: dict, start_seqs: int, *, max_seqs: int | None = None
                      f"(it may lie below the grid there): the start batch itself is not shown to be safe")
     sched = BatchSchedule(tuple(phases), T, rule, start_seqs, adam_rule)
     return DerivedSchedule(sched, used, notes, env)
+
+
+# ---- where the start batch sits against the measured CBS (issue 22) ------------------------------
+
+@dataclass
+class StartAdvice:
+    """Whether a run's start batch sits below, at or above the measured CBS, and a start batch with
+    room for a warmup. Batches in sequences of the curve's length."""
+
+    start_seqs: int
+    position: str
+    """``below`` (the measurements allow at least one doubling within the measured range), ``at``
+    (no doubling is shown safe) or ``above`` (a larger batch than the start was shown to fail at some
+    point: those tokens are trained past the CBS)."""
+    room_doublings: int
+    """Doublings of the start batch that the measured lower bounds allow by the last point."""
+    plateau_low_seqs: float
+    """The measured envelope's last value: the largest batch the last points show safe."""
+    above_at: list[tuple[int, float]]
+    """(tokens, upper bound) of the points whose CBS was shown below the start batch."""
+    recommended_seqs: int
+    """A start batch with room for the warmup: the largest batch shown safe at the earliest point,
+    or, where only the smallest probed batch passed there, the largest power-of-two fraction of the
+    start below that point's upper bound — and at least one doubling below the plateau."""
+    steps_saved_pct: float
+    """Optimizer steps the warmup derived from ``start_seqs`` saves against staying there, to ``until``."""
+    recommended_steps_saved_pct: float
+    """The same from ``recommended_seqs``."""
+    until_tokens: int
+
+    def message(self) -> str:
+        """One paragraph for the command line and the report."""
+        B, R = self.start_seqs, self.recommended_seqs
+        if self.position == "above":
+            where = ", ".join(f"{t:,} tokens (CBS <= {h:g})" for t, h in self.above_at)
+            s = (f"warning: the start batch of {B} sequences is above the measured CBS at {where}: those tokens are "
+                 f"trained past the critical batch size (wasted, or worse). Start at {R} sequences")
+        elif self.position == "at":
+            s = (f"the start batch of {B} sequences sits at the measured CBS (the lower bounds reach "
+                 f"{self.plateau_low_seqs:g} by the last point): no doubling is shown safe, so no warmup can save "
+                 f"steps from it. A start at {R} sequences leaves room for one")
+        else:
+            s = (f"the start batch of {B} sequences is below the measured CBS: the lower bounds allow "
+                 f"{self.room_doublings} doubling{'s' if self.room_doublings != 1 else ''} (to "
+                 f"{self.plateau_low_seqs:g} sequences by the last point); the derived warmup saves "
+                 f"{self.steps_saved_pct:.0f}% of the optimizer steps to {self.until_tokens:,} tokens")
+            if R != B:
+                s += f"; from {R} sequences it would save {self.recommended_steps_saved_pct:.0f}%"
+            return s + "."
+        if R != B:
+            s += f" (the derived warmup from there saves {self.recommended_steps_saved_pct:.0f}% of its steps to " \
+                 f"{self.until_tokens:,} tokens)"
+        return s + "."
+
+
+def _steps(sched: BatchSchedule, until: int) -> int:
+    """Optimizer steps of a run of ``until`` tokens under ``sched`` (a phase from the first step at or after it)."""
+    steps, t = 0, 0
+    while t < until:
+        t += sched.batch_tokens_at(t)
+        steps += 1
+    return steps
+
+
+def advise_start(curve: dict, start_seqs: int, until_tokens: int | None = None, **derive) -> StartAdvice:
+    """Where ``start_seqs`` sits against the curve's measured CBS, and a start with room for a warmup
+    (:class:`StartAdvice`); ``derive``: the options of :func:`derive_schedule` for the steps saved."""
+    env, _ = measured_envelope(curve)
+    pts = sorted((p for p in curve["points"] if p["tokens"] > 0), key=lambda p: p["tokens"])
+    T = curve["seq_len"]
+    until = int(until_tokens or max(p["tokens"] for p in pts) * 4)
+    plateau = env[-1][1]
+    above = [(int(p["tokens"]), float(p["cbs_high_seqs"])) for p in pts
+             if p["cbs_high_seqs"] is not None and not p.get("undetermined_reason") and p["cbs_high_seqs"] < start_seqs]
+    room = int(math.floor(math.log2(plateau / start_seqs) + 1e-9)) if plateau >= 2 * start_seqs else 0
+    position = "above" if above else ("below" if room >= 1 else "at")
+    first = pts[0]
+    lo1, hi1 = float(first["cbs_low_seqs"] or 0.0), first["cbs_high_seqs"]
+    if lo1 > 0:
+        rec = int(lo1)
+    else:  # only the smallest probed batch passed (or none was shown to fail): halve below the upper bound
+        rec = start_seqs
+        while rec > 1 and hi1 is not None and rec >= hi1:
+            rec //= 2
+    while rec > 1 and 2 * rec > plateau and plateau >= 2:  # room for at least one doubling below the plateau
+        rec //= 2
+    rec = max(1, min(rec, start_seqs) if position != "below" else rec)
+
+    def saved(b0: int) -> float:
+        d = derive_schedule(curve, b0, until_tokens=until, **derive)
+        n = _steps(d.schedule, until)
+        n0 = -(-until // (b0 * T))
+        return 100.0 * (1 - n / n0)
+
+    return StartAdvice(start_seqs, position, room, plateau, above, rec, saved(start_seqs), saved(rec), until)

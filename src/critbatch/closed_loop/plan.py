@@ -16,13 +16,16 @@ extrapolated in proportion to the batch (no speed-up assumed).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
+from ..analysis.schedule import advise_start
 from ..analysis.triggers import log_spaced_points, phase_steps, steps_for
 from ..config import TrainConfig, check_choices, option
 from ..errors import ConfigError
 from ..io import check_output, write_json_atomic
+from ..records import read_curve
 from ..schedules import BatchSchedule
 from ..units import fmt_count
 from .config import AutoBatchConfig, default_window
@@ -47,6 +50,9 @@ class PlanConfig:
     expected: str | None = None
     """The schedule the run is expected to take (a schedule.json or ``START:BATCH,...``), e.g.
     derived from a smaller proxy's sweep; the two bounds are reported beside it."""
+    sweep: str | None = None
+    """A sweep directory (its cbs.json, measured on this data, or on a proxy at the same sequence
+    length): say where the start batch sits against its CBS and which start leaves room for a warmup."""
     auto: AutoBatchConfig = field(default_factory=AutoBatchConfig)
     out: str | None = option(None)
     """Write the estimate as JSON here."""
@@ -200,6 +206,13 @@ def run_plan(cfg: PlanConfig) -> dict:
     else:
         raise ConfigError("give step_seconds (e.g. --step-seconds '{\"8\": 0.05}') or --preset NAME to measure them")
     est = estimate(cfg, times)
+    if cfg.sweep:
+        curve = read_curve(cfg.sweep)
+        if curve["seq_len"] != cfg.seq_len:
+            raise ConfigError(f"the sweep {cfg.sweep} measured {curve['seq_len']}-token sequences, the plan has "
+                              f"seq_len={cfg.seq_len}: give a sweep at the same sequence length")
+        adv = advise_start(curve, cfg.start_seqs, until_tokens=cfg.total_tokens)
+        est["start_advice"] = {**dataclasses.asdict(adv), "message": adv.message()}
     if cfg.out:
         write_json_atomic(cfg.out, est)
     return est
@@ -212,6 +225,8 @@ def describe(est: dict) -> list[str]:
              f"{', '.join(fmt_count(p) for p in est['probe_points'])} tokens, windows of {win}, "
              f"k = {', '.join(f'{k:g}' for k in est['probe_k'])}",
              f"small-batch control: {c['steps']:,} steps, {c['seconds']:,.0f} s"]
+    if est.get("start_advice"):
+        lines.append(f"start batch: {est['start_advice']['message']}")
     if est.get("confirmation_points_max"):
         lines.append(f"confirmation points (a pass not yet confirmed): up to {len(est['confirmation_points_max'])} more, at "
                      f"{', '.join(fmt_count(p) for p in est['confirmation_points_max'])} tokens, up to "

@@ -8,6 +8,7 @@ read from the files the stages wrote; the figures are redrawn from them.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import math
@@ -18,7 +19,8 @@ from pathlib import Path
 from ..analysis.comparison import markdown_table, pm, run_names, table
 from ..analysis.curve import noise_scale_points
 from ..analysis.describe import describe_sweep_cost, interval_text
-from ..errors import DataError
+from ..analysis.schedule import advise_start
+from ..errors import ConfigError, DataError
 from ..io import check_output, read_json, read_jsonl, write_json_atomic, write_text_atomic
 from ..records import read_closed_loop_result, read_curve, read_decisions, read_run_result, unconfirmed_raise
 from ..units import fmt_count
@@ -92,6 +94,12 @@ def summarize(d: Path) -> dict:
                                     (p.get("noise_scale") or {}).get("ci_high_seqs")],
         } for p in curve["points"]]
         s["growth_doublings"] = _doublings(curve["points"])
+        b0 = cfg["batch_schedule"][0][1] if cfg.get("batch_schedule") else cfg["batch_seqs"]
+        try:
+            adv = advise_start(curve, int(b0), until_tokens=int(cfg["total_tokens"]))
+            s["start_advice"] = {**dataclasses.asdict(adv), "message": adv.message()}
+        except ConfigError:  # a curve without a point after 0 tokens says nothing about the start
+            pass
         s["fit"] = curve.get("fit")
         s["sweep_cost"] = curve["cost"]
     if lay["schedule"] is not None:
@@ -183,6 +191,9 @@ def conclusions(s: dict) -> list[str]:
     """Plain sentences on what the numbers do and do not show."""
     pts = s.get("points") or []
     out = _cbs_conclusions(s, pts) + _noise_scale_conclusion(s, pts)
+    if s.get("start_advice"):
+        m = s["start_advice"]["message"]
+        out.append(m[0].upper() + m[1:])
     if s.get("fit"):
         f = s["fit"]
         out.append(f"The censored fit B(t) = B_max·u/(1+u), u = (t/t_s)^c gives c = {f['c']:.2f} and a plateau of "

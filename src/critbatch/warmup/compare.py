@@ -153,17 +153,13 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]]
     N = _whole_seqs(N, T, "total tokens", notes)
     anneal_tokens = _whole_seqs(cfg.anneal_tokens, T, "anneal tokens", notes)
     sched = BatchSchedule.parse(cfg.schedule, T, base.optim.lr_rule, adam_rule=cfg.adam_rule)
-    used = [(s, b) for s, b in sched.phases if s < N]
-    B0, B1 = used[0][1], used[-1][1]
+    used, B0, B1 = _warmup_phases(cfg, sched, N, anneal_tokens)
     loop = _closed_loop_phases(cfg.closed_loop, T, N, B0) if cfg.closed_loop else None
     if loop:
         B1 = max(B1, loop[-1][1])
     if len(used) < 2 and B1 == B0:
-        raise ConfigError(f"the schedule has no batch change before {N:,} tokens: nothing to compare "
+        raise ConfigError(f"the schedule has no batch change before {N + anneal_tokens:,} tokens: nothing to compare "
                           f"(its phases start at {', '.join(str(s) for s, _ in sched.phases)})")
-    if any(b <= a for (_, a), (_, b) in zip(used, used[1:])):
-        raise ConfigError(f"the schedule {' -> '.join(str(b) for _, b in used)} is not a warmup: every phase must "
-                          f"have a larger batch than the one before")
     avg = cfg.avg_tokens or max(-(-N // 10 // T) * T, T)  # 10%, in whole sequences
     runs = [("warmup", [list(p) for p in used]), ("small", [[0, B0]]), ("large", [[0, B1]])]
     if loop:
@@ -188,9 +184,30 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]]
     facts = {"pretrain_tokens": N, "anneal_tokens": anneal_tokens, "notes": notes, "anneal_steps": cfg.anneal_steps,
              "anneal_tokens_per_run": anneal, "avg_tokens": avg, "b0_seqs": B0, "final_seqs": B1, "seq_len": T,
              "rule": sched.rule, "adam_rule": sched.adam_rule, "seeds": list(cfg.seeds),
-             "eval_seqs": base.eval_seqs, "ignored_phases": [list(p) for p in sched.phases if p[0] >= N],
+             "eval_seqs": base.eval_seqs, "decay_phases": [list(p) for p in used if p[0] >= N],
+             "ignored_phases": [list(p) for p in sched.phases if p[0] >= N + anneal_tokens],
              "runs": [n for n, _ in runs], "closed_loop": cfg.closed_loop}
     return configs, sched, facts
+
+
+def _warmup_phases(cfg: CompareConfig, sched: BatchSchedule, N: int, anneal_tokens: int
+                   ) -> tuple[list[tuple[int, int]], int, int]:
+    """(the warmup run's phases, B0, the large control's batch). Phases inside the anneal (a batch that
+    grows while the LR decays, ``critbatch schedule --decay seesaw``) are part of the run; the large
+    control trains the batch the schedule reaches by the end of the pretraining tokens (or, for a
+    schedule that changes the batch only inside the anneal, the batch it switches to)."""
+    span = anneal_tokens
+    if cfg.anneal_steps:  # the anneal's tokens at the batch the pretraining ends with
+        span = cfg.anneal_steps * [b for s, b in sched.phases if s < N][-1] * sched.seq_len
+    used = [(s, b) for s, b in sched.phases if s < N + span]
+    if cfg.anneal_steps and any(s >= N for s, _ in used):
+        raise ConfigError("the schedule changes the batch inside the anneal: give --anneal-tokens (the same tokens for "
+                          "every run), not --anneal-steps")
+    if any(b <= a for (_, a), (_, b) in zip(used, used[1:])):
+        raise ConfigError(f"the schedule {' -> '.join(str(b) for _, b in used)} is not a warmup: every phase must "
+                          f"have a larger batch than the one before")
+    B0, before = used[0][1], [b for s, b in used if s < N][-1]
+    return used, B0, before if before > B0 else used[-1][1]  # a late switch: its batch from the start
 
 
 def run_dir(out: Path, seed: int, name: str) -> Path:
