@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
 import time
 from pathlib import Path
 
@@ -77,6 +77,99 @@ def measure(out: Path, corpus: str, size: str, jobs: int) -> dict:
                        for p in sw.curve["points"]]}
 
 
+def observations(state: dict, corpus: str, sizes: list[str]):
+    from critbatch.analysis.transfer import Observation
+    from critbatch.config import TrainConfig, from_dict
+    from critbatch.io import read_json
+    from critbatch.model import count_params
+
+    obs = []
+    for size in sizes:
+        r = state[f"{corpus}-{size}"]
+        N = count_params(from_dict(TrainConfig, read_json(Path(r["run"]) / "config.json")).model, embeddings=False)
+        obs += [Observation(N, p["tokens"], p["low_tokens"], p["high_tokens"], size) for p in r["points"]]
+    return obs
+
+
+def predict(out: Path, state: dict, corpora: list[str], sizes: list[str]) -> None:
+    """Leave one size out: the held-out intervals the 90% bands overlap, the size exponent, the
+    proxies' compute over the held-out size's run."""
+    from critbatch.analysis.transfer import fit_transfer, leave_one_size_out
+
+    res = {}
+    for corpus in corpora:
+        obs = observations(state, corpus, sizes)
+        full = fit_transfer(obs, bootstrap=200)
+        loo = leave_one_size_out(obs, bootstrap=200)
+        for r, size in zip(loo, sorted(sizes, key=lambda s: next(o.size for o in obs if o.label == s))):
+            others = [state[f"{corpus}-{x}"] for x in sizes if x != size]
+            proxy = sum(o["flops_per_token"] * (TOTAL + o["cost"]["branch_tokens"]) for o in others)
+            r["label"] = size
+            r["flops_ratio"] = proxy / (state[f"{corpus}-{size}"]["flops_per_token"] * TOTAL)
+        n = sum(len(r["points"]) for r in loo)
+        res[corpus] = {"fit": full.to_dict(), "loo": loo,
+                       "overlap_fraction": sum(p["overlap"] for r in loo for p in r["points"]) / n,
+                       "curve_overlap_fraction": sum(p["curve_overlap"] for r in loo for p in r["points"]) / n}
+        print(f"[{corpus}] all sizes: alpha {full.alpha:.3f} {tuple(round(x, 3) for x in full.interval('alpha'))}, "
+              f"beta {full.beta:+.3f} {tuple(round(x, 3) for x in full.interval('beta'))} ({full.size_effect()}); "
+              f"held-out intervals in the 90% band: {res[corpus]['overlap_fraction']:.0%} "
+              f"(curve band {res[corpus]['curve_overlap_fraction']:.0%})", flush=True)
+        for r in loo:
+            print(f"  predict {r['label']} from the others: {r['overlap_fraction']:.0%} of its intervals in the band "
+                  f"(curve band {r['curve_overlap_fraction']:.0%}); beta {r['fit']['beta']:+.3f} "
+                  f"{[round(x, 3) for x in r['fit']['beta_interval']]}; proxy FLOPs {r['flops_ratio']:.0%} of its run",
+                  flush=True)
+    (out / "predicted.json").write_text(json.dumps(res, indent=1, default=float))
+
+
+TARGET_START = 2  # the mini at 2 x 128 = 256 tokens a step: the band allows it a doubling (docs/LOG.md)
+DECAY = 204_800
+
+
+def target(out: Path, state: dict, corpus: str, seeds: str, jobs: int) -> None:
+    """The largest size as the target: its schedule transferred from the three smaller sizes, the
+    confirming probe on its own run, then the schedule against its small- and large-batch controls."""
+    from critbatch.config import merge, to_dict
+    from critbatch.io import write_json_atomic
+    from critbatch.train import train
+    from critbatch.transfer import TransferConfig, describe, run_transfer
+    from critbatch.warmup import CompareConfig, run_compare
+
+    t = out / f"target-{corpus}-mini"
+    t.mkdir(parents=True, exist_ok=True)
+    base = train_config("mini", out / f"data-{corpus}")
+    cfg = merge(base, {"batch_seqs": TARGET_START, "checkpoint_tokens": [],
+                       "optim": {"lr": SIZES["mini"]["lr"] * math.sqrt(TARGET_START / SIZES["mini"]["batch_seqs"])}})
+    cfg_file = t / "target-config.json"
+    write_json_atomic(cfg_file, to_dict(cfg))
+    sweeps = [state[f"{corpus}-{s}"]["sweep"] for s in ("nano", "micro", "tiny")]
+    tc = TransferConfig(sweeps=sweeps, out=str(t / "schedule-unconfirmed.json"), config=str(cfg_file),
+                        total_tokens=TOTAL + DECAY, decay_tokens=DECAY, jobs=jobs, launcher="inprocess")
+    doc = run_transfer(tc)
+    print("\n".join(describe(doc)), flush=True)
+    plan = doc["transfer"]["confirm_plan"]
+    final = t / "schedule.json"
+    if plan:  # the target trained to its first doubling, then the confirming probe
+        run = t / "confirm-run"
+        train(merge(cfg, {"total_tokens": plan["tokens"], "checkpoint_tokens": [plan["tokens"]],
+                          "lr_schedule": {"horizon_tokens": TOTAL}}), run, progress=False)
+        import dataclasses
+
+        doc = run_transfer(dataclasses.replace(tc, out=str(final), confirm_run=str(run)))
+        print("\n".join(describe(doc)), flush=True)
+    else:
+        final = Path(tc.out)
+    comp = run_compare(CompareConfig(out=str(t / "compare"), schedule=str(final), config=str(cfg_file),
+                                     total_tokens=TOTAL, anneal_tokens=DECAY, seeds=[int(x) for x in seeds.split(",")],
+                                     jobs=jobs, launcher="local"), progress=False)
+    runs = {n: {"schedule": r["batch_schedule"], "steps_saved_pct": r["steps_saved_pct"],
+                "gap_before": (r.get("gap_to_small") or {}).get("final_eval_loss"),
+                "gap_after": (r.get("gap_to_small") or {}).get("anneal_eval_loss")} for n, r in comp["runs"].items()}
+    (t / "result.json").write_text(json.dumps({"transfer": doc["transfer"], "schedule": doc["phases"], "runs": runs},
+                                              indent=1, default=float))
+    print(json.dumps(runs, indent=1, default=float), flush=True)
+
+
 def main() -> None:
     import torch
 
@@ -86,8 +179,10 @@ def main() -> None:
     ap.add_argument("--out", default="runs/transfer-study")
     ap.add_argument("--corpora", default="sotu,shakespeare")
     ap.add_argument("--sizes", default="nano,micro,tiny,mini")
-    ap.add_argument("--stage", default="measure", choices=("measure", "predict", "all"))
+    ap.add_argument("--stage", default="measure", choices=("measure", "predict", "target", "all"))
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--target-corpus", default="sotu")
+    ap.add_argument("--seeds", default="0,1,2")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,10 +199,9 @@ def main() -> None:
                 print(f"[{key}] params {r['params']:,}  base {r['base_s']:.0f}s  sweep {r['sweep_s']:.0f}s  "
                       f"{r['cost']['branch_tokens_over_base']:.2f}x  CBS tokens {ivs}", flush=True)
     if a.stage in ("predict", "all"):
-        try:
-            from critbatch.transfer import leave_one_out  # noqa: F401
-        except ImportError:
-            sys.exit("transfer_study: the predict stage needs critbatch.transfer")
+        predict(out, state, a.corpora.split(","), a.sizes.split(","))
+    if a.stage in ("target", "all"):
+        target(out, state, a.target_corpus, a.seeds, a.jobs)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ LAYERS = [
     ("launch", ["critbatch.launch"]),
     ("analysis", ["critbatch.analysis"]),
     ("report", ["critbatch.report"]),
-    ("pipelines", ["critbatch.branch", "critbatch.closed_loop", "critbatch.warmup", "critbatch.demo",
+    ("pipelines", ["critbatch.branch", "critbatch.closed_loop", "critbatch.warmup", "critbatch.transfer", "critbatch.demo",
                    "critbatch.gns.checkpoints",
                    # deprecated import paths, kept for one release
                    "critbatch.compare", "critbatch.derive", "critbatch.autobatch", "critbatch.plan"]),

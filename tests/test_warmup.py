@@ -449,3 +449,23 @@ def test_a_batch_that_grows_inside_the_anneal_is_trained_and_counted(data_dir, t
     lr = {r["tokens"]: r["optim/lr"] for r in steps}
     # the step that starts at 4608 (the anneal's halfway point) runs at sqrt(2) x the LR the anneal gives it at batch 4
     assert lr[4608 + 128] / lr[4608] == pytest.approx(2 ** 0.5 * (1 - 512 / 1024) / (1 - 448 / 1024), rel=1e-6)
+
+
+def test_more_schedules_against_the_same_controls(data_dir, tmp_path):
+    """compare --schedules: named schedules train beside the warmup against the same controls, each a
+    run in every seed with its own gaps; the table says how steps are counted (the paper's way)."""
+    from critbatch.analysis.comparison import markdown_table
+    from critbatch.warmup import run_compare
+
+    out = tmp_path / "cmp"
+    comp = run_compare(compare_cfg(data_dir, out, schedules={"late": "0:2,4096:8", "seesaw": "0:2,1024:4,4608:8"}),
+                       progress=False)
+    assert list(comp["runs"]) == ["warmup", "small", "large", "late", "seesaw"]
+    assert comp["runs"]["late"]["batch_schedule"] == [[0, 2], [4096, 8]]
+    assert comp["runs"]["seesaw"]["gap_to_small"]["anneal_eval_loss"]["n_seeds"] == 1
+    md = markdown_table(comp)
+    assert "| late |" in md and "the anneal's included" in md
+    with pytest.raises(ConfigError, match="'small' is not a usable run name"):
+        run_compare(compare_cfg(data_dir, tmp_path / "bad", schedules={"small": "0:2,1024:4"}))
+    with pytest.raises(ConfigError, match="starts at batch 4, the warmup at 2"):
+        run_compare(compare_cfg(data_dir, tmp_path / "bad2", schedules={"x": "0:4,1024:8"}))

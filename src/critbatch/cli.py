@@ -36,6 +36,8 @@ from .model import count_params
 from .report import build_report
 from .schedules import BatchSchedule
 from .train import Trainer
+from .transfer import TransferConfig, run_transfer
+from .transfer import describe as describe_transfer
 from .version import __version__
 from .warmup import CompareConfig, ScheduleConfig, run_compare, write_schedule
 
@@ -243,6 +245,15 @@ def cmd_schedule(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transfer(ns: argparse.Namespace) -> int:
+    cfg = _pick(ns, ns.flags["cfg"], TransferConfig)
+    doc = run_transfer(cfg)
+    print(f"{cfg.out}: the target's schedule from the lower side of the band")
+    for line in describe_transfer(doc):
+        print(line)
+    return 0
+
+
 def cmd_compare(ns: argparse.Namespace) -> int:
     cfg = _pick(ns, ns.flags["cfg"], CompareConfig)
     comp = run_compare(cfg, progress=_progress(ns))
@@ -310,6 +321,8 @@ COMMANDS = [
     Command("gns", "gradient noise scale at kept checkpoints (beside the CBS)", cmd_gns, GNSConfig, Progress),
     Command("schedule", "derive a batch-size warmup schedule from a sweep's CBS curve", cmd_schedule, ScheduleConfig),
     Command("compare", "warmup schedule against small- and large-batch controls", cmd_compare, CompareConfig, Progress),
+    Command("transfer", "the CBS of a target run from proxies' sweeps on the same data, with a band, and its "
+                        "schedule (and a confirming probe)", cmd_transfer, TransferConfig),
     Command("plan", "before a run: what the closed loop (train --auto-batch) would cost and save", cmd_plan,
             PlanConfig),
     Command("demo", "the whole study on the embedded corpus, ending in report.html", cmd_demo, DemoConfig),

@@ -95,6 +95,8 @@ def _converter(tp: Any, flag: str) -> tuple[Callable[[str], Any] | None, str]:
         return (lambda v: parse_count_list(v, flag)), "N,N,..."
     if origin is list and args == (float,):
         return (lambda v: _floats(v, flag)), "X,X,..."
+    if origin is list and args == (str,):  # paths: comma-separated
+        return (lambda v: [x.strip() for x in v.split(",") if x.strip()]), "TEXT,TEXT,..."
     if tp is dict or origin is dict:
         return (lambda v: mapping_arg(v, flag)), "JSON|FILE"
     return str, "TEXT"  # structured values (a batch schedule) are parsed by the command
@@ -149,6 +151,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, prefix: tu
             if positional:
                 kw.pop("dest")
                 kw["metavar"] = f.name.upper()
+                if isinstance(positional, str) and typing.get_origin(tp) is list:  # nargs: argparse types each item
+                    kw["type"] = str
                 parser.add_argument(dest, nargs=None if positional is True else positional, **kw)
             else:
                 parser.add_argument(*names, required=is_required, **kw)

@@ -26,12 +26,14 @@ from pathlib import Path
 from . import presets
 from .branch import SweepConfig, continuation_checkpoints, run_sweep
 from .closed_loop import AutoBatchConfig, run_auto_batch
-from .config import check_choices, defining_dict, how, merge, to_dict
+from .analysis.whole_run import DECAYS
+from .config import check_choices, defining_dict, how, merge, option, to_dict
 from .data import prepare
 from .errors import ConfigError
 from .gns.checkpoints import GNSConfig, gns_at_checkpoints
 from .io import check_output, read_json, write_json_atomic
 from .records import read_closed_loop_result
+from .schedules.rules import lr_rule_multiplier
 from .launch import inprocess_threads
 from .report import build_report
 from .train import train
@@ -50,6 +52,10 @@ class DemoConfig:
     """A short version (tests, a first look): a smaller run, fewer points, short windows."""
     total_tokens: int = 1_000_000
     """Tokens of the base run and of each comparison run before the anneal."""
+    start_seqs: int = 2
+    """The start batch in sequences, below the model's CBS the way the paper's OLMo runs started below
+    theirs (docs/LOG.md: the tiny model's CBS grows to 12-24 sequences; from 8, its plateau, no
+    warmup can save a step). Its LR follows the sqrt rule from the preset's 3e-3 at 8 sequences."""
     points: list[int] = field(default_factory=lambda: [20_000, 60_000, 200_000, 600_000])
     """Branch points (kept checkpoints of the base run), in tokens."""
     window_tokens: int = 98_304
@@ -74,7 +80,12 @@ class DemoConfig:
     gns_batches: int = 32
     """Big batches averaged by the noise scale."""
     anneal_tokens: int = 102_400
-    """The comparison's LR anneal after the pretraining tokens, at each run's final batch."""
+    """The LR decay (linear, to 0) after the pretraining tokens: the schedule is derived for the whole
+    run, decay included, and the comparison trains it."""
+    decay: str = option("anneal", choices=DECAYS)
+    """The derived schedule during the decay (``critbatch schedule --decay``)."""
+    reach: float | None = None
+    """A probe vouches for at most this many times its window of the run ahead (``schedule --reach``)."""
     closed_loop: bool = True
     """Also run the closed loop (``train --auto-batch``) and compare it."""
     auto_probe_at: list[int] | None = None
@@ -94,7 +105,7 @@ class DemoConfig:
         """The demo's configuration; ``quick`` starts from the short version's values, and ``over``
         (e.g. the flags given on the command line) overrides either."""
         if quick:
-            base = dict(total_tokens=120_000, points=[5_000, 20_000], window_tokens=8_192, k_min=0.5,
+            base = dict(total_tokens=120_000, start_seqs=8, points=[5_000, 20_000], window_tokens=8_192, k_min=0.5,
                         k_max=8.0, eval_seqs=256, gns_b_big=16, gns_batches=4, anneal_tokens=8_192,
                         launcher="inprocess", auto_probe_at=[30_000, 60_000], auto_window_tokens=8_192)
             base.update(over)
@@ -106,9 +117,10 @@ def _train_config(cfg: DemoConfig, data_dir: Path):
     base = presets.get("demo")
     # beside the branch points, the last step before each k = 1 branch's cooldown: those branches then
     # read everything before their cooldown from the base run instead of training it (issue 15)
-    keep = continuation_checkpoints(cfg.points, cfg.window_tokens, cfg.cooldown_fraction, base.batch_seqs * base.model.seq_len)
+    keep = continuation_checkpoints(cfg.points, cfg.window_tokens, cfg.cooldown_fraction, cfg.start_seqs * base.model.seq_len)
+    lr = base.optim.lr * lr_rule_multiplier(base.optim.lr_rule, cfg.start_seqs, base.batch_seqs)
     over = {"data": {"path": str(data_dir)}, "total_tokens": cfg.total_tokens, "checkpoint_tokens": cfg.points + keep,
-            "eval_seqs": cfg.eval_seqs}
+            "eval_seqs": cfg.eval_seqs, "batch_seqs": cfg.start_seqs, "optim": {"lr": lr}}
     if cfg.quick:
         over["lr_schedule"] = {"kind": "constant", "warmup_tokens": 2_000}
     return merge(base, over)
@@ -171,6 +183,8 @@ def _validate(cfg: DemoConfig, seq_len: int) -> None:
         raise ConfigError(f"demo branch points {cfg.points} must lie inside the run of {cfg.total_tokens} tokens")
     if cfg.jobs is not None and cfg.jobs < 1:
         raise ConfigError(f"jobs={cfg.jobs} must be >= 1")
+    if cfg.start_seqs < 1:
+        raise ConfigError(f"start_seqs={cfg.start_seqs} must be >= 1")
     if not 0 <= cfg.cooldown_fraction <= 1:
         raise ConfigError(f"cooldown_fraction={cfg.cooldown_fraction:g} must be in [0, 1]")
     if not 0 < cfg.k_min < cfg.k_max:
@@ -204,9 +218,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     st.run("gns", lambda: gns_at_checkpoints(GNSConfig(run=str(out / "base"), at=cfg.points, b_small=1,
                                                        b_big=cfg.gns_b_big, n_batches=cfg.gns_batches)))
 
-    def schedule():
+    def schedule():  # the whole run: the pretraining tokens and the decay the comparison trains after them
         write_schedule(ScheduleConfig(sweep=str(out / st.artifact("sweep_dir")), out=str(out / "schedule.json"),
-                                      start_seqs=tcfg.batch_seqs, until_tokens=cfg.total_tokens))
+                                      start_seqs=tcfg.batch_seqs, total_tokens=cfg.total_tokens + cfg.anneal_tokens,
+                                      decay_tokens=cfg.anneal_tokens, decay=cfg.decay, reach=cfg.reach))
 
     st.run("schedule", schedule)
     loop_cfg = merge(tcfg, {"checkpoint_tokens": []})
@@ -224,7 +239,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     def compare():
         doc = read_json(out / "schedule.json")
-        changes = len([p for p in doc["phases"] if p["start_tokens"] < cfg.total_tokens]) > 1
+        changes = len(doc["phases"]) > 1
         loop = read_closed_loop_result(out / "autobatch") if cfg.closed_loop else None
         if not changes and not (loop and loop["raises"]):
             st.artifact("compare_skipped", "neither the derived schedule nor the closed loop changed the batch within "

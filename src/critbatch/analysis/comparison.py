@@ -14,8 +14,9 @@ CLOSED_LOOP = "closed-loop"
 
 
 def run_names(c: dict) -> list[str]:
-    """The runs of a comparison, in table order (the closed loop when there is one)."""
-    return [n for n in (*RUNS, CLOSED_LOOP) if n in c["runs"]]
+    """The runs of a comparison, in table order: the warmup and its controls, then the other schedules
+    compared against the same controls (the closed loop's, and any given by name), as written."""
+    return [n for n in RUNS if n in c["runs"]] + [n for n in c["runs"] if n not in RUNS]
 GAPS = ("final_eval_loss", "anneal_eval_loss", "final_train_loss", "anneal_train_loss")
 
 
@@ -73,7 +74,10 @@ def table(c: dict) -> tuple[list[str], list[list[str]], str]:
         anneal = f" + an anneal of {c['anneal_steps']:,} optimizer steps at each run's final batch"
     elif c.get("anneal_tokens"):
         anneal = f" + {c['anneal_tokens']:,} anneal tokens"
-    note = (f"Train loss: {c['final_train_loss_definition']}. Tokens: {c['pretrain_tokens']:,} pretraining" + anneal
+    note = (f"Train loss: {c['final_train_loss_definition']}. Steps saved: each run's optimizer steps, the anneal's "
+            f"included, against the small-batch control's, as in Merrill et al.'s Table 1; a gap is the run's "
+            f"held-out loss minus the small-batch control's on the same held-out sample. "
+            f"Tokens: {c['pretrain_tokens']:,} pretraining" + anneal
             + f"; sequences of {c['seq_len']} tokens; LR rule {c['rule']}, Adam rule {c.get('adam_rule', 'none')}. "
             + (f"Mean over {S} seeds (init and data order); gaps ± their standard error over seeds."
                if S > 1 else "One seed: the ± is the held-out sample's paired sampling error only, not the run-to-run "

@@ -64,7 +64,7 @@ def saturating_power_law(t, b_max, t_s, c):
     return b_max * np.exp(x - np.logaddexp(0.0, x))
 
 
-def _log_interval_prob(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def log_interval_prob(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """log(Φ(b) − Φ(a)) for a < b, stable in both tails."""
     from scipy.special import log_ndtr
 
@@ -118,7 +118,7 @@ def fit_cbs_curve(tokens, low, high) -> CurveFit:
         mu = logb + x - np.logaddexp(0.0, x)
         a = (loglo - mu) / sigma
         b = (loghi - mu) / sigma
-        ll = _log_interval_prob(a, b).sum()
+        ll = log_interval_prob(a, b).sum()
         v = -(ll + log_prior(th))
         return v if math.isfinite(v) else 1e12
 

@@ -70,9 +70,12 @@ def seesaw_phases(batch: int, decay_start: int, decay_tokens: int, seq_len: int,
 
 def whole_run_schedule(curve: dict, start_seqs: int, total_tokens: int, *, decay_tokens: int = 0,
                        decay: str = "anneal", reach: float | None = None, decay_doublings: int = 2,
-                       max_seqs: int | None = None, rule: str = "sqrt", adam_rule: str = "none", **derive) -> WholeRun:
+                       max_seqs: int | None = None, rule: str = "sqrt", adam_rule: str = "none",
+                       not_before: int = 0, **derive) -> WholeRun:
     """The schedule of a run of ``total_tokens`` whose last ``decay_tokens`` decay the LR to 0 (see
-    the module docstring); ``derive``: the other options of :func:`derive_schedule`."""
+    the module docstring); ``not_before``: no raise before this many tokens in any case (a confirming
+    probe that failed moves the first doubling on); ``derive``: the other options of
+    :func:`derive_schedule`."""
     if decay not in DECAYS:
         raise ConfigError(f"decay={decay!r} is not one of {', '.join(DECAYS)}")
     if not (isinstance(total_tokens, int) and total_tokens > 0):
@@ -93,12 +96,13 @@ def whole_run_schedule(curve: dict, start_seqs: int, total_tokens: int, *, decay
     window = curve.get("window_tokens")
     if reach is not None and not window:
         raise ConfigError("reach needs the sweep's probe window (window_tokens in cbs.json)")
-    not_before = max(0, int(stable_end - reach * window)) if reach is not None else 0
+    by_reach = max(0, int(stable_end - reach * window)) if reach is not None else 0
+    not_before = max(by_reach, int(not_before))
     d = derive_schedule(curve, start_seqs, max_seqs=max_seqs, rule=rule, adam_rule=adam_rule, until_tokens=stable_end,
                         not_before=not_before, **derive)
     phases = [p for p in d.schedule.phases if p[0] < stable_end]
     notes = list(d.notes)
-    if not_before:
+    if by_reach:
         notes.append(f"reach {reach:g}: a probe of {window:,} tokens vouches for {reach * window:,.0f} tokens of the run "
                      f"ahead, so no raise before {not_before:,} tokens")
     if decay == "seesaw":

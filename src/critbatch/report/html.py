@@ -256,6 +256,25 @@ def _no_warmup(s: dict) -> list[str]:
             "(docs/LOG.md, the warmup study)."]
 
 
+def _other_schedules(c: dict) -> list[str]:
+    """A sentence for each schedule compared beside the warmup (``compare --schedules``)."""
+    out = []
+    for name in run_names(c):
+        if name in ("warmup", "small", "large", "closed-loop"):
+            continue
+        r = c["runs"][name]
+        if r.get("diverged"):
+            out.append(f"The {name} schedule diverged (seed {', '.join(str(x) for x in r['diverged_seeds'])}).")
+            continue
+        g = r.get("gap_to_small") or {}
+        sched = " → ".join(f"{b}" + (f" at {fmt_count(t)}" if t else "") for t, b in r["batch_schedule"])
+        txt = (f"The {name} schedule ({sched}) reached {r['final_eval_loss']:.4f} (gap {pm(g.get('final_eval_loss'))})")
+        if r.get("anneal_eval_loss") is not None:
+            txt += f" and {r['anneal_eval_loss']:.4f} after the anneal (gap {pm(g.get('anneal_eval_loss'))})"
+        out.append(txt + f", with {r['steps_saved_pct']:.0f}% fewer optimizer steps than the small batch.")
+    return out
+
+
 def _comparison_conclusions(s: dict) -> list[str]:
     out = []
     c = s.get("comparison")
@@ -283,7 +302,7 @@ def _comparison_conclusions(s: dict) -> list[str]:
             how = (f"{c['anneal_steps']:,}-step" if c.get("anneal_steps") else f"{fmt_count(c['anneal_tokens'])}-token")
             out.append(f"After the {how} anneal: warmup {w['anneal_eval_loss']:.4f}, small {sm['anneal_eval_loss']:.4f} "
                        f"(gap {pm(gw.get('anneal_eval_loss'))}), large {lg['anneal_eval_loss']:.4f}.")
-        out += _closed_loop_conclusions(s, c)
+        out += _closed_loop_conclusions(s, c) + _other_schedules(c)
         caveat = ("differences are read against the ± beside them" if S > 1 else
                   "with one seed the run-to-run noise is not measured (docs/LOG.md has multi-seed numbers)")
         out.append(f"What this does not show: a tiny model on a 10 MB corpus; {caveat}; fewer optimizer steps save "

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import presets
-from ..analysis.comparison import CLOSED_LOOP, GAPS, gap_stats, markdown_table
+from ..analysis.comparison import CLOSED_LOOP, GAPS, RUNS, gap_stats, markdown_table
 from ..config import ADAM_RULES, TrainConfig, check_choices, defining_dict, how, load_config_file, merge, option
 from ..errors import ConfigError
 from ..io import check_output, read_json, read_jsonl, write_json_atomic, write_text_atomic
@@ -87,6 +87,11 @@ class CompareConfig:
     """Options of the ``slurm``/``submitit-local`` launchers (keys of ``critbatch.launch.slurm.SlurmConfig``)."""
     gns: bool = False
     """Log the online noise scale in each run."""
+    schedules: dict | None = None
+    """More schedules to train against the same controls, by name: ``{"seesaw": "schedule.json", ...}``
+    (each a file or ``START:BATCH,...``, starting at the warmup's first batch); each is a run of its
+    own in every seed, reported beside the warmup (the names ``warmup``, ``small``, ``large`` and
+    ``closed-loop`` are taken)."""
     closed_loop: str | None = None
     """A closed-loop run directory (``train --auto-batch``): the batch schedule it took is replayed as
     a fourth run, ``closed-loop``, with the same seeds and anneal (with its own seed and config the
@@ -164,6 +169,7 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]]
     runs = [("warmup", [list(p) for p in used]), ("small", [[0, B0]]), ("large", [[0, B1]])]
     if loop:
         runs.append((CLOSED_LOOP, loop))
+    runs += _named_schedules(cfg, T, N, anneal_tokens, B0, base.optim.lr_rule)
     anneal = {n: (cfg.anneal_steps * phases[-1][1] * T if cfg.anneal_steps else anneal_tokens) for n, phases in runs}
     configs: dict[int, dict[str, TrainConfig]] = {}
     for seed in cfg.seeds:
@@ -208,6 +214,23 @@ def _warmup_phases(cfg: CompareConfig, sched: BatchSchedule, N: int, anneal_toke
                           f"have a larger batch than the one before")
     B0, before = used[0][1], [b for s, b in used if s < N][-1]
     return used, B0, before if before > B0 else used[-1][1]  # a late switch: its batch from the start
+
+
+def _named_schedules(cfg: CompareConfig, T: int, N: int, anneal_tokens: int, B0: int, rule: str
+                     ) -> list[tuple[str, list[list[int]]]]:
+    """The ``schedules`` to train beside the warmup, each checked as the warmup is."""
+    out = []
+    for name, spec in (cfg.schedules or {}).items():
+        if name in (*RUNS, CLOSED_LOOP) or not isinstance(name, str) or not name.replace("-", "").isalnum():
+            raise ConfigError(f"schedules: {name!r} is not a usable run name (letters, digits and '-'; not warmup, "
+                              f"small, large or closed-loop)")
+        sched = BatchSchedule.parse(spec, T, rule, adam_rule=cfg.adam_rule)
+        phases, b0, _ = _warmup_phases(cfg, sched, N, anneal_tokens)
+        if b0 != B0:
+            raise ConfigError(f"schedules: {name} starts at batch {b0}, the warmup at {B0}: compare schedules that "
+                              f"start from the same batch")
+        out.append((name, [list(p) for p in phases]))
+    return out
 
 
 def run_dir(out: Path, seed: int, name: str) -> Path:
