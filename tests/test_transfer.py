@@ -116,7 +116,7 @@ def test_transfer_on_the_command_line_states_the_cost_first(proxies, tmp_path, c
     assert c["params_x_tokens_ratio"] == pytest.approx(c["proxy_params_x_tokens"] / c["target_params_x_tokens"])
 
 
-def test_the_confirming_probe_moves_a_doubling_it_does_not_confirm(proxies, tmp_path, data_dir, monkeypatch):
+def test_the_confirming_probe_moves_a_doubling_it_shows_worse(proxies, tmp_path, data_dir, monkeypatch):
     """A planted failing probe: the first doubling moves to the next point and the schedule says so."""
     from critbatch import transfer
     from critbatch.transfer import TransferConfig, run_transfer
@@ -126,11 +126,15 @@ def test_the_confirming_probe_moves_a_doubling_it_does_not_confirm(proxies, tmp_
     doc = run_transfer(cfg)
     plan = doc["transfer"]["confirm_plan"]
     assert plan is not None and plan["probe_tokens"] == 2 * 2 * plan["window_tokens"]
-    monkeypatch.setattr(transfer, "confirm", lambda c, p: {"tokens": p["tokens"], "verdict": "stay",
-                                                          "mean_eval_loss": [3.0, 3.1]})
-    moved = run_transfer(cfg.__class__(**{**cfg.__dict__, "out": str(tmp_path / "m.json"), "confirm_run": "x"}))
-    assert moved["phases"][1]["start_tokens"] > doc["phases"][1]["start_tokens"]
-    assert any("did not show" in n and "moves to the next point" in n for n in moved["notes"])
+    import dataclasses
+
+    for verdict, moves, said in (("stay", True, "worse than eps: the first doubling moves to the next point"),
+                                 ("undetermined", False, "could not settle"), ("raise", False, "is confirmed")):
+        monkeypatch.setattr(transfer, "confirm", lambda c, p, v=verdict: {"tokens": p["tokens"], "verdict": v,
+                                                                         "mean_eval_loss": [3.0, 3.1]})
+        got = run_transfer(dataclasses.replace(cfg, out=str(tmp_path / f"{verdict}.json"), confirm_run="x"))
+        assert (got["phases"][1]["start_tokens"] > doc["phases"][1]["start_tokens"]) == moves, verdict
+        assert any(said in n for n in got["notes"]), verdict
 
 
 def test_proxies_on_other_data_are_refused(proxies, tmp_path):

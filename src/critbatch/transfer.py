@@ -13,8 +13,9 @@ the same data and tokenizer, transferred to the target with an honest band, conf
    and the confirming probe's cost.
 4. The confirming probe (``confirm_run``: the target trained to its first doubling, with a kept
    checkpoint there): one pair of cooldown probes, B and 2B, whole steps, the non-inferiority rule
-   over replicates, through any launcher. If 2B is not shown within ε, the schedule moves that
-   doubling to the next point and says so.
+   over paired replicates, through any launcher. If it shows 2B worse than ε, the schedule moves that
+   doubling to the next point; if it cannot settle it (undetermined), the doubling stays where the
+   band put it; either way the schedule says so.
 
 Assumption, stated in the output: the target's LR schedule matches the proxies' in tokens (warmup
 length and shape); a target whose warmup differs by more than 2x gets a warning, since the CBS
@@ -73,7 +74,7 @@ class TransferConfig:
     confirm_run: str | None = None
     """The target run trained to the schedule's first doubling (a finished run with a kept checkpoint
     there, ``critbatch train --total-tokens T1 --checkpoint-tokens T1``): run the confirming probe and
-    move the doubling to the next point when it fails."""
+    move the doubling to the next point when the probe shows it worse than eps."""
     confirm_replicates: int = 2
     """Paired replicates of the confirming probe (the non-inferiority rule needs 2 or more)."""
     eps: float = 0.01
@@ -241,7 +242,28 @@ def confirm(cfg: TransferConfig, plan: dict) -> dict:
     verdict, _ = probe_verdict(p, int(p["base_batch_seqs"]))
     return {"tokens": at, "verdict": verdict, "sweep": str(res.sweep_dir), "rule": p["rule"],
             "mean_eval_loss": p["mean_loss"]["eval"], "status": p["status"],
-            "branch_tokens": res.curve["cost"]["branch_tokens"]}
+            "replicates_needed": p.get("replicates_needed"), "branch_tokens": res.curve["cost"]["branch_tokens"]}
+
+
+def _after_confirming(w, confirmed: dict, plan: dict, points: list[int], curve: dict, start: int, cfg: TransferConfig,
+                      opts: dict):
+    """The schedule after the confirming probe: a doubling the probe shows worse than eps (``stay``)
+    moves to the next point; one it cannot settle (``undetermined``: neither within eps nor worse) is
+    kept, as the band put it, and said so."""
+    v, t, b2 = confirmed["verdict"], confirmed["tokens"], plan["next_batch_seqs"]
+    if v == "stay":
+        later = [x for x in points if x > plan["tokens"]]
+        nxt = later[0] if later else cfg.total_tokens
+        w = whole_run_schedule(curve, start, cfg.total_tokens, not_before=nxt, **opts)
+        w.notes.append(f"the confirming probe at {t:,} tokens showed {b2} sequences worse than eps: the first doubling "
+                       f"moves to the next point, {nxt:,} tokens")
+    elif v == "undetermined":
+        w.notes.append(f"the confirming probe at {t:,} tokens could not settle {b2} sequences (neither shown within eps "
+                       f"nor worse; {confirmed.get('replicates_needed') or 'more'} replicates would settle it): the "
+                       f"doubling stays where the band put it")
+    else:
+        w.notes.append(f"the confirming probe at {t:,} tokens showed {b2} sequences within eps: the doubling is confirmed")
+    return w
 
 
 def run_transfer(cfg: TransferConfig) -> dict:
@@ -270,13 +292,7 @@ def run_transfer(cfg: TransferConfig) -> dict:
     confirmed = None
     if cfg.confirm_run and plan:
         confirmed = confirm(cfg, plan)
-        if confirmed["verdict"] != "raise":
-            later = [t for t in points if t > plan["tokens"]]
-            nxt = later[0] if later else cfg.total_tokens
-            w = whole_run_schedule(curve, start, cfg.total_tokens, not_before=nxt, **opts)
-            w.notes.append(f"the confirming probe at {confirmed['tokens']:,} tokens did not show "
-                           f"{plan['next_batch_seqs']} sequences within eps ({confirmed['verdict']}): the first doubling "
-                           f"moves to the next point, {nxt:,} tokens")
+        w = _after_confirming(w, confirmed, plan, points, curve, start, cfg, opts)
     notes += w.notes
     top = fit.t_range[1]
     if cfg.total_tokens > top:
