@@ -342,3 +342,53 @@ def test_a_branch_evaluates_once_at_its_end(parent, tmp_path):
     run_branch_dir(d)
     evals = [r for r in read_jsonl(d / "metrics.jsonl") if "eval/loss" in r]
     assert len(evals) == 1 and evals[0]["tokens"] == 1024 + plan.window_tokens
+
+
+def test_a_short_branch_that_explodes_is_flagged_against_its_parents_losses(parent, tmp_path):
+    """Issue 24 item 6: the divergence guard of a branch starts from its parent's baselines, so a
+    branch of fewer steps than the guard's median window is flagged when its loss explodes."""
+    from critbatch.config import merge
+    from critbatch.train import Trainer
+
+    ck = parent / "ckpt" / "tok_000000001024"
+    cfg = merge(read_cfg(parent), {"optim": {"lr": 3.0}, "total_tokens": 1024 + 6 * 64, "eval_interval_tokens": 0,
+                                   "checkpoint_tokens": []})
+    res = Trainer(cfg, tmp_path / "b", init_from=ck, progress=False, quiet=True, eval_at_start=False).run()
+    assert res["steps"] == 6 and res["diverged"], res
+    assert "lowest value" in res["diverged_reason"]
+
+
+def test_damaged_checkpoints_and_branch_files_are_named_not_misreported(parent, tmp_path, capsys):
+    """Issue 24 item 8: a kept checkpoint whose meta.json is damaged is named as damaged (it was reported
+    as 'no kept checkpoint at 1024 tokens'); a damaged branch.json of a finished branch is one line
+    (it was an AttributeError traceback)."""
+    from critbatch.cli import main
+
+    run = fresh_parent(parent, tmp_path)
+    (run / "ckpt" / "tok_000000001024" / "meta.json").write_text("{not json")
+    code = main(["branch", "--run", str(run), "--at", "1024", "--k", "1,2", "--window-tokens", "512", "--launcher",
+                 "inprocess", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no readable kept checkpoint at 1024 tokens" in err and "tok_000000001024 is damaged" in err
+    assert len(err.strip().splitlines()) == 1
+    run2 = fresh_parent(parent, tmp_path / "two")
+    res = run_sweep(sweep_cfg(run2, at=[1024], k=[1, 2]), progress=False)
+    spec = next((run2 / "branches").glob("*/branch.json"))
+    spec.write_text('{"id": "x"}')
+    code = main(["branch", "--run", str(run2), "--at", "1024", "--k", "1,2", "--window-tokens", "512", "--launcher",
+                 "inprocess", "--eval-seqs", "16", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{spec} is damaged: it has no" in err and len(err.strip().splitlines()) == 1
+    assert res.curve["points"]
+
+
+def test_a_damaged_resume_checkpoint_is_said_not_skipped_silently(data_dir, tmp_path):
+    from critbatch.train import Trainer
+
+    cfg = small_cfg(data_dir, total_tokens=2048, save_interval_tokens=512)
+    Trainer(cfg, tmp_path / "r", progress=False, stop_after_tokens=1024).run()
+    resume = sorted((tmp_path / "r" / "ckpt").glob("resume_*"))[-1]
+    (resume / "meta.json").write_text("[]")
+    with pytest.warns(UserWarning, match=f"the checkpoint .*{resume.name} is damaged .* starts again from the beginning"):
+        t = Trainer(cfg, tmp_path / "r", progress=False)
+    assert t.resume_from is None

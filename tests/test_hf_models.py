@@ -210,3 +210,31 @@ def test_a_model_with_dropout_never_starts_a_branch_at_a_later_checkpoint(data_d
                                             "hf": {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2}})
     assert {"attn_pdrop", "embd_pdrop", "resid_pdrop"} <= set(dropout_probabilities(gpt2.model))
     assert dropout_probabilities(small_cfg(data_dir).model) == {}  # the built-in GPT has none
+
+
+def test_the_transformers_config_is_recorded_and_paths_resolved(data_dir, tmp_path, monkeypatch, capsys):
+    """Issue 24 item 3: a run records the transformers config it trained (not the path to a file that
+    can change), so an edited config.json changes neither its branches nor a resume; data and weights
+    paths are recorded absolute, so a sweep started from another directory finds them."""
+    import shutil
+
+    hf = tmp_path / "my_olmo2.json"
+    hf.write_text(json.dumps({**TINY["olmo2"], "rope_theta": 10000.0}))
+    shutil.copytree(data_dir, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--preset", "olmo2-tiny", "--model.hf", "my_olmo2.json", "--data", "data", "--out", "run",
+            "--total-tokens", "2048", "--checkpoint-tokens", "1024", "--model.seq-len", "16", "--eval-seqs", "16",
+            "--no-progress"]
+    assert main(args) == 0
+    saved = read_json(tmp_path / "run" / "config.json")
+    assert saved["model"]["hf"]["rope_theta"] == 10000.0 and saved["data"]["path"] == str(tmp_path / "data")
+    hf.write_text(json.dumps({**TINY["olmo2"], "rope_theta": 500.0}))  # edited after the run
+    assert main(args[:-1] + ["--total-tokens", "2048"]) == 2  # the same command now means another model
+    assert "model.hf.rope_theta: 10000.0 vs 500.0" in capsys.readouterr().err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    res = run_sweep(SweepConfig(run=str(tmp_path / "run"), at=[1024], k=[1, 2], window_tokens=512,
+                                launcher="inprocess", eval_seqs=16), progress=False)
+    branch_cfg = read_json(next((tmp_path / "run" / "branches").glob("*/config.json")))
+    assert branch_cfg["model"]["hf"]["rope_theta"] == 10000.0 and res.curve["points"][0]["status"]

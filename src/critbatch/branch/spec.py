@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import TrainConfig, config_hash, defining_dict, from_dict, merge, to_dict
+from ..errors import DataError
 from ..io import read_json, write_json_atomic
 from ..launch import write_job
 from ..schedules.rules import lr_rule_multiplier
@@ -57,13 +58,24 @@ class BranchSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BranchSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, d: dict, what: str = "branch.json") -> "BranchSpec":
+        """From ``branch.json``'s content; a damaged one is a DataError naming ``what`` and what it lacks."""
+        if not isinstance(d, dict):
+            raise DataError(f"{what} is damaged: it holds a {type(d).__name__}, not a JSON object")
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in d]
+        if missing:
+            raise DataError(f"{what} is damaged: it has no {missing[0]!r}")
+        spec = cls(**{f.name: d[f.name] for f in fields if f.name in d})
+        if not isinstance(spec.config, dict) or not isinstance(spec.config.get("model"), dict):
+            raise DataError(f"{what} is damaged: its config is not a TrainConfig")
+        return spec
 
     @classmethod
     def read(cls, branch_dir: str | Path) -> "BranchSpec":
-        return cls.from_dict(read_json(Path(branch_dir) / "branch.json"))
+        p = Path(branch_dir) / "branch.json"
+        return cls.from_dict(read_json(p), str(p))
 
     def train_config(self) -> TrainConfig:
         return from_dict(TrainConfig, self.config)

@@ -12,6 +12,9 @@ A family is registered under a name in :data:`critbatch.registry.MODEL_FAMILIES`
   numbers as it trains: a run started at a later checkpoint does not repeat another's steps);
 - ``vocab_size(cfg)``: a vocabulary the model fixes itself, or ``None`` (it takes the data's);
 - ``check(cfg)``: raise ConfigError for a config the family cannot build (before anything is written);
+- ``resolve(cfg)``: the config with everything it refers to recorded in it (a file's fields, absolute
+  paths), so a run's saved config says exactly which model it trained and its branches train the same
+  one from any directory;
 - ``describe(cfg)``: a few words for reports; ``stackable``: whether its runs can train as one
   stacked model (:mod:`critbatch.train.stacked`, which rewrites attention for ``vmap``).
 
@@ -40,5 +43,6 @@ class ModelFamily:
     dropout_probabilities: Callable[[ModelConfig], dict] = lambda cfg: {}
     vocab_size: Callable[[ModelConfig], int | None] = lambda cfg: None
     check: Callable[[ModelConfig], None] = lambda cfg: None
+    resolve: Callable[[ModelConfig], ModelConfig] = lambda cfg: cfg
     describe: Callable[[ModelConfig], str] = lambda cfg: "a model"
     stackable: bool = False

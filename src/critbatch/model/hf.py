@@ -16,6 +16,7 @@ shards with an index) to start from. Nothing here reaches the network.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -174,6 +175,17 @@ def _check(cfg: ModelConfig) -> None:
                           "model directory")
 
 
+def _resolve(cfg: ModelConfig) -> ModelConfig:
+    """``model.hf`` as its fields (a config.json or a model directory read now, so the run records the
+    model it trains and a later edit of the file cannot change what its branches train) and
+    ``hf_weights`` as an absolute path."""
+    fields = _config_fields(cfg.hf)
+    for key in ("architectures", "transformers_version", "_name_or_path"):
+        fields.pop(key, None)
+    weights = str(Path(cfg.hf_weights).resolve()) if cfg.hf_weights else None
+    return dataclasses.replace(cfg, hf=fields, hf_weights=weights)
+
+
 def _describe(cfg: ModelConfig) -> str:
     hf = cfg.hf
     if isinstance(hf, dict):
@@ -184,6 +196,6 @@ def _describe(cfg: ModelConfig) -> str:
 
 FAMILY = ModelFamily(build=HFCausalLM, count_params=_count_params, flops_per_token=_flops_per_token,
                      dropout_probabilities=_dropout_probabilities, vocab_size=lambda cfg: hf_config(cfg).vocab_size,
-                     check=_check, describe=_describe, stackable=False)
+                     check=_check, resolve=_resolve, describe=_describe, stackable=False)
 """Causal LMs from ``transformers`` (``model.family = 'hf'``); transformers is imported on first use."""
 

@@ -38,6 +38,9 @@ class Callback:
     supports_fsdp: bool = True
     """False for callbacks that need every rank to hold whole gradients (the trainer refuses them
     under ``parallel='fsdp'``)."""
+    inherit: bool = False
+    """True: a run started from another run's checkpoint (a branch) starts from this callback's state
+    there, not afresh (the divergence guard's baselines)."""
 
     def on_train_start(self, trainer) -> None:
         """After the model, optimizer and state are ready, before the first step of this session."""
@@ -248,6 +251,7 @@ class DivergenceGuard(Callback):
     without a NaN.)"""
 
     name = "divergence"
+    inherit = True  # a branch is judged against its parent's losses: even its first steps can be flagged
     FACTOR = 2.0
     MARGIN = 1.0
     WINDOW = 9

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..config import to_dict
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..io import dumps, public_mode, sha256_file
 
 FORMAT = "critbatch-ckpt-v1"
@@ -82,25 +82,35 @@ def save_checkpoint(ckpt_root: Path, *, tokens: int, kept: bool, model_state: di
     return final
 
 
-def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
-    """Complete checkpoints of a run, sorted by tokens (kept before resume at equal tokens)."""
+def scan_checkpoints(run_dir: str | Path) -> tuple[list[CheckpointInfo], list[tuple[Path, str]]]:
+    """(the complete checkpoints of a run sorted by tokens, kept before resume at equal tokens; the
+    checkpoint directories whose meta.json is damaged, with why)."""
     root = Path(run_dir) / "ckpt"
-    out = []
+    out: list[CheckpointInfo] = []
+    damaged: list[tuple[Path, str]] = []
     if not root.is_dir():
-        return out
-    for d in root.iterdir():
+        return out, damaged
+    for d in sorted(root.iterdir()):
         if not d.is_dir() or d.name.startswith("."):
             continue
         meta_p = d / "meta.json"
         if not meta_p.is_file():
+            damaged.append((d, "it has no meta.json"))
             continue
         try:
             meta = json.loads(meta_p.read_text())
-        except json.JSONDecodeError:
-            continue
-        out.append(CheckpointInfo(d, int(meta["tokens"]), bool(meta.get("kept")), meta))
+            out.append(CheckpointInfo(d, int(meta["tokens"]), bool(meta.get("kept")), meta))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            damaged.append((d, "its meta.json is not valid JSON"))
+        except (KeyError, TypeError, ValueError):
+            damaged.append((d, "its meta.json has no token count"))
     out.sort(key=lambda c: (c.tokens, not c.kept))
-    return out
+    return out, damaged
+
+
+def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
+    """Complete checkpoints of a run, sorted by tokens (kept before resume at equal tokens)."""
+    return scan_checkpoints(run_dir)[0]
 
 
 def kept_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
@@ -118,6 +128,10 @@ def find_kept(run_dir: str | Path, tokens: list[int] | None = None) -> list[Chec
     for t in sorted(set(tokens)):
         match = [c for c in kept if c.tokens == t] or [c for c in kept if c.requested_tokens == t]
         if not match:
+            bad = [(d, why) for d, why in scan_checkpoints(run_dir)[1] if d.name.startswith(KEPT_PREFIX)]
+            if bad:
+                raise DataError(f"no readable kept checkpoint at {t} tokens in {run_dir}: {bad[0][0].name} is damaged "
+                                f"({bad[0][1]})" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
             have = ", ".join(f"{c.tokens}" + (f" (requested {c.requested_tokens})" if c.requested_tokens != c.tokens else "")
                              for c in kept) or "none"
             raise ConfigError(f"no kept checkpoint at {t} tokens in {run_dir}; kept checkpoints: {have}")

@@ -42,8 +42,8 @@ from ..perf import peak_flops
 from ..records import RunResult, read_run_result
 from ..schedules import schedule_of
 from .callbacks import Callback, run_callbacks
-from .checkpoint import (EVAL_LOSSES_FILE, check_model_matches, copy_checkpoint_state, list_checkpoints,
-                         load_checkpoint, prune_resume_checkpoints, save_checkpoint, training_meta)
+from .checkpoint import (EVAL_LOSSES_FILE, check_model_matches, copy_checkpoint_state, load_checkpoint,
+                         prune_resume_checkpoints, save_checkpoint, scan_checkpoints, training_meta)
 from .resolve import StepPlan, autocast, config_diff, environment, resolve_config, resolve_data, step_plan
 from .state import EMA_ALPHA, TrainerState
 
@@ -175,15 +175,27 @@ class Trainer:
         if self.out_dir is not None and (self.out_dir / "config.json").is_file():
             # through the dataclass: fields added since the run was made take their defaults
             saved = from_dict(TrainConfig, read_json(self.out_dir / "config.json"))
+            if saved.data.path:  # runs made before paths were recorded resolved: compare them resolved
+                saved.data.path = str(Path(saved.data.path).resolve())
             diffs = config_diff(defining_dict(saved), defining_dict(c))
             if diffs:
                 raise ConfigError(f"{self.out_dir} holds a run with a different config ({'; '.join(diffs[:4])}); "
                                   f"use another --out")
             if (self.out_dir / "result.json").is_file():
                 self.existing_result = read_run_result(self.out_dir)
-            elif ckpts := list_checkpoints(self.out_dir):
-                self.resume_from = ckpts[-1].path
-                read_jsonl(self.out_dir / "metrics.jsonl")  # damaged records fail here, before anything is written
+            else:
+                ckpts, damaged = scan_checkpoints(self.out_dir)
+                newest = ckpts[-1].tokens if ckpts else -1
+                for d, why in damaged:  # never skipped in silence: the run resumes from an older one, or restarts
+                    digits = d.name[-12:]
+                    if digits.isdigit() and int(digits) < newest:
+                        continue  # older than the checkpoint it resumes from: it would not have been used
+                    warnings.warn(f"critbatch: the checkpoint {d} is damaged ({why}) and is skipped; the run "
+                                  + (f"resumes from {ckpts[-1].path.name}" if ckpts else "starts again from the beginning"),
+                                  stacklevel=2)
+                if ckpts:
+                    self.resume_from = ckpts[-1].path
+                    read_jsonl(self.out_dir / "metrics.jsonl")  # damaged records fail here, before anything is written
         if self.resume_from is not None:
             self._init, where = load_checkpoint(self.resume_from), str(self.resume_from)
         elif isinstance(init_from, dict):
@@ -255,10 +267,14 @@ class Trainer:
             self.optimizer.load_state_dict(copy_checkpoint_state(ck["optim"]))
         self.state.step = int(ck["meta"]["step"])
         self.state.offset_seqs = int(ck["meta"]["offset_seqs"])
-        if self.resume_from is None:
+        if self.resume_from is None:  # a start from another run's checkpoint (a branch)
             self.state.start_step = self.state.step
             self.state.start_tokens = self.state.offset_seqs * self.cfg.model.seq_len
             self.state.loss_ema = self.options.init_loss_ema
+            saved = (ck.get("state") or {}).get("callbacks", {})
+            for cb in self.callbacks:
+                if cb.inherit and cb.name in saved:
+                    cb.load_state_dict(saved[cb.name])
             return
         st = ck["state"]
         self.state.load_session(st)

@@ -57,7 +57,8 @@ def resolved_lr_schedule(cfg: TrainConfig) -> LRScheduleConfig:
 def resolve_config(cfg: TrainConfig, data: TokenData) -> TrainConfig:
     """Fill in every derived value so the saved config says exactly what ran."""
     cfg = from_dict(TrainConfig, to_dict(cfg))  # a copy
-    cfg.data.path = str(data.path)
+    cfg.data.path = str(Path(data.path).resolve())  # a run started from another directory finds its data
+    cfg.model = family(cfg.model).resolve(cfg.model)  # what it refers to, recorded
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = data.vocab_size
     fixed = family(cfg.model).vocab_size(cfg.model)  # a transformers config may fix its own vocabulary
