@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.critbatch-installed
 
-.PHONY: demo test install clean bench
+.PHONY: demo test check install clean bench
 
 # Every package after torch installs under a constraint that holds torch at $(TORCH_SPEC), so no
 # dependency (transformers, ai2-olmo-core, megatron-core) swaps in a CUDA build.
@@ -23,8 +23,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/critbatch demo --out runs/demo
 
+# Both cores: one worker a core, whole test files to a worker (module fixtures are trained once).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# The fast tier for a change in progress: everything but the tests marked slow (about 2 minutes).
+check: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	$(PY) bench/engine_throughput.py

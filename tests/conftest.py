@@ -6,7 +6,9 @@ import pytest
 # Auto-prepared corpora go to a per-session cache, never the user's home.
 _CACHE = Path(os.environ.get("PYTEST_CRITBATCH_CACHE", "/tmp")) / f"critbatch-test-cache-{os.getpid()}"
 os.environ["CRITBATCH_CACHE"] = str(_CACHE)
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One thread per test process when pytest-xdist runs a worker per core (make test), two otherwise:
+# more threads than free cores makes OpenMP spin against the other work.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 import torch  # noqa: E402
 

@@ -111,6 +111,7 @@ def test_planted_cbs_doubles_exactly_at_the_planted_thresholds(data_dir, tmp_pat
     assert r["steps_saved_pct"] == pytest.approx(100 * (1 - r["steps"] / r["small_control_steps"]))
 
 
+@pytest.mark.slow
 def test_real_probes_record_their_evidence(data_dir, tmp_path):
     cfg = loop_cfg(data_dir)
     a = AutoBatchConfig(probe_at=[2048, 4096], window_tokens=1024, launcher="inprocess", gns_b_big=8, gns_batches=4,
@@ -233,6 +234,7 @@ run_auto_batch(cfg, AutoBatchConfig(probe_at=[2048, 4096], window_tokens=8192, l
 """
 
 
+@pytest.mark.slow
 def test_killed_between_and_inside_probes_resumes_to_the_same_decisions(data_dir, tmp_path):
     from critbatch.config import to_dict
 
@@ -320,6 +322,7 @@ def test_plan_arithmetic_known_answer():
     assert cf["confirmation_points_max"] == [375_000, 750_000] and cf["confirmation_probe_tokens_max"] == 2 * 2 * 20_480
 
 
+@pytest.mark.slow
 def test_plan_on_the_command_line(tmp_path, capsys):
     from critbatch.cli import main
 
@@ -390,6 +393,7 @@ def test_compare_replays_the_closed_loop_as_a_fourth_run(data_dir, tmp_path):
                                   closed_loop=str(tmp_path / "nowhere"), launcher="inprocess"), progress=False)
 
 
+@pytest.mark.slow
 def test_speculation_trains_the_next_segment_beside_the_probes_and_changes_nothing(data_dir, tmp_path):
     cfg = loop_cfg(data_dir)
     kw = dict(probe_at=[2048], window_tokens=1024, gns_b_big=8, gns_batches=4, threads_per_branch=1,

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_gpu_sweep_script_runs_on_cpu(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_sweep.py"), "--quick", "--out", str(tmp_path / "g")],
                        capture_output=True, text=True, timeout=600)

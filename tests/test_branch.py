@@ -142,6 +142,7 @@ def test_fractional_k_and_whole_step_windows(parent, tmp_path):
     assert not (run / "branches" / spec.id / "ckpt").exists()
 
 
+@pytest.mark.slow
 def test_branch_isolation_order_and_jobs(parent, tmp_path):
     a = fresh_parent(parent, tmp_path / "a")
     b = fresh_parent(parent, tmp_path / "b")
@@ -185,6 +186,7 @@ def test_finished_sweep_is_a_no_op_and_changes_make_new_branches(parent, tmp_pat
     assert len(list((run / "branches").rglob("result.json"))) == 4
 
 
+@pytest.mark.slow
 def test_sweep_killed_mid_branch_resumes_to_the_same_curve(parent, tmp_path):
     import signal
     import subprocess

@@ -162,6 +162,7 @@ def test_presets_listing(capsys):
     assert code == 0 and "tiny" in out and "olmo-1b" in out
 
 
+@pytest.mark.slow
 def test_module_and_console_script(tmp_path):
     r = subprocess.run([sys.executable, "-m", "critbatch", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("critbatch ")
@@ -170,6 +171,7 @@ def test_module_and_console_script(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_train_stops_cleanly_on_sigterm_and_resumes(data_dir, tmp_path):
     import signal
     import time

@@ -113,6 +113,7 @@ def _pass_rate(gap, R, sd, trials, rng, eps=0.01, n_k=2):
     return passes / trials, fails / trials
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("R", [2, 3, 5, 8])
 def test_noninf_passes_a_2eps_gap_at_most_5pct(R):
     rng = np.random.default_rng(R)
@@ -126,6 +127,7 @@ def test_noninf_passes_a_2eps_gap_at_most_5pct(R):
     assert rate <= 0.05 + 2 * se, rate
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("R,n_k", [(2, 2), (3, 3), (5, 4), (8, 6)])
 def test_noninf_calls_an_equally_good_batch_worse_at_most_5pct(R, n_k):
     rng = np.random.default_rng(100 + R)
@@ -134,6 +136,7 @@ def test_noninf_calls_an_equally_good_batch_worse_at_most_5pct(R, n_k):
     assert fail <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / trials), fail
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("R,sd", [(3, 0.003), (5, 0.005), (8, 0.01)])
 def test_noninf_power_at_zero_gap_matches_the_noncentral_t(R, sd):
     """Power (probability of passing a batch that is truly as good) at a true gap of 0: the

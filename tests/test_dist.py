@@ -12,7 +12,7 @@ import pytest
 from conftest import strip_perf
 from critbatch.io import read_jsonl
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 WORKER = Path(__file__).parent / "dist_worker.py"
 
 

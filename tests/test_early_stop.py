@@ -131,6 +131,7 @@ def _decisions(curve):
     return [(p["status"], p["cbs_low_seqs"], p["cbs_high_seqs"]) for p in curve["points"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("search,launcher", [("grid", "local"), ("adaptive", "inprocess")])
 def test_a_sweep_that_stops_early_decides_as_full_windows_for_fewer_tokens(parent, tmp_path, search, launcher, capsys):
     run = tmp_path / "run"
@@ -182,6 +183,7 @@ def test_a_damaged_stop_rule_is_one_clear_error(data_dir, tmp_path):
     assert not (d / "result.json").exists() and not (d / STOPPED_FILE).exists()
 
 
+@pytest.mark.slow
 def test_a_job_stopped_early_under_submitit_is_done_not_failed(data_dir, tmp_path):
     from critbatch.launch.slurm import run_submitit
 

@@ -254,6 +254,7 @@ def test_training_reduces_loss(cfg_factory, tmp_path):
     assert res["final_eval_loss"] < first_eval - 1.5
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(data_dir, tmp_path):
     """A real SIGKILL at an arbitrary moment; running the same command again finishes identically."""
     import signal

@@ -347,6 +347,7 @@ def test_the_suite_is_large_enough():
     assert len(CASES) >= 60 and len({c[0].split("-")[0] for c in CASES}) == 8  # every command
 
 
+@pytest.mark.slow
 def test_sweep_killed_at_random_moments_resumes_bit_identical(base_ws, tmp_path):
     """SIGKILL a sweep (and its branch worker) at four random moments while it trains, run it again each
     time, and finish: every branch's per-sequence held-out losses and the decided curve are bit-identical

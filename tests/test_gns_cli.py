@@ -23,6 +23,7 @@ def copy(run, tmp_path):
     return dst
 
 
+@pytest.mark.slow
 def test_gns_writes_points_and_attaches_to_sweeps(run, tmp_path, capsys):
     r = copy(run, tmp_path)
     assert main(["branch", "--run", str(r), "--at", "1024,4096", "--k", "0.5,1,2", "--window-tokens", "256",

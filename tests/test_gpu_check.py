@@ -22,6 +22,7 @@ def _env(tmp_path: Path) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_gpu_check_quick_on_cpu(tmp_path):
     out = tmp_path / "x.json"
     r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--out", str(out)],

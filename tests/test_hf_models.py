@@ -146,6 +146,7 @@ def test_bad_model_configs_are_one_line_and_write_nothing(data_dir, tmp_path, ca
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_fsdp_wraps_decoder_layers_and_equals_one_process(data_dir, tmp_path):
     """Two ranks under DDP, and under FSDP2 (one unit per decoder layer), train the HF model as one
     process does."""

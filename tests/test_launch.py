@@ -65,6 +65,7 @@ def same_run(a: Path, b: Path):
 # ---- submitit ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep_equals_inprocess(parent, tmp_path):
     runs = {}
     for name in ("inprocess", "submitit-local"):
@@ -91,6 +92,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_submitit_preempted_job_checkpoints_requeues_and_resumes(data_dir, tmp_path):
     from critbatch.launch.slurm import JobTask, make_executor, slurm_config
 
@@ -112,6 +114,7 @@ def test_submitit_preempted_job_checkpoints_requeues_and_resumes(data_dir, tmp_p
 # ---- preemption of a plain worker ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_worker_pauses_on_sigusr1_with_a_checkpoint_and_resumes_to_the_same_result(data_dir, tmp_path):
     cfg = long_job_cfg(data_dir)
     ref = write_job(tmp_path / "ref", cfg)
@@ -150,6 +153,7 @@ def test_stop_handlers_are_restored_after_a_run(data_dir, tmp_path):
 # ---- data-parallel jobs in the local pool --------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_local_pool_runs_a_job_data_parallel_under_torchrun(data_dir, tmp_path):
     cfg = small_cfg(data_dir, batch_seqs=8, micro_batch_seqs=2, total_tokens=2048)
@@ -180,6 +184,7 @@ def test_pool_stays_on_the_gpus_it_was_given(monkeypatch):
     assert [_worker_env(1, s)["CUDA_VISIBLE_DEVICES"] for s in range(4)] == ["2", "3", "2", "3"]
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_a_failed_job_under_torchrun_reports_its_own_error(data_dir, tmp_path):
     cfg = small_cfg(data_dir, batch_seqs=8, micro_batch_seqs=4, total_tokens=2048)  # 8 % (4 x 3) != 0
@@ -223,6 +228,7 @@ def test_slurm_launcher_without_slurm_is_one_clear_error(parent, tmp_path, monke
     assert not (run / "sweeps").exists() and not (run / "branches").exists()  # refused before writing
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_submitit_job_of_two_tasks_is_data_parallel(data_dir, tmp_path):
     """nproc_per_job=2 through submitit: one job of two tasks, ranks from TorchDistributedEnvironment."""
@@ -281,6 +287,7 @@ def test_comparison_refuses_bad_launch_options_before_writing(tmp_path, monkeypa
 # ---- bad input under torchrun -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_torchrun_train_refuses_a_schedule_phase_not_divisible_by_micro_times_world(data_dir, tmp_path):
     out = tmp_path / "run"
@@ -296,6 +303,7 @@ def test_torchrun_train_refuses_a_schedule_phase_not_divisible_by_micro_times_wo
     assert main([*args[:2], str(tmp_path / "one"), *args[3:]]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_torchrun_fsdp_refuses_the_online_noise_scale(data_dir, tmp_path):
     out = tmp_path / "run"
@@ -345,6 +353,7 @@ def test_inprocess_threads_respect_omp_num_threads(monkeypatch):
 
 # ---- warm workers (critbatch.launch.warm): the local pool's processes train many jobs each ----------
 
+@pytest.mark.slow
 def test_warm_workers_train_many_jobs_each_with_the_results_of_in_process(data_dir, tmp_path, monkeypatch):
     from critbatch.launch import warm
 
@@ -367,6 +376,7 @@ def test_warm_workers_train_many_jobs_each_with_the_results_of_in_process(data_d
         same_run(a, b)
 
 
+@pytest.mark.slow
 def test_a_killed_warm_worker_fails_only_its_job_and_the_rerun_resumes_it(data_dir, tmp_path, monkeypatch):
     from critbatch.launch import warm
 

@@ -9,6 +9,8 @@ import pytest
 from critbatch.cli import main
 from critbatch.io import read_json
 
+pytestmark = pytest.mark.slow
+
 
 def test_quick_demo_runs_every_stage(quick_demo):
     demo = read_json(quick_demo / "demo.json")

@@ -79,6 +79,7 @@ def test_stacked_branches_equal_separate_branches(parents):
     assert run_jobs_stacked(together, threads=1) == res
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["inprocess", "local"])
 def test_a_sweep_with_stacked_branches_decides_as_one_without(parents, launcher, tmp_path):
     """Replicates of each k trained two to a stack (in process, or one worker process per stack)
@@ -121,6 +122,7 @@ def test_branch_command_says_which_path_trained(parents, tmp_path, capsys):
     assert "(4 stacked x2)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_killed_stack_resumes_to_the_runs_trained_alone(parents):
     """SIGKILL of a worker training a stack after each run saved a resume checkpoint; training the
     stack again continues every run from its own checkpoint and ends where each run alone ends."""

@@ -186,6 +186,7 @@ print(Peak.top)
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_token_files_size(tmp_path):
     """2M against 20M uint32 tokens (8 MB against 80 MB): the peak memory of prepare and the peak heap
     of a short training run stay flat (the larger file loaded whole would add 72 MB; the page cache a

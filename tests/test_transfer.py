@@ -100,6 +100,7 @@ def target_file(tmp_path, **over) -> str:
     return str(p)
 
 
+@pytest.mark.slow
 def test_transfer_on_the_command_line_states_the_cost_first(proxies, tmp_path, capsys):
     from critbatch.cli import main
 
@@ -116,6 +117,7 @@ def test_transfer_on_the_command_line_states_the_cost_first(proxies, tmp_path, c
     assert c["params_x_tokens_ratio"] == pytest.approx(c["proxy_params_x_tokens"] / c["target_params_x_tokens"])
 
 
+@pytest.mark.slow
 def test_the_confirming_probe_moves_a_doubling_it_shows_worse(proxies, tmp_path, data_dir, monkeypatch):
     """A planted failing probe: the first doubling moves to the next point and the schedule says so."""
     from critbatch import transfer
@@ -137,6 +139,7 @@ def test_the_confirming_probe_moves_a_doubling_it_shows_worse(proxies, tmp_path,
         assert any(said in n for n in got["notes"]), verdict
 
 
+@pytest.mark.slow
 def test_proxies_on_other_data_are_refused(proxies, tmp_path):
     from critbatch.io import read_json, write_json_atomic
     from critbatch.transfer import TransferConfig, run_transfer
@@ -165,6 +168,7 @@ def test_proxies_on_other_data_are_refused(proxies, tmp_path):
     ({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 16, "vocab_size": 300}}, "vocabulary of 300"),
     ({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 128}}, "more than 4x the proxies' longest"),
 ])
+@pytest.mark.slow
 def test_a_target_the_proxies_cannot_speak_for_is_refused(proxies, tmp_path, over, needle):
     from critbatch.transfer import TransferConfig, run_transfer
 
@@ -174,6 +178,7 @@ def test_a_target_the_proxies_cannot_speak_for_is_refused(proxies, tmp_path, ove
     assert not (tmp_path / "s.json").exists()
 
 
+@pytest.mark.slow
 def test_the_confirming_probe_runs_on_the_target_at_its_stated_cost(proxies, tmp_path, data_dir):
     """The target trained to its first doubling, then the probe: B and 2B over two paired replicates,
     exactly the tokens stated in advance."""
