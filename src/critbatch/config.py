@@ -214,6 +214,9 @@ class TrainConfig:
     single process."""
     log_interval_steps: int = how(50)
     """Steps between performance records (``perf/*``); losses are logged every step."""
+    progress_interval_s: float = how(30.0)
+    """Seconds between the plain progress lines (tokens, tokens/s, loss, ETA) printed on stderr when it
+    is not a terminal (under nohup, Slurm, a pipe); a terminal gets a progress bar. 0: a line every step."""
     exact_total_tokens: bool = False
     """Stop exactly at ``total_tokens``: a final partial step takes only the remaining sequences
     (at the phase's LR). Branches use it so every batch size consumes the same tokens."""
@@ -410,6 +413,7 @@ def validate(cfg: TrainConfig) -> None:
              f"save_interval_tokens={cfg.save_interval_tokens} must be positive")
     _require(cfg.eval_interval_tokens is None or cfg.eval_interval_tokens >= 0,
              f"eval_interval_tokens={cfg.eval_interval_tokens} must be >= 0 (0: only at kept checkpoints and the end)")
+    _require(cfg.progress_interval_s >= 0, f"progress_interval_s={cfg.progress_interval_s} must be >= 0 seconds")
     _require(cfg.lr_ref_batch_seqs is None or cfg.lr_ref_batch_seqs > 0,
              f"lr_ref_batch_seqs={cfg.lr_ref_batch_seqs} must be positive")
     if s.horizon_tokens is not None:

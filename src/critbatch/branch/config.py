@@ -96,6 +96,9 @@ class SweepConfig:
     slurm: dict | None = how(None)
     """Options of the ``slurm`` and ``submitit-local`` launchers: keys of
     :class:`critbatch.launch.slurm.SlurmConfig` (partition, time_min, gpus_per_task, ...)."""
+    progress_interval_s: float = how(30.0)
+    """Seconds between the plain progress lines (branches done of total, elapsed, ETA) printed on
+    stderr when it is not a terminal (under nohup, Slurm, a pipe); a terminal gets a progress bar."""
     stack: int | None = how(None)
     """Branches of one shape (replicates; the same k at several points) trained together as one
     stacked model, up to this many (:mod:`critbatch.train.stacked`; in process and in the local pool,
