@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .registry import MODEL_FAMILIES, Registry
+from .registry import MODEL_FAMILIES, TRAINING_CALLBACKS, Registry
 from .units import parse_count
 
 HOW = {"defining": False}
@@ -217,6 +217,10 @@ class TrainConfig:
     progress_interval_s: float = how(30.0)
     """Seconds between the plain progress lines (tokens, tokens/s, loss, ETA) printed on stderr when it
     is not a terminal (under nohup, Slurm, a pipe); a terminal gets a progress bar. 0: a line every step."""
+    log_to: list[str] = how(default_factory=list, choices=TRAINING_CALLBACKS)
+    """Experiment trackers that get every logged record beside metrics.jsonl: ``tensorboard``
+    (RUN/tb), ``wandb`` (RUN/wandb, offline unless WANDB_MODE says otherwise); any other registered
+    training callback may be named too. On the main rank; needs the ``critbatch[trackers]`` extra."""
     exact_total_tokens: bool = False
     """Stop exactly at ``total_tokens``: a final partial step takes only the remaining sequences
     (at the phase's LR). Branches use it so every batch size consumes the same tokens."""
@@ -373,10 +377,11 @@ def check_choices(cfg: Any, path: str = "") -> None:
         choices = f.metadata.get("choices")
         if choices is None or v is None:
             continue
-        if isinstance(choices, Registry):
-            choices.check(v, where)
-        elif v not in choices:
-            raise ConfigError(f"{where}={v!r} is not one of {', '.join(map(str, choices))}")
+        for x in (v if isinstance(v, list) else [v]):  # a list field: each of its items
+            if isinstance(choices, Registry):
+                choices.check(x, where)
+            elif x not in choices:
+                raise ConfigError(f"{where}={x!r} is not one of {', '.join(map(str, choices))}")
 
 
 def _require(cond: bool, msg: str) -> None:

@@ -18,6 +18,7 @@ from ..launch import run_job, run_jobs
 from ..progress import Progress
 from ..records import BranchOutcome, CBSCurve, read_curve, read_run_result
 from ..train.early_stop import STOP_RULE_FILE, step_records, stopped_reading
+from ..train.trackers import log_curve
 from .config import EARLY_STOP_MIN_SPANS, STACK_CUDA, SweepConfig
 from .continuation import continuation_tokens, cooldown_tokens
 from .curve import branch_outcome, build_curve, decide_point, write_curve
@@ -205,6 +206,7 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None, beside: Iterable[P
     if not br.trained and (plan.sweep_dir / "cbs.json").is_file():
         old = read_curve(plan.sweep_dir)
         if not old["cost"].get("stopped_early"):  # else another sweep may have finished a stopped branch since
+            log_curve(old, plan.sweep_dir, cfg.log_to, name=f"sweep {plan.sweep_id}")  # --log-to added on a rerun
             return SweepResult(plan, old, plan.sweep_dir)  # nothing new: unchanged
     if (note := br.continuation_note()) is not None:
         plan.notes.append(note)
@@ -213,4 +215,5 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None, beside: Iterable[P
     if (plan.run_dir / "gns.json").is_file():
         attach_noise_scale(curve, read_json(plan.run_dir / "gns.json"))
     write_curve(plan.sweep_dir, curve)
+    log_curve(curve, plan.sweep_dir, cfg.log_to, name=f"sweep {plan.sweep_id}")
     return SweepResult(plan, curve, plan.sweep_dir)
