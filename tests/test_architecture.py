@@ -12,7 +12,8 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "critbatch"
 # lowest first; a module may import its own layer and the ones below it
 LAYERS = [
     ("ground", ["critbatch.errors", "critbatch.units", "critbatch.config", "critbatch.io", "critbatch.dist",
-                "critbatch.perf", "critbatch.version", "critbatch.records", "critbatch.registry"]),
+                "critbatch.perf", "critbatch.version", "critbatch.records", "critbatch.registry",
+                "critbatch.progress"]),
     ("engine", ["critbatch.model", "critbatch.optim", "critbatch.data", "critbatch.schedules", "critbatch.presets"]),
     ("train", ["critbatch.train", "critbatch.gns.estimators", "critbatch.gns.probe", "critbatch.gns.online",
                "critbatch.gns.__init__"]),

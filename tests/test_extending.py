@@ -106,7 +106,7 @@ def test_a_callback_registered_from_outside_runs_in_a_named_job(registered, data
     run_jobs([d], jobs=1, threads=1, launcher="inprocess")
     assert StepCounter.seen == list(range(1, 1024 // (8 * 16) + 1))
     assert read_json(d / "job.json")["callbacks"] == ["step-counter"]
-    with pytest.raises(ConfigError, match="job callback='nope' is not one of gns, step-counter"):
+    with pytest.raises(ConfigError, match="job callback='nope' is not one of gns, tensorboard, wandb, step-counter"):
         write_job(tmp_path / "bad", small_cfg(data_dir), callbacks=["nope"])
 
 
@@ -119,3 +119,8 @@ def test_the_command_line_takes_its_choices_from_the_registries(registered):
     assert overrides(ns, ns.flags["cfg"])["rule"] == "strict"
     with pytest.raises(ConfigError, match="invalid choice: 'lenient'"):
         make_parser().parse_args([*args, "lenient"])
+    train = ["train", "--preset", "tiny", "--out", "x", "--log-to"]  # a list of names: each one of the registry's
+    ns = make_parser().parse_args([*train, "tensorboard,step-counter"])
+    assert overrides(ns, ns.flags["cfg"])["log_to"] == ["tensorboard", "step-counter"]
+    with pytest.raises(ConfigError, match="--log-to 'nope' is not one of gns, tensorboard, wandb, step-counter"):
+        make_parser().parse_args([*train, "step-counter,nope"])

@@ -16,7 +16,7 @@ T = 16
 
 # ---- Hugging Face Trainer ----------------------------------------------------------------------
 
-def _hf_run(tmp_path, spec, steps, noise_scale=False):
+def _hf_run(tmp_path, spec, steps, noise_scale=False, n_seqs=512, attach=False, **args_over):
     transformers = pytest.importorskip("transformers")
     from critbatch.integrations.hf_trainer import BatchScheduleCallback
 
@@ -27,7 +27,7 @@ def _hf_run(tmp_path, spec, steps, noise_scale=False):
                                             pad_token_id=None)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     g = torch.Generator().manual_seed(1)
-    data = [{"input_ids": x, "labels": x} for x in torch.randint(0, 257, (512, T), generator=g)]
+    data = [{"input_ids": x, "labels": x} for x in torch.randint(0, 257, (n_seqs, T), generator=g)]
 
     seen = {"batches": [], "lrs": [], "micro": 0}
 
@@ -44,13 +44,15 @@ def _hf_run(tmp_path, spec, steps, noise_scale=False):
             seen["batches"].append((seen["micro"] + 1) * args.per_device_train_batch_size)
             seen["micro"] = 0
 
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2,
-                                          gradient_accumulation_steps=1, max_steps=steps, learning_rate=1e-3,
-                                          lr_scheduler_type="constant", warmup_steps=0, report_to=[],
-                                          save_strategy="no", logging_strategy="no", use_cpu=True, max_grad_norm=0.0,
-                                          dataloader_drop_last=True, disable_tqdm=True)
+    args = transformers.TrainingArguments(**{
+        "output_dir": str(tmp_path / "hf"), "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+        "max_steps": steps, "learning_rate": 1e-3, "lr_scheduler_type": "constant", "warmup_steps": 0, "report_to": [],
+        "save_strategy": "no", "logging_strategy": "no", "use_cpu": True, "max_grad_norm": 0.0,
+        "dataloader_drop_last": True, "disable_tqdm": True, **args_over})
     cb = BatchScheduleCallback(BatchSchedule.parse(spec, T), noise_scale=noise_scale)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb, Observe()])
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=([] if attach else [cb]) + [Observe()])
+    if attach:
+        cb.attach(trainer)
     trainer.train()
     return cb, seen, trainer
 
@@ -83,6 +85,46 @@ def test_hf_callback_refuses_a_trainer_that_does_not_match(tmp_path):
     pytest.importorskip("transformers")
     with pytest.raises(ConfigError, match="not the schedule's first batch of 4"):
         _hf_run(tmp_path, "0:4,128:8", 2)
+    with pytest.raises(ConfigError, match="falls from 4 to 2 sequences at 64 tokens"):  # epochs are counted at 2
+        _hf_run(tmp_path, "0:2,32:4,64:2", 2)
+
+
+def test_hf_trainer_across_epochs(tmp_path):
+    """42 sequences = 21 micro-batches of 2 an epoch. The Trainer plans its epochs at the first
+    accumulation (21 steps each); at batch 4 an epoch takes fewer. A run it would end before
+    max_steps is refused, naming the max_steps it reaches; that one runs to its end, and the last
+    step of each epoch (one micro-batch left: 2 sequences) gets the LR of 2 sequences, not of 4."""
+    with pytest.raises(ConfigError, match=r"stop after 24 of max_steps=30 .* set max_steps=24, or give it more data"):
+        _hf_run(tmp_path, "0:2,128:4", 30, n_seqs=42)
+    cb, seen, trainer = _hf_run(tmp_path, "0:2,128:4", 24, n_seqs=42)
+    assert trainer.state.global_step == 24
+    assert seen["batches"] == [2] * 4 + [4] * 8 + [2] + [4] * 10 + [2]  # epoch 1: 4 + 8 + 1 steps; epoch 2: 10 + 1
+    assert [h["batch_seqs"] for h in cb.history] == seen["batches"]
+    assert seen["lrs"] == pytest.approx([1e-3 * math.sqrt(b / 2) for b in seen["batches"]], rel=1e-9)
+    assert cb.tokens == 2 * 42 * T == sum(seen["batches"]) * T
+
+
+def test_hf_trainer_logs_the_applied_batch_and_lr_to_its_sinks(tmp_path):
+    """With the callback attached first, every training log record, in state.log_history and in the
+    report_to sinks (TensorBoard here), carries the LR the optimizer applied and the step's batch."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cb, seen, trainer = _hf_run(tmp_path, "0:2,128:4,384:8", 12, attach=True, report_to=["tensorboard"],
+                                logging_strategy="steps", logging_steps=1)
+    logged = [r for r in trainer.state.log_history if "loss" in r]
+    assert [r["batch_seqs"] for r in logged] == seen["batches"] == [2] * 4 + [4] * 4 + [8] * 4
+    assert [r["learning_rate"] for r in logged] == pytest.approx(seen["lrs"], rel=1e-9)
+    assert [r["base_learning_rate"] for r in logged] == pytest.approx([1e-3] * 12)
+    assert [r["batch_tokens"] for r in logged] == [b * T for b in seen["batches"]]
+    (events,) = {p.parent for p in (tmp_path / "hf").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    by_step = lambda tag: [(e.step, e.value) for e in acc.Scalars(tag)]  # noqa: E731
+    assert by_step("train/batch_seqs") == [(i + 1, b) for i, b in enumerate(seen["batches"])]
+    assert [v for _, v in by_step("train/learning_rate")] == pytest.approx(seen["lrs"], rel=1e-6)
+    with pytest.warns(UserWarning, match=r"attach\(trainer\)"):  # passed in callbacks=[...]: the sinks ran first
+        _hf_run(tmp_path / "b", "0:2", 1, report_to=["tensorboard"])
 
 
 # ---- OLMo-core ---------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ class TrainCommand:
     gns: bool = False
     """Log the gradient noise scale online (needs accumulation or DDP)."""
     progress: bool = True
-    """Show a progress bar (when stderr is a terminal)."""
+    """Show progress: a bar when stderr is a terminal, else a plain line every --progress-interval-s seconds."""
     auto_batch: bool = False
     """The closed loop: measure the local CBS at probe points during the run and double the batch
     when the probe shows it safe (``--auto.*`` set the probes; results in OUT/decisions.jsonl)."""
@@ -75,7 +75,8 @@ class TrainCommand:
 @dataclass
 class Progress:
     progress: bool = True
-    """Show a progress bar (when stderr is a terminal)."""
+    """Show progress: a bar when stderr is a terminal (``branch`` prints a plain line every
+    --progress-interval-s seconds off one)."""
 
 
 @dataclass

@@ -58,6 +58,15 @@ def _float(text: str, flag: str) -> float:
         raise ConfigError(f"{flag} {text!r} is not a number") from None
 
 
+def choice_list(text: str, choices, flag: str) -> list[str]:
+    """Comma-separated names, each one of ``choices`` (a registry's keys are read when parsed)."""
+    names = [x.strip() for x in str(text).split(",") if x.strip()]
+    for x in names:
+        if x not in choices:
+            raise ConfigError(f"{flag} {x!r} is not one of {', '.join(choices)}")
+    return names
+
+
 def mapping_arg(text: str, flag: str) -> dict:
     """A JSON/TOML file, or an inline JSON object."""
     if Path(text).suffix in (".json", ".toml") or Path(text).is_file():
@@ -142,7 +151,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, prefix: tu
         if parse is None:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
         else:
-            if choices:
+            if choices and typing.get_origin(tp) is list:  # several names: comma-separated, each checked
+                kw["type"] = functools.partial(choice_list, choices=choices, flag=names[-1])
+                kw["metavar"] = "{" + ",".join(choices) + "},..."
+            elif choices:
                 kw["choices"] = list(choices)
             else:
                 kw["type"], kw["metavar"] = parse, metavar

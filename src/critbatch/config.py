@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .registry import MODEL_FAMILIES, Registry
+from .registry import MODEL_FAMILIES, TRAINING_CALLBACKS, Registry
 from .units import parse_count
 
 HOW = {"defining": False}
@@ -214,6 +214,13 @@ class TrainConfig:
     single process."""
     log_interval_steps: int = how(50)
     """Steps between performance records (``perf/*``); losses are logged every step."""
+    progress_interval_s: float = how(30.0)
+    """Seconds between the plain progress lines (tokens, tokens/s, loss, ETA) printed on stderr when it
+    is not a terminal (under nohup, Slurm, a pipe); a terminal gets a progress bar. 0: a line every step."""
+    log_to: list[str] = how(default_factory=list, choices=TRAINING_CALLBACKS)
+    """Experiment trackers that get every logged record beside metrics.jsonl: ``tensorboard``
+    (RUN/tb), ``wandb`` (RUN/wandb, offline unless WANDB_MODE says otherwise); any other registered
+    training callback may be named too. On the main rank; needs the ``critbatch[trackers]`` extra."""
     exact_total_tokens: bool = False
     """Stop exactly at ``total_tokens``: a final partial step takes only the remaining sequences
     (at the phase's LR). Branches use it so every batch size consumes the same tokens."""
@@ -370,10 +377,11 @@ def check_choices(cfg: Any, path: str = "") -> None:
         choices = f.metadata.get("choices")
         if choices is None or v is None:
             continue
-        if isinstance(choices, Registry):
-            choices.check(v, where)
-        elif v not in choices:
-            raise ConfigError(f"{where}={v!r} is not one of {', '.join(map(str, choices))}")
+        for x in (v if isinstance(v, list) else [v]):  # a list field: each of its items
+            if isinstance(choices, Registry):
+                choices.check(x, where)
+            elif x not in choices:
+                raise ConfigError(f"{where}={x!r} is not one of {', '.join(map(str, choices))}")
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -410,6 +418,7 @@ def validate(cfg: TrainConfig) -> None:
              f"save_interval_tokens={cfg.save_interval_tokens} must be positive")
     _require(cfg.eval_interval_tokens is None or cfg.eval_interval_tokens >= 0,
              f"eval_interval_tokens={cfg.eval_interval_tokens} must be >= 0 (0: only at kept checkpoints and the end)")
+    _require(cfg.progress_interval_s >= 0, f"progress_interval_s={cfg.progress_interval_s} must be >= 0 seconds")
     _require(cfg.lr_ref_batch_seqs is None or cfg.lr_ref_batch_seqs > 0,
              f"lr_ref_batch_seqs={cfg.lr_ref_batch_seqs} must be positive")
     if s.horizon_tokens is not None:

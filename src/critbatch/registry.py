@@ -83,6 +83,9 @@ from ``transformers``. ``ModelConfig.family`` takes its values from here."""
 
 TRAINING_CALLBACKS = Registry("training callback", {
     "gns": "critbatch.gns.online:NoiseScaleCallback",
+    "tensorboard": "critbatch.train.trackers:TensorBoardTracker",
+    "wandb": "critbatch.train.trackers:WandbTracker",
 })
-"""Training callbacks a run may name (in ``job.json`` and on the command line): name ->
-a :class:`critbatch.train.Callback` class built with no arguments."""
+"""Training callbacks a run may name (in ``job.json``, in ``TrainConfig.log_to``, on the command line):
+name -> a :class:`critbatch.train.Callback` class built with no arguments. ``tensorboard`` and
+``wandb`` are the experiment trackers (:mod:`critbatch.train.trackers`)."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..analysis.decision import RULES
 from ..config import ADAM_RULES, LR_RULES, how, option
 from ..launch import LAUNCHERS
+from ..registry import TRAINING_CALLBACKS
 
 EMA_MIN_STEPS = 8
 """Fewest optimizer steps a branch needs for its EMA (alpha 0.5) reading: 1 - 0.5^8 = 99.6% of the
@@ -96,6 +97,14 @@ class SweepConfig:
     slurm: dict | None = how(None)
     """Options of the ``slurm`` and ``submitit-local`` launchers: keys of
     :class:`critbatch.launch.slurm.SlurmConfig` (partition, time_min, gpus_per_task, ...)."""
+    progress_interval_s: float = how(30.0)
+    """Seconds between the plain progress lines (branches done of total, elapsed, ETA) printed on
+    stderr when it is not a terminal (under nohup, Slurm, a pipe); a terminal gets a progress bar."""
+    log_to: list[str] = how(default_factory=list, choices=TRAINING_CALLBACKS)
+    """Experiment trackers that get the sweep's curve once it is decided (``tensorboard``: SWEEP_DIR/tb,
+    ``wandb``: SWEEP_DIR/wandb): at each branch point, by its tokens, the CBS interval's ends and
+    geometric mean in tokens and the noise scale. Branches log to none (a parent's ``log_to`` is not
+    theirs). Needs the ``critbatch[trackers]`` extra."""
     stack: int | None = how(None)
     """Branches of one shape (replicates; the same k at several points) trained together as one
     stacked model, up to this many (:mod:`critbatch.train.stacked`; in process and in the local pool,

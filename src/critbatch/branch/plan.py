@@ -22,6 +22,7 @@ from ..records import read_run_result
 from ..launch import check_launch, check_single_process, default_jobs
 from ..schedules.rules import adam_hparams, lr_rule_multiplier
 from ..train.checkpoint import CheckpointInfo, find_kept, kept_checkpoints, load_checkpoint
+from ..train.trackers import curve_trackers
 from .config import EMA_MIN_STEPS, SweepConfig
 
 
@@ -95,6 +96,7 @@ def _check_options(cfg: SweepConfig, parent: TrainConfig) -> tuple[SweepConfig, 
         raise ConfigError("rule 'ttest' was replaced by 'noninf' (non-inferiority: k passes only when the data show "
                           "it within eps of the smaller batches)")
     check_choices(cfg)
+    curve_trackers(cfg.log_to)
     check_launch(cfg.launcher, cfg.nproc_per_job, cfg.slurm)
     rule = cfg.rule or ("eps" if cfg.replicates == 1 else "noninf")
     if cfg.eps < 0 or not math.isfinite(cfg.eps):
@@ -110,6 +112,8 @@ def _check_options(cfg: SweepConfig, parent: TrainConfig) -> tuple[SweepConfig, 
     _check_early_stop(cfg)
     if cfg.jobs is None:
         cfg = dataclasses.replace(cfg, jobs=default_jobs(cfg.threads_per_branch, cfg.device))
+    if cfg.progress_interval_s < 0:
+        raise ConfigError(f"progress_interval_s={cfg.progress_interval_s} must be >= 0 seconds")
     if cfg.stack is not None and cfg.stack < 1:
         raise ConfigError(f"stack={cfg.stack} must be >= 1 (1: every branch alone)")
     if cfg.jobs < 1 or cfg.threads_per_branch < 1:

@@ -11,14 +11,14 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Iterable
 
-from tqdm.auto import tqdm
-
 from ..analysis.curve import attach_noise_scale
 from ..config import to_dict
 from ..io import read_json, read_jsonl, write_json_atomic
 from ..launch import run_job, run_jobs
+from ..progress import Progress
 from ..records import BranchOutcome, CBSCurve, read_curve, read_run_result
 from ..train.early_stop import STOP_RULE_FILE, step_records, stopped_reading
+from ..train.trackers import log_curve
 from .config import EARLY_STOP_MIN_SPANS, STACK_CUDA, SweepConfig
 from .continuation import continuation_tokens, cooldown_tokens
 from .curve import branch_outcome, build_curve, decide_point, write_curve
@@ -117,8 +117,8 @@ class _Branches:
         c = self.plan.cfg
         todo = [d for d in dirs if not self._settled(d)]
         self.trained |= bool(todo)
-        self.bar.total = (self.bar.total or 0) + len(dirs)
-        self.bar.update(len(dirs) - len(todo))
+        self.bar.add_total(len(dirs))
+        self.bar.skip(len(dirs) - len(todo))
         run_jobs(todo + list(beside), c.jobs, c.threads_per_branch, c.launcher,
                  lambda d: self.bar.update(1) if d in todo else None,
                  nproc_per_job=c.nproc_per_job, slurm=c.slurm, stack=1 if beside else self.stack)
@@ -154,26 +154,10 @@ def choose_stack(plan: SweepPlan, measure: bool | None = None) -> tuple[int, dic
     return stack, {"stack": stack, "chosen_by": f"measured: {m['speedup']:.2f}x stacked vs alone", **m}
 
 
-def run_sweep(cfg: SweepConfig, progress: bool | None = None, beside: Iterable[Path] = ()) -> SweepResult:
-    """Plan, run the missing branches, decide, and write cbs.json / cbs.csv / plots. A sweep whose
-    branches were all finished before, with its cbs.json written, is returned as it is. ``beside``:
-    job directories trained in the same pool as the sweep's first branches (the closed loop trains
-    its next segment beside its probes), finished before this returns."""
-    plan = plan_sweep(cfg)
+def _train(plan: SweepPlan, br: _Branches, beside: list[Path]) -> list[Path]:
+    """Train the sweep's branches (every k of the grid, or the probes the adaptive search asks for);
+    returns the jobs ``beside`` that did not train with them."""
     cfg = plan.cfg
-    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
-    spec = {**to_dict(plan.cfg), "run": str(plan.run_dir), "sweep_id": plan.sweep_id,
-            "window_tokens_effective": plan.window_tokens, "rule": plan.rule, "lr_rule": plan.lr_rule,
-            "adam_rule": plan.adam_rule, "k_min": plan.k_min, "k_max": plan.k_max, "resolution": plan.resolution,
-            "candidates": plan.candidates, "points": [p.tokens for p in plan.points]}
-    if not (plan.sweep_dir / "sweep.json").is_file():
-        write_json_atomic(plan.sweep_dir / "sweep.json", spec)
-    t0 = time.time()
-    bar = tqdm(desc=f"sweep {plan.sweep_id}", unit="branch", disable=True if progress is False else None,
-               dynamic_ncols=True)
-    stack, stacking = choose_stack(plan)
-    br = _Branches(plan, bar, stack)
-    beside = list(beside)
     if cfg.search == "grid" and cfg.early_stop_gap is not None:  # the references first: the others read them
         br.run([d for p in plan.points for d in br.make(p, cfg.k[0])], beside)
         br.run([d for p in plan.points for k in cfg.k[1:] for d in br.make(p, k)])
@@ -190,13 +174,39 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None, beside: Iterable[P
                 break
             br.run(todo, beside)
             beside = []
-    bar.close()
+    return beside
+
+
+def run_sweep(cfg: SweepConfig, progress: bool | None = None, beside: Iterable[Path] = ()) -> SweepResult:
+    """Plan, run the missing branches, decide, and write cbs.json / cbs.csv / plots. A sweep whose
+    branches were all finished before, with its cbs.json written, is returned as it is. ``beside``:
+    job directories trained in the same pool as the sweep's first branches (the closed loop trains
+    its next segment beside its probes), finished before this returns."""
+    plan = plan_sweep(cfg)
+    cfg = plan.cfg
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    spec = {**to_dict(plan.cfg), "run": str(plan.run_dir), "sweep_id": plan.sweep_id,
+            "window_tokens_effective": plan.window_tokens, "rule": plan.rule, "lr_rule": plan.lr_rule,
+            "adam_rule": plan.adam_rule, "k_min": plan.k_min, "k_max": plan.k_max, "resolution": plan.resolution,
+            "candidates": plan.candidates, "points": [p.tokens for p in plan.points]}
+    if not (plan.sweep_dir / "sweep.json").is_file():
+        write_json_atomic(plan.sweep_dir / "sweep.json", spec)
+    t0 = time.time()
+    bar = Progress(None, desc=f"sweep {plan.sweep_id}", unit="branches", enabled=progress, rate=False,
+                   heartbeat=True, interval_s=cfg.progress_interval_s, dynamic_ncols=True)
+    try:
+        stack, stacking = choose_stack(plan)
+        br = _Branches(plan, bar, stack)
+        beside = _train(plan, br, list(beside))
+    finally:
+        bar.close()
     if beside:  # nothing of the sweep left to train: the jobs beside it alone
         run_jobs(beside, cfg.jobs, cfg.threads_per_branch, cfg.launcher, nproc_per_job=cfg.nproc_per_job,
                  slurm=cfg.slurm)
     if not br.trained and (plan.sweep_dir / "cbs.json").is_file():
         old = read_curve(plan.sweep_dir)
         if not old["cost"].get("stopped_early"):  # else another sweep may have finished a stopped branch since
+            log_curve(old, plan.sweep_dir, cfg.log_to, name=f"sweep {plan.sweep_id}")  # --log-to added on a rerun
             return SweepResult(plan, old, plan.sweep_dir)  # nothing new: unchanged
     if (note := br.continuation_note()) is not None:
         plan.notes.append(note)
@@ -205,4 +215,5 @@ def run_sweep(cfg: SweepConfig, progress: bool | None = None, beside: Iterable[P
     if (plan.run_dir / "gns.json").is_file():
         attach_noise_scale(curve, read_json(plan.run_dir / "gns.json"))
     write_curve(plan.sweep_dir, curve)
+    log_curve(curve, plan.sweep_dir, cfg.log_to, name=f"sweep {plan.sweep_id}")
     return SweepResult(plan, curve, plan.sweep_dir)

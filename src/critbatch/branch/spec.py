@@ -113,6 +113,7 @@ def branch_config(plan: SweepPlan, point: BranchPoint, k: float, replicate: int)
                         "cooldown_end_tokens": None},
         "eval_seqs": plan.cfg.eval_seqs or plan.parent.eval_seqs, "device": plan.cfg.device,
         "data": {"stream_shift_seqs": replicate * (plan.window_tokens // T)},
+        "log_to": [],  # the sweep logs its curve; its branches log only to their metrics.jsonl
     })
 
 

@@ -24,9 +24,8 @@ import math
 import statistics
 import time
 
-from tqdm.auto import tqdm
-
 from ..io import JsonlWriter, truncate_jsonl, write_npy_atomic
+from ..progress import Progress
 from ..registry import TRAINING_CALLBACKS
 from .checkpoint import EVAL_LOSSES_FILE, prune_resume_checkpoints
 
@@ -132,7 +131,9 @@ class PerfLog(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar over tokens on the main rank (hidden when stderr is not a terminal, unless forced)."""
+    """Progress on the main rank: a tqdm bar over tokens when stderr is a terminal (or forced with
+    ``enabled=True``); otherwise a plain line (tokens, tokens/s, step, loss, ETA) every
+    ``progress_interval_s`` seconds (:class:`critbatch.progress.Progress`); nothing with ``enabled=False``."""
 
     name = "progress"
 
@@ -141,16 +142,16 @@ class ProgressBar(Callback):
 
     def on_train_start(self, trainer) -> None:
         c = trainer.cfg
-        disable = True if (not trainer.dist.is_main or self.enabled is False) else (None if self.enabled is None else False)
-        self.bar = tqdm(total=c.total_tokens, initial=min(trainer.tokens, c.total_tokens), unit="tok", unit_scale=True,
-                        dynamic_ncols=True, disable=disable, leave=False, mininterval=0.5,
-                        desc=self.desc or (trainer.out_dir.name if trainer.out_dir else "train"))
+        self.bar = Progress(c.total_tokens, initial=min(trainer.tokens, c.total_tokens), unit="tokens",
+                            desc=self.desc or (trainer.out_dir.name if trainer.out_dir else "train"),
+                            enabled=self.enabled if trainer.dist.is_main else False,
+                            interval_s=c.progress_interval_s, unit_scale=True, dynamic_ncols=True, leave=False,
+                            mininterval=0.5)
 
     def on_boundary(self, trainer, tokens_before: int) -> None:
         total = trainer.cfg.total_tokens
+        self.bar.set_postfix(step=trainer.state.step, loss=f"{trainer.state.loss_ema:.3f}")
         self.bar.update(min(trainer.tokens, total) - min(tokens_before, total))
-        if trainer.state.step % trainer.cfg.log_interval_steps == 0:
-            self.bar.set_postfix(loss=f"{trainer.state.loss_ema:.3f}", refresh=False)
 
     def _close(self, trainer, *_) -> None:
         if self.bar is not None:

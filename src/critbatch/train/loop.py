@@ -41,7 +41,7 @@ from ..optim import build_optimizer
 from ..perf import peak_flops
 from ..records import RunResult, read_run_result
 from ..schedules import schedule_of
-from .callbacks import Callback, run_callbacks
+from .callbacks import Callback, make_callbacks, run_callbacks
 from .checkpoint import (EVAL_LOSSES_FILE, check_model_matches, copy_checkpoint_state, load_checkpoint,
                          prune_resume_checkpoints, save_checkpoint, scan_checkpoints, training_meta)
 from .resolve import StepPlan, autocast, config_diff, environment, resolve_config, resolve_data, step_plan
@@ -112,7 +112,7 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.fsdp = cfg.parallel == "fsdp" and self.dist.enabled
-        self.callbacks = run_callbacks(self._checked(callbacks), progress=progress, desc=desc,
+        self.callbacks = run_callbacks(self._checked(callbacks, cfg.log_to), progress=progress, desc=desc,
                                        eval_at_start=eval_at_start, keep_final_checkpoint=keep_final_checkpoint)
         # ---- the session's state, set as the run goes ----
         self.state = TrainerState()
@@ -159,8 +159,11 @@ class Trainer:
         self._find_start(init_from)
         self.planned_steps, self.end_tokens = self._check_capacity()
 
-    def _checked(self, callbacks: Iterable[Callback]) -> list[Callback]:
+    def _checked(self, callbacks: Iterable[Callback], log_to: list[str]) -> list[Callback]:
+        """The caller's callbacks after those ``log_to`` names (but not one the caller gave by name)."""
         user = list(callbacks)
+        given = {cb.name for cb in user}
+        user = [*make_callbacks(n for n in log_to if n not in given), *user]
         for cb in user:
             if self.fsdp and not cb.supports_fsdp:
                 raise ConfigError(f"{cb.description or 'the ' + cb.name + ' callback'} needs parallel='ddp'; it is not "
