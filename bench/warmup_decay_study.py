@@ -3,14 +3,12 @@ of docs/LOG.md ("a schedule for the whole run", issue 22), one command, resumabl
 
 For each corpus and size (the demo's 1M tokens, and 2M), from the demo's start batch (2 sequences,
 its LR by the sqrt rule from the preset's 3e-3 at 8): the demo's base run and adaptive cooldown-probe
-sweep (seed 0, points at 2%, 6%, 20% and 60% of the run), then four schedules derived from that sweep
+sweep (seed 0, points at 2%, 6%, 20% and 60% of the run), then three schedules derived from that sweep
 for the whole run (the pretraining tokens and a linear LR decay of 10.24% of them after it):
 
 - ``warmup``: the measured envelope, the decay at the final batch (``--decay anneal``);
 - ``seesaw``: the same, then Seesaw's doublings inside the decay (``--decay seesaw``, 2 doublings);
 - ``late-switch``: the start batch through the stable phase, the warmup's final batch for the decay;
-- ``reach4``: no raise before the run ahead is within 4 probe windows (``--reach 4``), then the decay
-  at the final batch;
 
 each trained against the small- and large-batch controls with 3 seeds (initialisation and data order;
 ``critbatch compare --schedules``). Reported: the held-out loss gap to the small-batch control before
@@ -31,7 +29,7 @@ from pathlib import Path
 
 SIZES = {"1m": 1_000_000, "2m": 2_000_000}
 SCHEDULES = {"warmup": {"decay": "anneal"}, "seesaw": {"decay": "seesaw", "decay_doublings": 2},
-             "late-switch": {"decay": "late-switch"}, "reach4": {"decay": "anneal", "reach": 4.0}}
+             "late-switch": {"decay": "late-switch"}}
 
 
 def cell(out: Path, corpus: str, size: str, seeds: list[int], b0: int, jobs: int) -> dict:
