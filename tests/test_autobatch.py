@@ -115,7 +115,7 @@ def test_planted_cbs_doubles_exactly_at_the_planted_thresholds(data_dir, tmp_pat
 def test_real_probes_record_their_evidence(data_dir, tmp_path):
     cfg = loop_cfg(data_dir)
     a = AutoBatchConfig(probe_at=[2048, 4096], window_tokens=1024, launcher="inprocess", gns_b_big=8, gns_batches=4,
-                        confirm=1)
+                        confirm=1, noise_scale=True, early_stop=False)
     r = run_auto_batch(cfg, a, tmp_path / "loop")
     ds = read_jsonl(tmp_path / "loop" / "decisions.jsonl")
     assert len(ds) == 2
@@ -139,6 +139,23 @@ def test_real_probes_record_their_evidence(data_dir, tmp_path):
     r2 = run_auto_batch(cfg, a, tmp_path / "loop")
     assert {k: v for k, v in r2.items() if k != "wall_time_s"} == {k: v for k, v in r.items() if k != "wall_time_s"}
     assert time.time() - t0 < 30
+
+
+def test_the_loop_measures_no_noise_scale_by_default_and_stops_failing_probes_early(data_dir, tmp_path, monkeypatch):
+    """Issue 25: the separate noise-scale estimate only when a trigger reads it; a larger batch's probe
+    stops once settled as failing (the sweep's rule at 2·eps), with one replicate."""
+    from critbatch.closed_loop import loop
+
+    seen = []
+    real = loop.run_sweep
+    monkeypatch.setattr(loop, "run_sweep", lambda c, **kw: seen.append(c) or real(c, **kw))
+    monkeypatch.setattr(loop.ClosedLoop, "noise_scale", lambda *a: pytest.fail("measured the noise scale"))
+    r = run_auto_batch(loop_cfg(data_dir), AutoBatchConfig(probe_at=[2048], window_tokens=1024, launcher="inprocess"),
+                       tmp_path / "loop")
+    assert r["gns_tokens"] == 0 and [c.early_stop_gap for c in seen] == [0.02]
+    assert "gns" not in read_jsonl(tmp_path / "loop" / "decisions.jsonl")[0]["verdicts"]
+    with pytest.raises(ConfigError, match="with replicates=2 give --no-auto.early-stop"):
+        run_auto_batch(loop_cfg(data_dir), AutoBatchConfig(probe_at=[2048], replicates=2), tmp_path / "x")
 
 
 def _plain(cfg, out):

@@ -47,6 +47,10 @@ class AutoBatchConfig:
     """Confidence of the noninf rule and of the held-out sampling error under eps."""
     cooldown_fraction: float = 0.25
     """Each probe ends with an LR cooldown over this fraction of its window (as ``critbatch branch``)."""
+    early_stop: bool = True
+    """Stop a larger batch's probe part-way through its cooldown once it is settled as failing (its
+    paired gap to the current batch above 2·eps at ``confidence``: ``critbatch branch
+    --early-stop-gap``); with one replicate. The probe at the current batch then trains first."""
     eval_seqs: int | None = None
     """Held-out sequences at each probe's end (default: the run's)."""
     max_batch_seqs: int | None = None
@@ -75,8 +79,11 @@ class AutoBatchConfig:
     """Probe points whose branch probes calibrate the noise-scale trigger when it acts."""
     norm_eta: float = 1.0
     """η of the norm test: raise when B < B_simple / η²."""
-    noise_scale: bool = True
-    """Estimate the noise scale at every probe point (for the gns and norm triggers)."""
+    noise_scale: bool | None = None
+    """Estimate the noise scale at every probe point (the gns and norm triggers read it). ``None``
+    (default): only when ``act_on`` is one of them — a separate estimate costs ``gns_batches ×
+    gns_b_big`` sequences a point (52% of the demo loop's tokens), and beside the branch probe the two
+    triggers agreed with it at 0 of 2 and 2 of 3 points (docs/LOG.md)."""
     gns_b_big: int = 64
     """The noise scale's big batch in sequences."""
     gns_batches: int = 32
@@ -106,6 +113,11 @@ MIN_PROBE_STEPS = 8
 def default_window(point_tokens: int, fraction: float, batch_seqs: int, k_max: float, seq_len: int) -> int:
     """fraction × the point's tokens, but at least MIN_PROBE_STEPS steps of the largest probed batch."""
     return max(int(fraction * point_tokens), int(MIN_PROBE_STEPS * k_max * batch_seqs) * seq_len)
+
+
+def measures_noise_scale(a: AutoBatchConfig) -> bool:
+    """Whether the loop estimates the noise scale at its probe points (``noise_scale``)."""
+    return a.noise_scale if a.noise_scale is not None else a.act_on in ("gns", "norm")
 
 
 def check(cfg: TrainConfig, a: AutoBatchConfig) -> tuple[list[int], int]:
@@ -139,8 +151,11 @@ def check(cfg: TrainConfig, a: AutoBatchConfig) -> tuple[list[int], int]:
         raise ConfigError(f"calibration_points={a.calibration_points} must be >= 1")
     if a.max_batch_seqs is not None and a.max_batch_seqs < B0:
         raise ConfigError(f"max_batch_seqs={a.max_batch_seqs} is below the starting batch {B0}")
-    if a.act_on in ("gns", "norm") and not a.noise_scale:
+    if a.act_on in ("gns", "norm") and a.noise_scale is False:
         raise ConfigError(f"act_on={a.act_on} needs the noise scale (drop --no-auto.noise-scale)")
+    if a.early_stop and a.replicates > 1:
+        raise ConfigError(f"early_stop reads one probe against its reference; with replicates={a.replicates} give "
+                          f"--no-auto.early-stop")
     check_launch(a.launcher, 1, a.slurm)
     if a.probe_at is not None:
         points = sorted(set(int(t) for t in a.probe_at))

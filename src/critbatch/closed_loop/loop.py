@@ -56,7 +56,7 @@ from ..schedules import BatchSchedule
 from ..schedules.export import schedule_document
 from ..train import run_defaults
 from ..train.checkpoint import find_kept
-from .config import AUTOBATCH_FORMAT, AutoBatchConfig, check, default_window
+from .config import AUTOBATCH_FORMAT, AutoBatchConfig, check, default_window, measures_noise_scale
 from .policy import agreement, decide_raise, lead_limit, main_run_lead, next_point
 
 Decider = Callable[[int, int], int]
@@ -128,7 +128,8 @@ class ClosedLoop:
                            replicates=a.replicates, search="grid", cooldown_fraction=a.cooldown_fraction,
                            decide_by="eval", rule=a.rule, eps=a.eps, confidence=a.confidence,
                            eval_seqs=a.eval_seqs, device=a.device, threads_per_branch=a.threads_per_branch,
-                           jobs=a.jobs, launcher=a.launcher, slurm=a.slurm)
+                           jobs=a.jobs, launcher=a.launcher, slurm=a.slurm,
+                           early_stop_gap=2 * a.eps if a.early_stop and a.cooldown_fraction > 0 and a.eps > 0 else None)
         res = run_sweep(scfg, progress=False, beside=[beside] if beside is not None else [])
         p = res.curve["points"][0]
         return probe_evidence(res.curve, p, str(res.sweep_dir.relative_to(self.out)), a.eps), p
@@ -155,7 +156,7 @@ class ClosedLoop:
             rec.update(acted_on="planted", verdicts={"planted": "raise" if after > B else "stay"}, batch_after=after,
                        cost={"probe_tokens": 0, "gns_tokens": 0})
             return rec
-        ns = self.noise_scale(seg, t) if a.noise_scale else None
+        ns = self.noise_scale(seg, t) if measures_noise_scale(a) else None
         b_simple = ns["b_simple_seqs"] if ns else None
         m = calibrate(self.history)
         usable = self._calibrations()

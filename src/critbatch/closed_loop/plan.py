@@ -28,7 +28,7 @@ from ..io import check_output, write_json_atomic
 from ..records import read_curve
 from ..schedules import BatchSchedule
 from ..units import fmt_count
-from .config import AutoBatchConfig, default_window
+from .config import AutoBatchConfig, default_window, measures_noise_scale
 from .policy import lead_limit, main_run_lead
 
 
@@ -152,7 +152,7 @@ def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
             if got and any(s == p for s, _ in phases[1:]):  # raised here: the run's lead is dropped
                 lead_tok += lead_steps * B * T
                 secs += lead_steps * t(B)
-            if a.noise_scale:
+            if measures_noise_scale(a):
                 gns_tok += a.gns_batches * a.gns_b_big * T
                 gns_secs += a.gns_batches * t(a.gns_b_big)  # a per-example backward costs about one step
         total_secs = secs + probe_secs + gns_secs

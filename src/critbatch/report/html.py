@@ -352,9 +352,15 @@ def draw_figures(d: Path, s: dict) -> dict[str, Path]:
 # ---- HTML -----------------------------------------------------------------------------------------
 
 
+def _mean_or_stopped(losses: list) -> str:
+    """A probe's mean held-out loss; a probe stopped early as failing has none."""
+    vals = [v for v in losses if v is not None and math.isfinite(v)]
+    return f"{sum(vals) / len(vals):.4f}" if len(vals) == len(losses) and vals else "stopped"
+
+
 def _closed_loop_html(cl: dict) -> str:
     rows = [[fmt_count(d["tokens"]), d["batch_before"],
-             " / ".join(f"{sum(v) / len(v):.4f}" for v in d["probe"]["eval_losses"]) if d.get("probe") else "—",
+             " / ".join(_mean_or_stopped(v) for v in d["probe"]["eval_losses"]) if d.get("probe") else "—",
              ", ".join(f"{k}: {v}" for k, v in d["verdicts"].items() if v is not None), d["acted_on"],
              d["batch_after"], fmt_count(d["cost"]["probe_tokens"])] for d in cl["decisions"]]
     return ("<h2 id='closed-loop'>The closed loop: one run that measures its own CBS</h2>"
