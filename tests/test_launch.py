@@ -67,17 +67,22 @@ def same_run(a: Path, b: Path):
 
 @pytest.mark.slow
 def test_submitit_local_sweep_equals_inprocess(parent, tmp_path):
+    """Through submitit's code path, one job a task and three (several branches one process), the
+    same numbers as in process."""
     runs = {}
-    for name in ("inprocess", "submitit-local"):
-        runs[name] = tmp_path / name
-        shutil.copytree(parent, runs[name])
-        run_sweep(sweep(runs[name], launcher=name, jobs=2), progress=False)
+    for name, slurm in (("inprocess", None), ("submitit-local", None), ("submitit-local", {"jobs_per_task": 3})):
+        key = name + ("-x3" if slurm else "")
+        runs[key] = tmp_path / key
+        shutil.copytree(parent, runs[key])
+        run_sweep(sweep(runs[key], launcher=name, jobs=2, slurm=slurm), progress=False)
     curves = {n: read_json(next((r / "sweeps").iterdir()) / "cbs.json") for n, r in runs.items()}
-    a, b = curves["inprocess"]["points"][0], curves["submitit-local"]["points"][0]
-    assert a["losses"] == b["losses"] and len(a["losses"]["eval"]) == 3
+    a, b, c = (curves[n]["points"][0] for n in ("inprocess", "submitit-local", "submitit-local-x3"))
+    assert a["losses"] == b["losses"] == c["losses"] and len(a["losses"]["eval"]) == 3
     assert (a["cbs_low_seqs"], a["cbs_high_seqs"]) == (b["cbs_low_seqs"], b["cbs_high_seqs"])
     assert (runs["submitit-local"] / "submitit").is_dir()  # its scripts and logs live beside the run
     assert not (runs["inprocess"] / "submitit").exists()
+    tasks = {p.name.split("_")[0] for p in (runs["submitit-local-x3"] / "submitit").glob("*_log.out")}
+    assert len(tasks) == 1  # the three branches: one task
 
 
 def _children(pid: int) -> list[int]:

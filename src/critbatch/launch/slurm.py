@@ -57,6 +57,10 @@ class SlurmConfig:
     """Jobs of the array running at once (``--array=...%N``)."""
     max_requeues: int = 3
     """How often a job that hit its time limit is requeued (preemptions always requeue)."""
+    jobs_per_task: int = 1
+    """Jobs one task of the array trains one after another in one process: short branches then pay one
+    process start (and CUDA start-up, and queue wait) for several. A requeued task skips the jobs it
+    finished and resumes the one it was in. Give ``time_min`` for all of them. Single-rank jobs only."""
     signal_delay_s: int = 120
     """Seconds before the time limit at which the job is told to checkpoint (USR2)."""
     setup: list[str] = field(default_factory=list)
@@ -77,7 +81,7 @@ def slurm_config(value: SlurmConfig | dict | None) -> SlurmConfig:
             cfg = from_dict(SlurmConfig, value or {}, "slurm")
         except ConfigError as e:
             raise ConfigError(str(e).replace("config key", "slurm option")) from None
-    for name in ("time_min", "cpus_per_task", "array_parallelism", "signal_delay_s"):
+    for name in ("time_min", "cpus_per_task", "array_parallelism", "signal_delay_s", "jobs_per_task"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"slurm.{name}={getattr(cfg, name)} must be >= 1")
     if cfg.gpus_per_task < 0 or cfg.max_requeues < 0:
@@ -138,14 +142,26 @@ class JobTask:
     def __init__(self, threads: int):
         self.threads = threads
 
-    def __call__(self, job_dir: str) -> dict | None:
+    def __call__(self, job_dir: str | list[str]) -> dict | None:
         import submitit
 
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # one rank per task; the Trainer joins through env://
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        dirs = [job_dir] if isinstance(job_dir, str) else list(job_dir)
         try:
-            return run_job(job_dir, self.threads, stop_on_signals=True)
+            failed = []
+            for d in dirs:  # several jobs a task: one after another (a finished one returns at once)
+                try:
+                    result = run_job(d, self.threads, stop_on_signals=True)
+                except CritbatchError as e:
+                    if isinstance(e, Interrupted) or len(dirs) == 1:
+                        raise
+                    print(f"critbatch: error: job {Path(d).name}: {e}", file=sys.stderr, flush=True)
+                    failed.append(Path(d).name)
+            if failed:
+                raise CritbatchError(f"{len(failed)} of {len(dirs)} jobs of this task failed: {', '.join(failed)}")
+            return result
         except Interrupted as e:
             print(f"critbatch: {e}; asking submitit to requeue it", file=sys.stderr, flush=True)
             # submitit's own preemption handler (restored when the Trainer returned): it dumps
@@ -156,12 +172,13 @@ class JobTask:
                 return None
             raise
         except CritbatchError as e:  # an expected failure: one line in the task's log, as the CLI prints it
-            print(f"critbatch: error: {e}", file=sys.stderr, flush=True)
+            if len(dirs) == 1:
+                print(f"critbatch: error: {e}", file=sys.stderr, flush=True)
             raise
         finally:
             shutdown()
 
-    def checkpoint(self, job_dir: str):
+    def checkpoint(self, job_dir: str | list[str]):
         """The requeued task: the same directory (the Trainer resumes from its resume checkpoint)."""
         import submitit
 
@@ -184,41 +201,49 @@ def run_submitit(dirs: list[Path], jobs: int, threads: int, launcher: str, on_do
     task = JobTask(threads)
     errors: list[str] = []
 
-    def finish(job, d: Path) -> None:
+    def finish(job, unit: list[Path]) -> None:
         try:
             job.results()  # every task's (one per rank); raises if one failed
-            if not (d / "result.json").is_file() and not (d / STOPPED_FILE).is_file():  # finished, or stopped early
-                raise CritbatchError("the job ended without a result")
-        except Exception as e:  # noqa: BLE001 - a failed job is reported, the others go on
+        except Exception as e:  # noqa: BLE001 - a failed task is reported, the others go on
             try:
                 log = job.stderr() or ""
             except Exception:  # noqa: BLE001
                 log = ""
             detail = _last_line(log) if "critbatch:" in log else _last_line(str(e))
-            errors.append(f"job {d.name} failed: {detail} (log: {job.paths.stderr})")
         else:
-            on_done(d)
+            detail = "the job ended without a result"
+        for d in unit:  # each job of the task: finished (or stopped early), or failed with the task's error
+            if (d / "result.json").is_file() or (d / STOPPED_FILE).is_file():
+                on_done(d)
+            else:
+                errors.append(f"job {d.name} failed: {detail} (log: {job.paths.stderr})")
+
+    per = cfg.jobs_per_task if nproc_per_job == 1 else 1
+    units = [list(dirs[i:i + per]) for i in range(0, len(dirs), per)]
+
+    def arg(unit: list[Path]):
+        return str(unit[0]) if len(unit) == 1 else [str(d) for d in unit]
 
     if launcher == "slurm":
-        submitted = list(zip(ex.map_array(task, [str(d) for d in dirs]), dirs))
+        submitted = list(zip(ex.map_array(task, [arg(u) for u in units]), units))
         pending = dict(enumerate(submitted))
         while pending:
-            for i, (job, d) in list(pending.items()):
+            for i, (job, unit) in list(pending.items()):
                 if job.done():
-                    finish(job, d)
+                    finish(job, unit)
                     del pending[i]
             if pending:
                 time.sleep(10)
     else:  # a sliding window of `jobs`; like the local pool, slot s gets GPUs s·n .. s·n+n-1 (mod the GPUs)
         ids = visible_gpus() if _cuda_count() else []
         n_gpus = cfg.gpus_per_task * nproc_per_job
-        queue, running, free = list(dirs), [], list(range(max(1, jobs)))
+        queue, running, free = list(units), [], list(range(max(1, jobs)))
         while queue or running:
             while queue and free:
-                d, slot = queue.pop(0), free.pop(0)
+                unit, slot = queue.pop(0), free.pop(0)
                 if ids and n_gpus and all(g.isdigit() for g in ids):
                     ex.update_parameters(visible_gpus=[int(ids[(slot * n_gpus + i) % len(ids)]) for i in range(n_gpus)])
-                running.append((ex.submit(task, str(d)), d, slot))
+                running.append((ex.submit(task, arg(unit)), unit, slot))
             for item in list(running):
                 if item[0].done():
                     finish(item[0], item[1])
