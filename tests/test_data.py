@@ -166,3 +166,159 @@ def test_embedded_cache_is_reused(tmp_path, monkeypatch):
     assert p1 == p2 and (p2 / "meta.json").stat().st_mtime_ns == mtime
     with pytest.raises(ConfigError, match="unknown corpus"):
         prepare_embedded("wikipedia")
+
+
+# ---- text is streamed: the tokens of whole documents, memory that does not grow --------------------
+
+def _words_corpus(rng, n_docs: int, words: int) -> list[str]:
+    """Documents with the whitespace a cut could get wrong: runs of spaces and newlines, CRLF, tabs,
+    no-break and ideographic spaces, contractions, digits, accents, emoji."""
+    vocab = ["the", "cat", "sat", "on", "mat", "it's", "we'll", "1990", "café", "naïve", "😀", "—", "!", "..."]
+    seps = [" ", " ", " ", "  ", "\n", "\n\n", " \n", "\r\n", "\t", "\u00a0", "\u3000", "\u2028", ", ", ". "]
+    return ["".join(str(rng.choice(vocab)) + str(rng.choice(seps)) for _ in range(words)) for _ in range(n_docs)]
+
+
+def _old_split(docs: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """The held-out choice as prepare made it before it streamed (every document in memory)."""
+    if len(docs) == 1 or len(docs) * fraction < 1:
+        train, val = [], []
+        for d in docs:
+            cut = int(len(d) * (1 - fraction))
+            nl = d.rfind("\n", 0, cut)
+            cut = nl + 1 if nl > cut * 0.9 else cut
+            train.append(d[:cut])
+            val.append(d[cut:])
+        return [t for t in train if t], [v for v in val if v]
+    val_idx = set(np.random.default_rng(seed).choice(len(docs), size=max(1, round(len(docs) * fraction)),
+                                                     replace=False).tolist())
+    return ([d for i, d in enumerate(docs) if i not in val_idx], [d for i, d in enumerate(docs) if i in val_idx])
+
+
+def _write_inputs(tmp_path, layout: str) -> list:
+    rng = np.random.default_rng(1)
+    if layout == "one-txt":  # one document: the tail of it is held out
+        (tmp_path / "one.txt").write_bytes("".join(_words_corpus(rng, 1, 3000)).encode())
+        return [tmp_path / "one.txt"]
+    if layout == "three-files":  # too few documents to hold out whole ones
+        names = ["a.txt", "b.md", "c.rst"]
+        for name, d in zip(names, _words_corpus(rng, 3, 700)):
+            (tmp_path / name).write_bytes(d.encode())
+        return [tmp_path / n for n in names]
+    docs = _words_corpus(rng, 60, 60) + [""]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    return [tmp_path / "d.jsonl"]
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe", "file-bpe", "file-whitespace"])
+@pytest.mark.parametrize("layout", ["one-txt", "three-files", "jsonl"])
+def test_streamed_text_gives_the_tokens_of_whole_documents(tmp_path, monkeypatch, layout, tokenizer):
+    """Reading in pieces of 37 characters, cutting segments of about 50 and encoding batches of 300
+    gives byte for byte the shards of encoding every document whole (held-out choice, BPE and all)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from critbatch.data import stream, text
+    from critbatch.data.tokenizer import BPETokenizer, ByteTokenizer, FileTokenizer
+
+    monkeypatch.setattr(text, "READ_CHARS", 37)
+    monkeypatch.setattr(stream, "SEGMENT_CHARS", 50)
+    monkeypatch.setattr(stream, "BATCH_CHARS", 300)
+    paths = _write_inputs(tmp_path, layout)
+    docs = [d for p in paths for d in ([json.loads(x)["text"] for x in p.read_text().splitlines()]
+                                       if p.suffix == ".jsonl" else [p.read_text(encoding="utf-8")]) if d]
+    train, val = _old_split(docs, 0.05, 0)
+    if tokenizer == "file-whitespace":  # not byte-level: documents are encoded whole
+        t = Tokenizer(models.BPE(unk_token="<unk>"))
+        t.pre_tokenizer = pre_tokenizers.Whitespace()
+        t.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"]))
+        t.save(str(tmp_path / "ws.json"))
+    elif tokenizer == "file-bpe":  # a GPT-2 style tokenizer.json someone has
+        BPETokenizer.train(docs, 400).save(tmp_path / "gpt2ish.json")
+    spec = {"bytes": "bytes", "bpe": "bpe", "file-bpe": str(tmp_path / "gpt2ish.json"),
+            "file-whitespace": str(tmp_path / "ws.json")}[tokenizer]
+    out = prepare(tmp_path / "d", paths, tokenizer=spec, vocab_size=400 if tokenizer == "bpe" else None, quiet=True)
+    tok = (ByteTokenizer() if tokenizer == "bytes" else BPETokenizer.train(train, 400) if tokenizer == "bpe"
+           else FileTokenizer.open(spec))
+    assert tok.cut_rule == {"bytes": "any", "bpe": "space", "file-bpe": "space", "file-whitespace": None}[tokenizer]
+    if tokenizer == "bpe":
+        assert (out / "tokenizer.json").read_text() == tok._tok.to_str(pretty=True)
+    meta = json.loads((out / "meta.json").read_text())
+    dt = np.dtype(meta["dtype"])
+    for split, ds in (("train", train), ("val", val)):
+        expect = np.concatenate([np.append(tok.encode(d), tok.eot_id) for d in ds]).astype(dt)
+        got = b"".join((out / sh["file"]).read_bytes() for sh in meta["splits"][split]["shards"])
+        assert got == expect.tobytes(), split
+        assert meta["splits"][split]["docs"] == len(ds) and meta["splits"][split]["max_id"] == int(expect.max())
+
+
+def test_segments_of_a_byte_level_bpe_encode_as_the_whole(tmp_path):
+    """Cut where the byte-level rule allows (before a space or newline after a non-space), a text's
+    segments give its tokens, also around exotic whitespace; cut anywhere they would not."""
+    from critbatch.data.text import segments
+    from critbatch.data.tokenizer import BPETokenizer
+
+    rng = np.random.default_rng(2)
+    docs = _words_corpus(rng, 30, 300)
+    tok = BPETokenizer.train(docs, 500)
+    for size in (1, 5, 40):
+        for d in docs:
+            parts = list(segments(iter([d[i:i + 13] for i in range(0, len(d), 13)]), size, "space"))
+            assert "".join(parts) == d and len(parts) > len(d) // 200
+            assert np.array_equal(np.concatenate(tok.encode_batch(parts)), tok.encode(d))
+    anywhere = list(segments(iter([docs[0]]), 5, "any"))
+    assert not np.array_equal(np.concatenate(tok.encode_batch(anywhere)), tok.encode(docs[0]))
+
+
+def test_only_tokenizers_that_keep_their_tokens_are_cut(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from critbatch.data.tokenizer import cut_rule
+
+    def tok(pre, post=None, added=None):
+        t = Tokenizer(models.BPE())
+        t.pre_tokenizer = pre
+        if post is not None:
+            t.post_processor = post
+        if added:
+            t.add_special_tokens(added)
+        return cut_rule(t)
+
+    from tokenizers import AddedToken
+
+    assert tok(pre_tokenizers.ByteLevel(add_prefix_space=False)) == "space"
+    assert tok(pre_tokenizers.ByteLevel(add_prefix_space=False), processors.ByteLevel()) == "space"
+    assert tok(pre_tokenizers.ByteLevel(add_prefix_space=True)) is None  # a space before every segment
+    assert tok(pre_tokenizers.Whitespace()) is None
+    assert tok(pre_tokenizers.ByteLevel(add_prefix_space=False),
+               processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])) is None  # <s> per segment
+    assert tok(pre_tokenizers.ByteLevel(add_prefix_space=False), added=[AddedToken("<x>", rstrip=True)]) is None
+
+
+PREPARE_PEAK = """
+import sys
+from critbatch.data import prepare
+prepare(sys.argv[1], [sys.argv[2]], tokenizer=sys.argv[3], vocab_size=int(sys.argv[4]) or None, quiet=True)
+print([int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM')][0])
+"""
+
+
+@pytest.mark.parametrize("tokenizer,small,large", [("bytes", 4_000_000, 40_000_000), ("bpe", 2_500_000, 6_000_000)])
+def test_prepare_memory_does_not_grow_with_the_text(tmp_path, tokenizer, small, large):
+    """One text file (one document) of 4 MB against 40 MB (bytes), 2.5 MB against 6 MB (BPE): the
+    peak memory of prepare stays flat (whole, the larger held 8 bytes a character, ~300 MB more,
+    and its BPE encoding ~1 GB more). bench/prepare_memory.py measures 2 GB."""
+    import subprocess
+    import sys
+
+    base = "".join(_words_corpus(np.random.default_rng(3), 1, 200_000))
+    peaks = []
+    for n in (small, large):
+        f = tmp_path / f"t{n}.txt"
+        with open(f, "w") as w:
+            for i in range(0, n, len(base)):
+                w.write(base[: n - i] if i + len(base) > n else base)
+        r = subprocess.run([sys.executable, "-c", PREPARE_PEAK, str(tmp_path / f"d{n}"), str(f), tokenizer,
+                            "2000" if tokenizer == "bpe" else "0"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        peaks.append(int(r.stdout.split()[-1]) / 1024)  # MB
+    assert peaks[1] - peaks[0] < 30, peaks
+
