@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -322,3 +323,155 @@ def test_prepare_memory_does_not_grow_with_the_text(tmp_path, tokenizer, small, 
         peaks.append(int(r.stdout.split()[-1]) / 1024)  # MB
     assert peaks[1] - peaks[0] < 30, peaks
 
+
+# ---- shards are verified once per file ---------------------------------------------------------------
+
+def _small_data(tmp_path):
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in _words_corpus(
+        np.random.default_rng(4), 40, 200)))
+    return prepare(tmp_path / "d", [tmp_path / "c.jsonl"], shard_tokens=4000, quiet=True)
+
+
+def _count_hashes(monkeypatch) -> list:
+    from critbatch.data import verify
+
+    calls = []
+    real = verify.hash_and_max
+
+    def counted(f, dtype):
+        calls.append(f.name)
+        return real(f, dtype)
+
+    monkeypatch.setattr(verify, "hash_and_max", counted)
+    return calls
+
+
+def test_a_second_open_hashes_nothing_and_writes_nothing_into_the_data(tmp_path, monkeypatch):
+    from critbatch.data import verify
+
+    d = _small_data(tmp_path)
+    monkeypatch.setattr(verify, "SETTLE_NS", 0)  # the shards were just written: trust their times at once
+    calls = _count_hashes(monkeypatch)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in d.iterdir())
+    first = open_data(d)
+    n = len(calls)
+    assert n == len(list(d.glob("*.bin"))) > 2
+    second = open_data(d)
+    assert len(calls) == n  # nothing hashed again
+    assert second.max_ids == first.max_ids == {"train": 256, "val": 256}
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in d.iterdir()) == before  # the data directory untouched
+    assert verify.record_path(d).is_file()
+    import shutil
+    shutil.copytree(d, tmp_path / "copy")  # same times, other inodes: hashed again
+    open_data(tmp_path / "copy")
+    assert len(calls) == 2 * n
+
+
+def test_a_byte_flipped_after_a_verified_open_is_caught(tmp_path, monkeypatch):
+    import time
+
+    from critbatch.data import verify
+
+    d = _small_data(tmp_path)
+    monkeypatch.setattr(verify, "SETTLE_NS", 0)
+    open_data(d)
+    time.sleep(0.05)  # past a tick of the file system's clock
+    shard = d / "train_001.bin"
+    with open(shard, "r+b") as f:  # in place: same inode, same size
+        f.seek(10)
+        b = f.read(1)
+        f.seek(10)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(DataError, match="train_001.bin sha256 .* does not match meta.json"):
+        open_data(d)
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(DataError, match="train_001.bin has 100 bytes, meta.json says"):
+        open_data(d)
+
+
+def test_a_file_changed_within_the_settle_time_is_hashed_again(tmp_path, monkeypatch):
+    """A shard written moments before it is hashed could still change within the same tick of its
+    times: it is not recorded, so the next open hashes it again."""
+    d = _small_data(tmp_path)
+    calls = _count_hashes(monkeypatch)
+    open_data(d)
+    open_data(d)
+    assert len(calls) == 2 * len(list(d.glob("*.bin")))
+
+
+def test_an_unwritable_cache_only_means_hashing_every_time(tmp_path, monkeypatch):
+    from critbatch.data import verify
+
+    d = _small_data(tmp_path)
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("CRITBATCH_CACHE", str(tmp_path / "afile" / "cache"))  # cannot be created
+    monkeypatch.setattr(verify, "SETTLE_NS", 0)
+    calls = _count_hashes(monkeypatch)
+    open_data(d)
+    open_data(d)
+    assert len(calls) == 2 * len(list(d.glob("*.bin")))
+
+
+# ---- meta.json is checked whole; ids beyond the vocabulary never reach a model ------------------------
+
+def _rewrite(d, mutate):
+    meta = json.loads((d / "meta.json").read_text())
+    mutate(meta)
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+def _poke(d, name: str, pos: int, value: int):
+    """Write one token id into a shard and record the shard's new sha256 (as if prepared so)."""
+    import hashlib
+
+    a = np.fromfile(d / name, dtype=np.uint16)
+    a[pos] = value
+    a.tofile(d / name)
+    digest = hashlib.sha256((d / name).read_bytes()).hexdigest()
+    _rewrite(d, lambda m: [sh.update(sha256=digest) for s in m["splits"].values() for sh in s["shards"]
+                           if sh["file"] == name])
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
+    d = _small_data(tmp_path)
+    _poke(d, "train_000.bin", 5, 300)
+    # meta.json from before max_id was recorded: read while hashing
+    _rewrite(d, lambda m: [s.pop("max_id") for s in m["splits"].values()])
+    with pytest.raises(DataError, match="its train split holds token id 300, outside its vocab_size 257"):
+        open_data(d)
+    # not verified: caught where the sequences are read, before a model sees them
+    data = open_data(d, verify=False)
+    assert data.max_ids == {"train": None, "val": None}
+    stream = SequenceStream(data, 16)
+    with pytest.raises(DataError, match="holds token id 300"):
+        stream.batch(0, stream.n_seqs)
+    # recorded: checked against the vocabulary without reading
+    _rewrite(d, lambda m: m["splits"]["train"].update(max_id=300))
+    with pytest.raises(DataError, match="split 'train' holds token id 300 but vocab_size is 257"):
+        open_data(d, verify=False)
+    # a recorded largest id that the shards contradict
+    _poke(d, "train_000.bin", 5, 100)
+    _rewrite(d, lambda m: m["splits"]["train"].update(max_id=200))
+    with pytest.raises(DataError, match="says the largest token id of its train split is 200 but its shards hold 256"):
+        open_data(d)
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda m: m.update(vocab_size="257"), "vocab_size '257' is not a positive integer"),
+    (lambda m: m.pop("splits"), "it has no 'splits'"),
+    (lambda m: m["splits"].pop("val"), "splits must hold 'train' and 'val'"),
+    (lambda m: m["splits"]["train"].update(tokens=2 * m["splits"]["train"]["tokens"]), "its shards hold"),
+    (lambda m: m["tokenizer"].update(eot_id=999), "eot_id 999 is not a token id below the vocab_size 257"),
+    (lambda m: m.update(dtype="int16"), "dtype 'int16' is not one of uint16, uint32"),
+    (lambda m: m["splits"]["val"]["shards"][0].update(file="../train_000.bin"), "is not a file name"),
+    (lambda m: m["splits"]["val"]["shards"].append(m["splits"]["train"]["shards"][0]), "listed twice"),
+    (lambda m: m["splits"]["val"]["shards"][0].update(sha256="abc"), "is not 64 hex digits"),
+    (lambda m: m["splits"]["val"]["shards"][0].update(tokens=-1), "is not a count"),
+    (lambda m: m.update(vocab_size=True), "vocab_size True"),
+])
+def test_meta_json_is_checked_against_its_schema(tmp_path, mutate, needle):
+    d = _small_data(tmp_path)
+    _rewrite(d, mutate)
+    with pytest.raises(DataError, match=re.escape(needle)):
+        open_data(d, verify=False)

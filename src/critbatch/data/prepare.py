@@ -33,12 +33,12 @@ import numpy as np
 from ..config import check_choices, option
 from ..errors import ConfigError, DataError
 from ..io import check_output, public_mode, sha256_file
+from .meta import FORMAT
 from .sources import TOKEN_DTYPES, chunks, expand, is_hf_dataset_dir, scan, token_file
 from .stream import ShardWriter, encode_splits, holdout
 from .text import COLUMNAR_SUFFIXES, JSONL_SUFFIXES, TEXT_SUFFIXES, TOKEN_SUFFIXES, suffix, text_kind
 from .tokenizer import BPETokenizer, ByteTokenizer, FileTokenizer, cut_rule
 
-FORMAT = "critbatch-tokens-v1"
 EMBEDDED_CORPORA = ("sotu", "shakespeare")
 __all__ = ["prepare", "prepare_config", "PrepareConfig", "prepare_embedded", "cache_dir", "embedded_corpus_path",
            "FORMAT", "EMBEDDED_CORPORA", "TEXT_SUFFIXES", "JSONL_SUFFIXES", "COLUMNAR_SUFFIXES", "TOKEN_SUFFIXES"]
