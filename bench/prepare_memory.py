@@ -50,9 +50,9 @@ def write_text(path: Path, size: int, fmt: str) -> tuple[int, int]:
     return written, 1 if fmt == "txt" else n
 
 
-def measure(cmd: list[str]) -> tuple[float, int, str]:
-    """(seconds, peak RSS in bytes, stderr) of a subprocess, reaped with ``os.wait4`` so that its own
-    peak is read (not the largest of every child so far, as RUSAGE_CHILDREN would give)."""
+def measure(cmd: list[str]) -> tuple[float, float, int, str]:
+    """(seconds, CPU seconds, peak RSS in bytes, stderr) of a subprocess, reaped with ``os.wait4`` so
+    that its own peak is read (not the largest of every child so far, as RUSAGE_CHILDREN would give)."""
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err = p.stderr.read()
@@ -60,7 +60,7 @@ def measure(cmd: list[str]) -> tuple[float, int, str]:
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {err[-2000:]}")
-    return time.time() - t0, usage.ru_maxrss * 1024, err
+    return time.time() - t0, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, err
 
 
 def main() -> None:
@@ -85,11 +85,12 @@ def main() -> None:
             cmd = [sys.executable, "-m", "critbatch", "prepare", "--out", str(out), str(src), "--tokenizer", tok]
             if tok == "bpe":
                 cmd += ["--vocab-size", str(a.vocab_size)]
-            seconds, peak, _ = measure(cmd)
+            seconds, cpu, peak, _ = measure(cmd)
             meta = json.loads((out / "meta.json").read_text())
             tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
             row = {"tokenizer": tok, "format": a.format, "text_gib": round(size / 2**30, 3), "documents": docs,
-                   "tokens": tokens, "seconds": round(seconds, 1), "peak_rss_mib": round(peak / 2**20),
+                   "tokens": tokens, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+                   "peak_rss_mib": round(peak / 2**20),
                    "tokens_per_s": round(tokens / seconds), "text_mib_per_s": round(size / 2**20 / seconds, 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
