@@ -262,7 +262,7 @@ def truncated_shard(ws):
 
 
 def run_on_bad_meta(ws):
-    """The copied run reads the copied data (its config names the original), whose meta.json lost its splits."""
+    """The copied run reads the copied data (its config names the original), whose meta.json has vocab_size "257"."""
     cfg = json.loads((ws / "run" / "config.json").read_text())
     cfg["data"]["path"] = str(ws / "data")
     (ws / "run" / "config.json").write_text(json.dumps(cfg))
