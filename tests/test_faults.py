@@ -184,6 +184,99 @@ def paused_run_bad_metrics(ws):
     m.write_text("\n".join(lines) + "\n")
 
 
+def edit_meta(ws, mutate):
+    meta = json.loads((ws / "data" / "meta.json").read_text())
+    mutate(meta)
+    (ws / "data" / "meta.json").write_text(json.dumps(meta))
+
+
+def poke_id(ws, name: str, value: int, keep_max_id: bool):
+    """A token id written into a shard whose sha256 meta.json then records (as a tool that wrote it would):
+    only the id check can catch it. Without max_id, meta.json is from before it was recorded."""
+    p = ws / "data" / name
+    a = np.fromfile(p, dtype=np.uint16)
+    a[50] = value
+    a.tofile(p)
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+
+    def mutate(m):
+        for split in m["splits"].values():
+            split["shards"] = [{**sh, "sha256": digest} if sh["file"] == name else sh for sh in split["shards"]]
+            if not keep_max_id:
+                split.pop("max_id")
+    edit_meta(ws, mutate)
+
+
+def train_id_beyond_vocab(ws):
+    poke_id(ws, "train_000.bin", 300, keep_max_id=False)
+
+
+def val_id_beyond_vocab(ws):
+    poke_id(ws, "val_000.bin", 1000, keep_max_id=True)
+
+
+def meta_vocab_below_ids(ws):
+    edit_meta(ws, lambda m: m.update(vocab_size=200))
+
+
+def meta_no_splits(ws):
+    edit_meta(ws, lambda m: m.pop("splits"))
+
+
+def meta_no_val(ws):
+    edit_meta(ws, lambda m: m["splits"].pop("val"))
+
+
+def meta_vocab_string(ws):
+    edit_meta(ws, lambda m: m.update(vocab_size=str(m["vocab_size"])))
+
+
+def meta_doubled_count(ws):
+    edit_meta(ws, lambda m: m["splits"]["train"].update(tokens=2 * m["splits"]["train"]["tokens"]))
+
+
+def meta_eot_999(ws):
+    edit_meta(ws, lambda m: m["tokenizer"].update(eot_id=999))
+
+
+def meta_dtype(ws):
+    edit_meta(ws, lambda m: m.update(dtype="float32"))
+
+
+def meta_shard_path(ws):
+    edit_meta(ws, lambda m: m["splits"]["val"]["shards"][0].update(file="/etc/passwd"))
+
+
+def meta_val_is_train(ws):
+    edit_meta(ws, lambda m: m["splits"]["val"].update(shards=m["splits"]["train"]["shards"],
+                                                      tokens=m["splits"]["train"]["tokens"]))
+
+
+def meta_list(ws):
+    (ws / "data" / "meta.json").write_text("[1, 2]")
+
+
+def truncated_shard(ws):
+    p = ws / "data" / "val_000.bin"
+    p.write_bytes(p.read_bytes()[:-2])
+
+
+def run_on_bad_meta(ws):
+    """The copied run reads the copied data (its config names the original), whose meta.json has vocab_size "257"."""
+    cfg = json.loads((ws / "run" / "config.json").read_text())
+    cfg["data"]["path"] = str(ws / "data")
+    (ws / "run" / "config.json").write_text(json.dumps(cfg))
+    meta_vocab_string(ws)
+
+
+def uint32_bin(ws):
+    ((np.arange(1000) * 37) % 5000).astype(np.uint32).tofile(ws / "t32.bin")
+
+
+def csv_file(ws):
+    (ws / "table.csv").write_text("id,text\n1,hello\n")
+
+
 def nothing(ws):
     pass
 
@@ -225,6 +318,14 @@ CASES = [
     ("prepare-out-not-empty", nothing, ["prepare", "--out", "{ws}/run"], "not an empty data directory"),
     ("prepare-out-unwritable", nothing, ["prepare", "--out", "/proc/critbatch/d"], "cannot be created"),
     ("prepare-unknown-corpus", nothing, ["prepare", "--out", "{ws}/d", "--corpus", "wiki"], "unknown corpus 'wiki'"),
+    ("prepare-uint32-as-uint16", uint32_bin, ["prepare", "--out", "{ws}/d", "{ws}/t32.bin"], "pass --dtype uint32"),
+    ("prepare-val-missing", nothing, ["prepare", "--out", "{ws}/d", "{ws}/corpus.jsonl", "--val", "{ws}/v.jsonl"],
+     "does not exist"),
+    ("prepare-val-other-kind", big_ids, ["prepare", "--out", "{ws}/d", "{ws}/corpus.jsonl", "--val", "{ws}/ids.bin"],
+     "is token files but the inputs are text"),
+    ("prepare-val-is-input", nothing, ["prepare", "--out", "{ws}/d", "{ws}/corpus.jsonl", "--val", "{ws}/corpus.jsonl"],
+     "is also an input"),
+    ("prepare-csv", csv_file, ["prepare", "--out", "{ws}/d", "{ws}/table.csv"], "pass --text"),
     # train
     ("train-unknown-preset", nothing, ["train", "--preset", "gigantic", "--out", "{ws}/r"], "unknown preset"),
     ("train-nothing-to-resume", nothing, ["train", "--out", "{ws}/r"], "give --preset NAME or --config FILE"),
@@ -254,6 +355,23 @@ CASES = [
      "does not exist"),
     ("train-data-corrupt-meta", corrupt_meta, ["train", *R, "--out", "{ws}/r"], "meta.json is corrupt"),
     ("train-data-corrupt-shard", corrupt_shard, ["train", *R, "--out", "{ws}/r"], "does not match meta.json"),
+    ("train-data-truncated-shard", truncated_shard, ["train", *R, "--out", "{ws}/r"], "meta.json says"),
+    ("train-data-id-beyond-vocab", train_id_beyond_vocab, ["train", *R, "--out", "{ws}/r"],
+     "train split holds token id 300, outside its vocab_size 257"),
+    ("train-data-val-id-beyond-vocab", val_id_beyond_vocab, ["train", *R, "--out", "{ws}/r"],
+     "val split holds token id 1000"),
+    ("train-data-vocab-below-ids", meta_vocab_below_ids, ["train", *R, "--out", "{ws}/r"],
+     "holds token id 256 but vocab_size is 200"),
+    ("train-data-no-splits", meta_no_splits, ["train", *R, "--out", "{ws}/r"], "it has no 'splits'"),
+    ("train-data-no-val", meta_no_val, ["train", *R, "--out", "{ws}/r"], "splits must hold 'train' and 'val'"),
+    ("train-data-vocab-string", meta_vocab_string, ["train", *R, "--out", "{ws}/r"],
+     "vocab_size '257' is not a positive integer"),
+    ("train-data-doubled-count", meta_doubled_count, ["train", *R, "--out", "{ws}/r"], "tokens but its shards hold"),
+    ("train-data-eot-999", meta_eot_999, ["train", *R, "--out", "{ws}/r"], "eot_id 999 is not a token id"),
+    ("train-data-dtype", meta_dtype, ["train", *R, "--out", "{ws}/r"], "dtype 'float32' is not one of"),
+    ("train-data-shard-path", meta_shard_path, ["train", *R, "--out", "{ws}/r"], "'/etc/passwd' of split 'val' is not"),
+    ("train-data-val-is-train", meta_val_is_train, ["train", *R, "--out", "{ws}/r"], "is listed twice"),
+    ("train-data-meta-list", meta_list, ["train", *R, "--out", "{ws}/r"], "holds a list, not an object"),
     ("train-out-is-file", out_file, ["train", *R, "--out", "{ws}/occupied"], "is a file"),
     ("train-out-unwritable", nothing, ["train", *R, "--out", "/proc/critbatch/r"], "cannot be created"),
     ("train-other-config", nothing, ["train", *R, "--out", "{ws}/run", "--lr", "0.5"], "different config"),
@@ -285,12 +403,14 @@ CASES = [
     ("branch-jobs", nothing, [*B, "--jobs", "0"], "jobs=0"),
     ("branch-slurm", nothing, [*B[:-3], "--launcher", "slurm", "--no-progress"], "sbatch"),
     ("branch-corrupt-shard", run_on_corrupt_shard, [*B[:5], "--k", "1,4", *B[7:]], "does not match meta.json"),
+    ("branch-bad-meta", run_on_bad_meta, [*B[:5], "--k", "1,4", *B[7:]], "vocab_size '257' is not"),
     # gns
     ("gns-confidence", nothing, ["gns", "--run", "{ws}/run", "--confidence", "2"], "confidence=2"),
     ("gns-b-big", nothing, ["gns", "--run", "{ws}/run", "--b-big", "1"], "b_big"),
     ("gns-batches", nothing, ["gns", "--run", "{ws}/run", "--batches", "0"], "n_batches=0"),
     ("gns-unknown-point", nothing, ["gns", "--run", "{ws}/run", "--at", "7"], "no kept checkpoint at 7"),
     ("gns-no-run", nothing, ["gns", "--run", "{ws}/none"], "no config.json"),
+    ("gns-bad-meta", run_on_bad_meta, ["gns", "--run", "{ws}/run", "--batches", "2"], "vocab_size '257' is not"),
     # schedule
     ("schedule-no-sweep", nothing, ["schedule", "--sweep", "{ws}", "--out", "{ws}/s.json"], "no cbs.json"),
     ("schedule-corrupt-cbs", corrupt_cbs, S, "cbs.json is corrupt"),

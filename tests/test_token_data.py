@@ -215,3 +215,84 @@ def test_prepare_cli_takes_dtype_and_a_tokenizer_path(tmp_path, capsys):
     assert "vocab_size=3000" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="dtype 'int8'"):
         prepare(tmp_path / "x", [f], dtype="int8", quiet=True)
+
+
+def test_uint32_tokens_read_as_uint16_are_refused(tmp_path, capsys):
+    """Without --dtype a headerless .bin is uint16: a uint32 file would be read with a 0 between every
+    two ids and prepared without a word. Its zero high halves give it away."""
+    toks = (np.arange(5000) * 7919) % 50_257
+    toks.astype(np.uint32).tofile(tmp_path / "t32.bin")
+    code = main(["prepare", "--out", str(tmp_path / "d"), str(tmp_path / "t32.bin")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "looks like uint32 tokens read as uint16" in err
+    assert "pass --dtype uint32" in err and not (tmp_path / "d").exists()
+    d = prepare(tmp_path / "ok", [tmp_path / "t32.bin"], dtype="uint32", quiet=True)
+    assert np.array_equal(stored(d), toks)
+    # a uint16 file whose every second id happens to be small is the user's to vouch for
+    odd = np.where(np.arange(5000) % 2, 3, toks).astype(np.uint16)
+    odd.tofile(tmp_path / "t16.bin")
+    with pytest.raises(DataError, match="looks like uint32"):
+        prepare(tmp_path / "x", [tmp_path / "t16.bin"], quiet=True)
+    assert np.array_equal(stored(prepare(tmp_path / "y", [tmp_path / "t16.bin"], dtype="uint16", quiet=True)), odd)
+
+
+@pytest.mark.parametrize("how", ["--val", "by-name", "llm.c-names", "directory"])
+def test_a_held_out_token_file_is_never_trained_on(tmp_path, how):
+    """nanoGPT's train.bin + val.bin (or --val FILE): the held-out split is exactly val.bin, the
+    training split exactly train.bin (before, both were concatenated and val.bin trained on)."""
+    train, val = np.arange(0, 20_000) % 30_000, np.arange(20_000, 22_000)
+    names = {"llm.c-names": ("fineweb_train_000001.bin", "fineweb_val_000000.bin")}.get(how, ("train.bin", "val.bin"))
+    src = tmp_path / "src"
+    src.mkdir()
+    train.astype(np.uint16).tofile(src / names[0])
+    val.astype(np.uint16).tofile(src / names[1])
+    inputs = [src] if how == "directory" else [src / names[0]] + ([] if how == "--val" else [src / names[1]])
+    d = prepare(tmp_path / "d", inputs, val=[src / names[1]] if how == "--val" else None, quiet=True)
+    data = open_data(d)
+    assert np.array_equal(np.concatenate(data.shards("train")), train)
+    assert np.array_equal(np.concatenate(data.shards("val")), val)
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["vocab_size"] == 22_000 and meta["recipe"]["val"][0]["file"] == names[1]
+
+
+def test_a_held_out_text_file(tmp_path, capsys):
+    docs = [f"document {i} " + "words " * 30 for i in range(10)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    (tmp_path / "heldout.txt").write_text("the held-out text " * 20)
+    code = main(["prepare", "--out", str(tmp_path / "d"), str(tmp_path / "train.jsonl"), "--val",
+                 str(tmp_path / "heldout.txt"), "--tokenizer", "bpe", "--vocab-size", "300"])
+    assert code == 0 and "(held out: heldout.txt)" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["splits"]["train"]["docs"] == 10 and meta["splits"]["val"]["docs"] == 1
+    from critbatch.data import load_tokenizer
+
+    tok = load_tokenizer(tmp_path / "d")
+    assert tok.decode(stored(tmp_path / "d")[meta["splits"]["train"]["tokens"]:][:-1]) == "the held-out text " * 20
+    assert "held" not in tok._tok.get_vocab()  # the BPE never saw the held-out file
+    for args, needle in (([str(tmp_path / "train.jsonl"), "--val", str(tmp_path / "nope.txt")], "does not exist"),
+                         ([str(tmp_path / "train.jsonl"), "--val", str(tmp_path / "train.jsonl")], "is also an input")):
+        assert main(["prepare", "--out", str(tmp_path / "e"), *args]) == 2
+        assert needle in capsys.readouterr().err
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "v.bin")
+    with pytest.raises(ConfigError, match="is token files but the inputs are text"):
+        prepare(tmp_path / "f", [tmp_path / "train.jsonl"], val=[tmp_path / "v.bin"], quiet=True)
+
+
+def test_plain_text_whatever_its_name(tmp_path, capsys):
+    """.rst/.tex/... are text; anything else is refused with a hint, and --text reads every input as
+    plain text, one document a file."""
+    body = "Title\n=====\n\nSome text, with words.\n" * 50
+    for name in ("a.rst", "b.tex", "c.markdown", "notes.log", "README"):
+        (tmp_path / name).write_text(body)
+    d = prepare(tmp_path / "d", [tmp_path / "a.rst", tmp_path / "b.tex", tmp_path / "c.markdown"], quiet=True)
+    assert (stored(d) != 256).sum() == 3 * len(body)  # every byte; the end-of-text ids aside
+    code = main(["prepare", "--out", str(tmp_path / "e"), str(tmp_path / "notes.log")])
+    err = capsys.readouterr().err
+    assert code == 2 and "has an unknown type" in err and "pass --text" in err
+    assert main(["prepare", "--out", str(tmp_path / "e"), str(tmp_path / "notes.log"), str(tmp_path / "README"),
+                 "--text"]) == 0
+    meta = json.loads((tmp_path / "e" / "meta.json").read_text())
+    assert meta["recipe"]["text"] is True and (stored(tmp_path / "e") != 256).sum() == 2 * len(body)
+    (np.arange(100, dtype=np.uint16) + 0xFF00).tofile(tmp_path / "t.bin")
+    with pytest.raises(DataError, match="cannot be read as .bin text"):  # --text: a .bin is text too
+        prepare(tmp_path / "f", [tmp_path / "t.bin", tmp_path / "README"], as_text=True, quiet=True)

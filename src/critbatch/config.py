@@ -159,7 +159,8 @@ class DataConfig:
     allow_repeat: bool = option(False, aliases=("allow-repeat",))
     """Allow a run to consume more sequences than the training split holds (more than one epoch)."""
     verify: bool = how(True)
-    """Check the sha256 of every shard against ``meta.json`` before training."""
+    """Check the sha256 and the token ids of every shard against ``meta.json`` before training (once
+    per file: a shard is hashed again only when its size, times or inode changed)."""
     eval_seed: int = 0
     """Seed of the held-out evaluation sample (``eval_seqs`` sequences drawn across the whole
     held-out split). Runs compared with each other must share it."""

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..io import sha256_file
-from .prepare import FORMAT
+from .meta import SPLITS, check_meta
+from .verify import verify_shards
 
 
 def _random_access(arr: np.memmap) -> np.memmap:
@@ -31,7 +31,9 @@ def _random_access(arr: np.memmap) -> np.memmap:
 
 
 class TokenData:
-    """A prepared data directory, opened read-only."""
+    """A prepared data directory, opened read-only: its meta.json checked against the schema
+    (:mod:`critbatch.data.meta`), every shard present with the size meta.json gives, and with
+    ``verify`` its sha256 and largest token id (once per file, :mod:`critbatch.data.verify`)."""
 
     def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
@@ -42,15 +44,13 @@ class TokenData:
             raise DataError(f"{self.path} is not a prepared data directory (no meta.json); create it with `critbatch prepare`")
         try:
             self.meta = json.loads(meta_p.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{meta_p} is corrupt ({e}); prepare the data again") from None
-        if self.meta.get("format") != FORMAT:
-            raise DataError(f"{meta_p} has format {self.meta.get('format')!r}; expected {FORMAT!r}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{meta_p} is corrupt ({str(e).splitlines()[0]}); prepare the data again") from None
+        check_meta(self.meta, self.path)
         self.vocab_size = int(self.meta["vocab_size"])
         self.dtype = np.dtype(self.meta["dtype"])
-        self._shards: dict[str, list[np.ndarray]] = {}
-        for split, info in self.meta["splits"].items():
-            arrays = []
+        splits = {s: self.meta["splits"][s] for s in SPLITS}
+        for info in splits.values():
             for sh in info["shards"]:
                 f = self.path / sh["file"]
                 if not f.is_file():
@@ -59,13 +59,25 @@ class TokenData:
                 if f.stat().st_size != expect:
                     raise DataError(f"data directory {self.path} is corrupt: {sh['file']} has {f.stat().st_size} bytes, "
                                     f"meta.json says {expect}")
-                if verify:
-                    got = sha256_file(f)
-                    if got != sh["sha256"]:
-                        raise DataError(f"data directory {self.path} is corrupt: {sh['file']} sha256 {got[:12]}… does not "
-                                        f"match meta.json {sh['sha256'][:12]}…; prepare it again")
-                arrays.append(_random_access(np.memmap(f, dtype=self.dtype, mode="r")))
-            self._shards[split] = arrays
+        self.max_ids: dict[str, int | None] = {s: info.get("max_id") for s, info in splits.items()}
+        """Each split's largest token id: as read when verifying, else as meta.json records it (None:
+        not recorded, written before issue 24, and not verified)."""
+        if verify:
+            self._check_ids(verify_shards(self.path, {"splits": splits}, self.dtype))
+        self._shards: dict[str, list[np.ndarray]] = {
+            s: [_random_access(np.memmap(self.path / sh["file"], dtype=self.dtype, mode="r")) for sh in info["shards"]]
+            for s, info in splits.items()}
+
+    def _check_ids(self, read: dict[str, int | None]) -> None:
+        for split, hi in read.items():
+            if hi is not None and hi >= self.vocab_size:
+                raise DataError(f"data directory {self.path} is corrupt: its {split} split holds token id {hi}, outside "
+                                f"its vocab_size {self.vocab_size}; prepare it again")
+            recorded = self.max_ids[split]
+            if recorded is not None and hi != recorded:
+                raise DataError(f"data directory {self.path} is corrupt: meta.json says the largest token id of its "
+                                f"{split} split is {recorded} but its shards hold {hi}; prepare it again")
+            self.max_ids[split] = hi
 
     def tokens(self, split: str = "train") -> int:
         return int(self.meta["splits"][split]["tokens"])
@@ -86,9 +98,12 @@ def open_data(path: str | Path, verify: bool = True) -> TokenData:
 class _SplitIndex:
     """Maps a split-wide sequence id to (shard, start token)."""
 
-    def __init__(self, shards: list[np.ndarray], seq_len: int):
+    def __init__(self, shards: list[np.ndarray], seq_len: int, data: "TokenData | None" = None, split: str = ""):
         self.shards = shards
         self.seq_len = seq_len
+        self.data, self.split = data, split
+        self.check_ids = data is not None and data.max_ids.get(split) is None
+        """Check the ids read (only where the split's largest id is not known from meta.json or verifying)."""
         counts = np.array([max(0, (a.size - 1) // seq_len) for a in shards], dtype=np.int64)
         self.bounds = np.concatenate([[0], np.cumsum(counts)])
         self.n = int(self.bounds[-1])
@@ -103,6 +118,10 @@ class _SplitIndex:
             rows = np.nonzero(shard_of == s)[0]
             starts = (seq_ids[rows] - self.bounds[s]) * T
             out[rows] = self.shards[s][starts[:, None] + cols]
+        if self.check_ids and out.size and int(out.max()) >= self.data.vocab_size:
+            # a directory opened without verify and without a recorded largest id: caught where read
+            raise DataError(f"data directory {self.data.path} is corrupt: its {self.split} split holds token id "
+                            f"{int(out.max())}, outside its vocab_size {self.data.vocab_size}; prepare it again")
         return out
 
 
@@ -115,7 +134,7 @@ class SequenceStream:
         self.data = data
         self.seq_len = seq_len
         self.seed = seed
-        self.index = _SplitIndex(data.shards(split), seq_len)
+        self.index = _SplitIndex(data.shards(split), seq_len, data, split)
         self.n_seqs = self.index.n
         self._perms: dict[int, np.ndarray] = {}
         if self.n_seqs == 0:
@@ -182,7 +201,7 @@ def eval_sequences(data: TokenData, seq_len: int, n_seqs: int, seed: int = 0) ->
     held-out split (not its first documents: documents differ in loss by far more than a CBS
     tolerance, so a set read off the split's start measures one or two documents). The draw is a
     prefix of one seeded permutation, so a smaller set is the start of a larger one."""
-    idx = _SplitIndex(data.shards("val"), seq_len)
+    idx = _SplitIndex(data.shards("val"), seq_len, data, "val")
     if idx.n < n_seqs:
         raise DataError(f"eval_seqs={n_seqs} but the held-out split of {data.path} holds only {idx.n} sequences "
                         f"of {seq_len + 1} tokens; lower --eval-seqs or prepare with a larger holdout")

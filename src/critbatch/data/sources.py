@@ -27,14 +27,18 @@ LLMC_HEADER_BYTES = 256 * 4
 LLMC_VERSIONS = {1: np.uint16, 2: np.uint32}
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 CHUNK_TOKENS = 1 << 20  # 1M tokens: what is ever in memory at once
+UINT32_CHECK_MIN = 64
+"""A headerless file of at least this many uint16 values is checked for being uint32 (:func:`scan`)."""
 
 
 class TokenFile:
     """Tokens ``[0, n)`` of ``dtype`` at byte ``offset`` of a file, read in chunks with plain file
     reads (a memory map would count every page it touched as resident)."""
 
-    def __init__(self, path: Path, dtype, offset: int, n: int):
+    def __init__(self, path: Path, dtype, offset: int, n: int, guessed: bool = False):
         self.path, self.dtype, self.offset, self.size = path, np.dtype(dtype), offset, n
+        self.guessed = guessed
+        """The dtype is the default uint16 of a headerless ``.bin``, not one the user named."""
 
     def read(self, start: int, stop: int) -> np.ndarray:
         with open(self.path, "rb") as f:
@@ -62,7 +66,7 @@ def token_file(p: Path, dtype: str = "auto") -> TokenFile:
         raise DataError(f"{p} is empty")
     if size % dt.itemsize:
         raise DataError(f"{p} has {size} bytes, not a whole number of {dt.name} tokens; pass --dtype uint16 or uint32")
-    return TokenFile(p, dt, 0, size // dt.itemsize)
+    return TokenFile(p, dt, 0, size // dt.itemsize, guessed=dtype == "auto")
 
 
 def _npy(p: Path) -> TokenFile:
@@ -110,16 +114,24 @@ def expand(paths: list[Path], suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def scan(files: list[TokenFile]) -> tuple[int, int, int]:
-    """(total tokens, smallest id, largest id), reading chunk by chunk."""
+    """(total tokens, smallest id, largest id), reading chunk by chunk. A headerless file read as the
+    default uint16 whose every second value is below 16 while the others are not is uint32 read
+    wrongly (those are the high halves of its ids): refused."""
     total, lo, hi = 0, None, None
     for tf in files:
         if tf.size == 0:
             raise DataError(f"{tf.path} holds no tokens")
+        odd = even = 0
         for i in range(0, tf.size, CHUNK_TOKENS):
             c = tf.read(i, min(i + CHUNK_TOKENS, tf.size))
             cmin, cmax = int(c.min()), int(c.max())
             lo = cmin if lo is None else min(lo, cmin)
             hi = cmax if hi is None else max(hi, cmax)
+            if tf.guessed and c.size > 1:  # chunks start at even positions
+                odd, even = max(odd, int(c[1::2].max())), max(even, int(c[0::2].max()))
+        if tf.guessed and tf.size % 2 == 0 and tf.size >= UINT32_CHECK_MIN and odd < 16 <= even:
+            raise DataError(f"{tf.path} looks like uint32 tokens read as uint16 (every second uint16 is below 16: the "
+                            f"high halves of uint32 ids); pass --dtype uint32 (or --dtype uint16 if it is uint16)")
         total += tf.size
     return total, lo, hi
 
@@ -158,9 +170,10 @@ def _column(batch, text_field: str, where: str) -> list[str]:
     return [x for x in col.to_pylist() if isinstance(x, str) and x]
 
 
-def columnar_documents(p: Path, text_field: str) -> list[str]:
+def columnar_documents(p: Path, text_field: str) -> Iterator[str]:
     """The text column of a parquet file, an arrow file (IPC file or stream, as HF ``datasets``
-    writes) or an HF ``datasets`` directory (``save_to_disk``: its arrow files in their order)."""
+    writes) or an HF ``datasets`` directory (``save_to_disk``: its arrow files in their order), one
+    record batch in memory at a time."""
     pa = _pyarrow()
     if is_hf_dataset_dir(p):
         state = p / "state.json"
@@ -168,13 +181,14 @@ def columnar_documents(p: Path, text_field: str) -> list[str]:
                  if state.is_file() else sorted(p.glob("*.arrow")))
         if not files:
             raise DataError(f"datasets directory {str(p)!r} lists no arrow files")
-        return [d for f in files for d in columnar_documents(f, text_field)]
-    docs: list[str] = []
+        for f in files:
+            yield from columnar_documents(f, text_field)
+        return
     try:
         if p.suffix.lower() == ".parquet":
             for batch in pa.parquet.ParquetFile(str(p)).iter_batches(columns=[text_field]):
-                docs += _column(batch, text_field, str(p))
-            return docs
+                yield from _column(batch, text_field, str(p))
+            return
         with open(p, "rb") as f:
             try:
                 reader = pa.ipc.open_stream(f)
@@ -184,7 +198,6 @@ def columnar_documents(p: Path, text_field: str) -> list[str]:
                 rf = pa.ipc.open_file(f)
                 batches = (rf.get_batch(i) for i in range(rf.num_record_batches))
             for batch in batches:
-                docs += _column(batch, text_field, str(p))
+                yield from _column(batch, text_field, str(p))
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{p} is not a readable {p.suffix[1:]} file: {str(e).splitlines()[0]}") from None
-    return docs

@@ -21,12 +21,14 @@ class ByteTokenizer:
     kind = "bytes"
     vocab_size = 257
     eot_id = 256
+    cut_rule = "any"
+    """Where a document may be cut into separately encoded segments (:mod:`critbatch.data.text`)."""
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
-    def encode_docs(self, docs: Iterable[str]) -> list[np.ndarray]:
-        return [self.encode(d) for d in docs]
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint16) for t in texts]
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
@@ -44,21 +46,32 @@ class BPETokenizer:
         self._tok = tok
         self.vocab_size = tok.get_vocab_size()
         self.eot_id = tok.token_to_id(EOT)
+        self.cut_rule = cut_rule(tok)
 
-    @classmethod
-    def train(cls, docs: list[str], vocab_size: int) -> "BPETokenizer":
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    @staticmethod
+    def untrained():
+        """The byte-level BPE pipeline before training (the documents it trains on are cut by its rule)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
+        return tok
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        """Train on ``texts`` (documents, or segments of them cut by the untrained pipeline's rule:
+        the same words, so the same merges), streamed."""
+        from tokenizers import pre_tokenizers, trainers
+
+        tok = cls.untrained()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             special_tokens=[EOT],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator(docs, trainer)
+        tok.train_from_iterator(texts, trainer)
         return cls(tok)
 
     @classmethod
@@ -73,8 +86,10 @@ class BPETokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text).ids, dtype=np.int64)
 
-    def encode_docs(self, docs: Iterable[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.int64) for e in self._tok.encode_batch(list(docs))]
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text (encoded in parallel; without offsets where ``tokenizers`` can)."""
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [np.asarray(e.ids, dtype=np.uint32) for e in encode(texts)]
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
@@ -98,6 +113,7 @@ class FileTokenizer(BPETokenizer):
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.eot_id = eot_id
         self.source = source
+        self.cut_rule = cut_rule(tok)
 
     @classmethod
     def open(cls, path: str | Path, eos_token: str | None = None) -> "FileTokenizer":
@@ -127,6 +143,20 @@ class FileTokenizer(BPETokenizer):
     def describe(self) -> dict:
         return {"kind": self.kind, "eot_id": self.eot_id, "file": "tokenizer.json", "source": self.source,
                 "eot_token": self._tok.id_to_token(self.eot_id)}
+
+
+def cut_rule(tok) -> str | None:
+    """``"space"`` for a byte-level BPE whose tokens of a text are those of its pieces cut before a
+    space or newline that follows a non-whitespace character: no normalizer, the GPT-2 byte-level
+    pre-tokenizer (its regex starts a new word there), nothing added around a sequence, no added token
+    that holds whitespace or strips it. Else ``None``: documents are encoded whole."""
+    spec = json.loads(tok.to_str())
+    pre, post = spec.get("pre_tokenizer") or {}, spec.get("post_processor")
+    added_ok = all(not (a.get("lstrip") or a.get("rstrip") or a.get("single_word"))
+                   and not any(c.isspace() for c in a.get("content", " ")) for a in spec.get("added_tokens") or [])
+    ok = (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space")
+          and pre.get("use_regex", True) and (post is None or post.get("type") == "ByteLevel") and added_ok)
+    return "space" if ok else None
 
 
 def _configured_eos(directory: Path) -> str | None:
