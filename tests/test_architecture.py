@@ -204,3 +204,22 @@ def test_the_closed_loop_uses_only_the_public_sweep_api():
 def test_no_module_over_600_lines():
     long = [f"{p.relative_to(SRC)} ({n} lines)" for p in FILES if (n := len(p.read_text().splitlines())) > 600]
     assert not long, ", ".join(long)
+
+
+def test_the_old_import_paths_still_work_for_one_release():
+    from critbatch.autobatch import AutoBatchConfig, run_auto_batch
+    from critbatch.branch.sweep import branch_losses, branch_spec, describe_point, run_sweep
+    from critbatch.compare import CompareConfig, run_compare
+    from critbatch.derive import ScheduleConfig, write_schedule
+    from critbatch.plan import PlanConfig, estimate
+
+    import critbatch.branch as branch
+    import critbatch.closed_loop as closed_loop
+    import critbatch.warmup as warmup
+
+    assert run_sweep is branch.run_sweep and branch_spec is branch.branch_spec and describe_point is branch.describe_point
+    assert branch_losses is branch.branch_outcome
+    assert run_auto_batch is closed_loop.run_auto_batch and AutoBatchConfig is closed_loop.AutoBatchConfig
+    assert estimate is closed_loop.estimate and PlanConfig is closed_loop.PlanConfig
+    assert run_compare is warmup.run_compare and CompareConfig is warmup.CompareConfig
+    assert write_schedule is warmup.write_schedule and ScheduleConfig is warmup.ScheduleConfig

@@ -352,3 +352,15 @@ def test_the_start_checkpoint_is_not_kept_for_the_run(cfg_factory, tmp_path):
     t = Trainer(cfg_factory(total_tokens=2048), tmp_path / "b", init_from=ck.path, callbacks=[Look()], progress=False)
     t.run()
     assert seen == [[]]
+
+
+def test_every_trainer_attribute_is_declared_in_init(cfg_factory, tmp_path):
+    """Issue 21: a Trainer's attributes are all set in __init__ (a run adds none), its state is a
+    TrainerState, and its options are grouped."""
+    from critbatch.train import Display, RunOptions, Trainer, TrainerState
+
+    t = Trainer(cfg_factory(total_tokens=512), tmp_path / "r", progress=False, quiet=True)
+    declared = set(vars(t))
+    assert isinstance(t.state, TrainerState) and isinstance(t.display, Display) and isinstance(t.options, RunOptions)
+    t.run()
+    assert set(vars(t)) - declared == set()
