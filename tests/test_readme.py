@@ -4,8 +4,6 @@ import glob
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,16 +34,27 @@ def test_readme_starts_with_the_two_commands():
 
 
 def run_lines(lines, cwd):
-    exe = Path(sys.executable).parent / "critbatch"
-    env = {**os.environ, "CRITBATCH_CACHE": str(cwd / "cache")}
-    for line in lines:
-        args = []
-        for a in shlex.split(line):  # expand globs as the shell would
-            hits = sorted(glob.glob(a, root_dir=cwd)) if any(c in a for c in "*?[") else []
-            args += hits or [a]
-        assert args[0] == "critbatch", line
-        r = subprocess.run([str(exe), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"
+    """Each line through the command line's entry point (critbatch.cli.main: what the console script
+    calls; tests/test_cli.py runs the script itself), from ``cwd``, globs expanded as a shell would."""
+    from critbatch.cli import main
+
+    old_cwd, old_cache = os.getcwd(), os.environ.get("CRITBATCH_CACHE")
+    os.chdir(cwd)
+    os.environ["CRITBATCH_CACHE"] = str(cwd / "cache")
+    try:
+        for line in lines:
+            args = []
+            for a in shlex.split(line):  # expand globs as the shell would
+                hits = sorted(glob.glob(a, root_dir=cwd)) if any(c in a for c in "*?[") else []
+                args += hits or [a]
+            assert args[0] == "critbatch", line
+            assert main(args[1:]) == 0, line
+    finally:
+        os.chdir(old_cwd)
+        if old_cache is None:
+            os.environ.pop("CRITBATCH_CACHE", None)
+        else:
+            os.environ["CRITBATCH_CACHE"] = old_cache
 
 
 def test_each_stage_alone_as_the_readme_shows(tmp_path):
