@@ -6,13 +6,24 @@ import pytest
 # Auto-prepared corpora go to a per-session cache, never the user's home.
 _CACHE = Path(os.environ.get("PYTEST_CRITBATCH_CACHE", "/tmp")) / f"critbatch-test-cache-{os.getpid()}"
 os.environ["CRITBATCH_CACHE"] = str(_CACHE)
-# One thread per test process when pytest-xdist runs a worker per core (make test), two otherwise:
-# more threads than free cores makes OpenMP spin against the other work.
-os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+# Two threads for a test process alone, one per worker when pytest-xdist runs a worker per core
+# (make test: pytest_configure below; the worker's environment is not yet marked when this module is
+# imported): more threads than free cores makes OpenMP spin against the other work.
+# (the workers inherit the controller's environment: the marker tells them the 2 was this module's)
+_OMP_GIVEN = "OMP_NUM_THREADS" in os.environ and "CRITBATCH_TEST_OMP_DEFAULT" not in os.environ
+if not _OMP_GIVEN:
+    os.environ["OMP_NUM_THREADS"] = "2"
+    os.environ["CRITBATCH_TEST_OMP_DEFAULT"] = "1"
 
 import torch  # noqa: E402
 
 torch.set_flush_denormal(True)
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput") and not _OMP_GIVEN:  # an xdist worker, one of a core's
+        os.environ["OMP_NUM_THREADS"] = "1"  # for the processes the tests start
+        torch.set_num_threads(1)
 
 from critbatch.config import DataConfig, LRScheduleConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from critbatch.data import prepare  # noqa: E402

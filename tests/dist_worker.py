@@ -63,9 +63,9 @@ class CountSyncs(Callback):
         self.seen[-1].append(self.n)
 
 
-def main():
-    data_dir, out, over = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
-    stop = int(sys.argv[4]) if len(sys.argv) > 4 else None
+def run(data_dir: str, out: Path, over: dict, stop: int | None = None):
+    """One run (a rank's share under torchrun); tests run a one-process run in their own process."""
+    over = dict(over)
     gns = over.pop("_gns", False)
     signal_at = over.pop("_sigusr1_rank1_at_step", None)
     syncs = CountSyncs() if over.pop("_count_syncs", False) else None
@@ -94,4 +94,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else None)

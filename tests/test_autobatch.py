@@ -257,8 +257,9 @@ def test_killed_between_and_inside_probes_resumes_to_the_same_decisions(data_dir
 
     cfg = loop_cfg(data_dir)
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    ref = tmp_path / "ref"
-    subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(ref), json.dumps(to_dict(cfg))], env=env, check=True)
+    ref = tmp_path / "ref"  # the uninterrupted reference: the script's own lines, in this process
+    run_auto_batch(cfg, AutoBatchConfig(probe_at=[2048, 4096], window_tokens=8192, launcher="inprocess",
+                                        gns_b_big=8, gns_batches=4, threads_per_branch=1), ref, threads=1)
     want = read_jsonl(ref / "decisions.jsonl")
     # kill once inside the first probe's branches, once between (while the second segment trains)
     inside = lambda d: any(not (m.parent / "result.json").is_file()  # noqa: E731

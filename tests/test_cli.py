@@ -178,7 +178,7 @@ def test_train_stops_cleanly_on_sigterm_and_resumes(data_dir, tmp_path):
 
     exe = str(Path(sys.executable).parent / "critbatch")
     args = [exe, "train", "--preset", "tiny", "--data", str(data_dir), "--out", str(tmp_path / "r"),
-            "--total-tokens", "150k", "--save-interval-tokens", "10k", "--eval-seqs", "16", "--no-progress"]
+            "--total-tokens", "40k", "--save-interval-tokens", "5k", "--eval-seqs", "16", "--no-progress"]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not list((tmp_path / "r" / "ckpt").glob("resume_tok_*/meta.json")):

@@ -17,13 +17,17 @@ WORKER = Path(__file__).parent / "dist_worker.py"
 
 
 def run_worker(nproc, data_dir, out, over, stop=None):
+    """The worker's run on ``nproc`` ranks through torchrun; a one-process run in this process (the
+    same code without a process group: a subprocess would only add an interpreter and torch's import)."""
+    if nproc == 1:
+        import dist_worker
+
+        dist_worker.run(str(data_dir), Path(out), over, stop)
+        return
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [str(data_dir), str(out), json.dumps(over)] + ([str(stop)] if stop else [])
-    if nproc == 1:
-        cmd = [sys.executable, str(WORKER), *args]
-    else:
-        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-        cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", str(WORKER), *args]
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", str(WORKER), *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 

@@ -264,7 +264,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(data_dir, tmp_path):
     from pathlib import Path
 
     exe = str(Path(sys.executable).parent / "critbatch")
-    args = ["train", "--preset", "tiny", "--data", str(data_dir), "--total-tokens", "120k", "--save-interval-tokens", "10k",
+    args = ["train", "--preset", "tiny", "--data", str(data_dir), "--total-tokens", "40k", "--save-interval-tokens", "5k",
             "--eval-seqs", "16", "--no-progress"]
     ref = subprocess.run([exe, *args, "--out", str(tmp_path / "ref")], capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr

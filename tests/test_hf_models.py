@@ -157,11 +157,15 @@ def test_fsdp_wraps_decoder_layers_and_equals_one_process(data_dir, tmp_path):
     outs = {}
     for n, par, parallel in ((1, "ddp", "ddp"), (2, "ddp2", "ddp"), (2, "fsdp", "fsdp")):
         out = tmp_path / par
-        args = [str(data_dir), str(out), json.dumps({**over, "parallel": parallel})]
-        cmd = [sys.executable, str(worker), *args] if n == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker), *args]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+        if n == 1:  # the one-process reference in this process
+            import dist_worker
+
+            dist_worker.run(str(data_dir), out, {**over, "parallel": parallel})
+        else:
+            args = [str(data_dir), str(out), json.dumps({**over, "parallel": parallel})]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker), *args]
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stderr[-3000:]
         outs[par] = [x["train/loss"] for x in read_jsonl(out / "metrics.jsonl") if "train/loss" in x]
     assert len(outs["ddp"]) == 8 and outs["ddp"] == pytest.approx(outs["fsdp"], rel=1e-4)
     assert outs["ddp"] == pytest.approx(outs["ddp2"], rel=1e-4)  # DDP over two ranks too

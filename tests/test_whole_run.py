@@ -34,6 +34,14 @@ def test_a_start_at_the_plateau_sits_at_the_cbs():
     assert "sits at the measured CBS" in a.message() and "A start at 4 sequences" in a.message()
 
 
+def test_a_curve_that_shows_nothing_safe_recommends_no_start():
+    """Only the smallest probed batch passed at every point (lower bounds 0): no start is recommended."""
+    a = advise_start(curve([(10_000, 0, 16), (30_000, 0, 32)]), 4, until_tokens=100_000)
+    assert a.position == "at" and a.recommended_seqs == 4
+    assert "leaves room" not in a.message() and "shows no smaller start with room" in a.message()
+    assert "--k-min" in a.message()
+
+
 def test_a_start_below_the_cbs_has_room_and_says_what_the_warmup_saves():
     a = advise_start(GROWING, 2, until_tokens=1_000_000)
     assert a.position == "below" and a.room_doublings == 3 and a.plateau_low_seqs == 16

@@ -105,9 +105,9 @@ class DemoConfig:
         """The demo's configuration; ``quick`` starts from the short version's values, and ``over``
         (e.g. the flags given on the command line) overrides either."""
         if quick:
-            base = dict(total_tokens=120_000, start_seqs=8, points=[5_000, 20_000], window_tokens=8_192, k_min=0.5,
+            base = dict(total_tokens=61_440, start_seqs=8, points=[5_000, 20_000], window_tokens=8_192, k_min=0.5,
                         k_max=8.0, eval_seqs=256, gns_b_big=16, gns_batches=4, anneal_tokens=8_192,
-                        launcher="inprocess", auto_probe_at=[30_000, 60_000], auto_window_tokens=8_192)
+                        launcher="inprocess", auto_probe_at=[15_000, 30_000], auto_window_tokens=8_192)
             base.update(over)
             over = base
         return cls(out=out, quick=quick, **over)

@@ -207,10 +207,11 @@ def paired_eval_noise(per_seq: list[list]) -> tuple[list[list[float]], list[list
 
 @functools.lru_cache(maxsize=4096)
 def t_quantile(p: float, df: int) -> float:
-    """Student t quantile (cached: the decisions and the sample-size search ask for few distinct ones)."""
-    from scipy.stats import t as student
+    """Student t quantile (cached: the decisions and the sample-size search ask for few distinct ones;
+    scipy.special's function, bit-identical to ``scipy.stats.t.ppf`` without its per-call overhead)."""
+    from scipy.special import stdtrit
 
-    return float(student.ppf(p, df))
+    return float(stdtrit(df, p))
 
 
 def needed_samples(sd: float, gap: float, eps: float, confidence: float, power: float = POWER) -> int | None:
@@ -218,16 +219,16 @@ def needed_samples(sd: float, gap: float, eps: float, confidence: float, power: 
     power when the true gap is the measured one: power(n) = 1 − F_nct(t_conf,n−1; n−1, |ε − gap|·√n/sd)
     (docs/method.md §6 gives the normal approximation n ≈ ((z_α + z_β)·sd / |ε − gap|)², where the
     search for the exact n starts; power grows with n, so it walks from there to the boundary)."""
-    from scipy.stats import nct, norm
+    from scipy.special import ndtri, nctdtr  # = scipy.stats norm.ppf, nct.cdf bit for bit, ~15x faster a call
 
     if not (math.isfinite(sd) and math.isfinite(gap)) or sd <= 0 or abs(eps - gap) < 1e-15:
         return None
     delta = abs(eps - gap) / sd
 
     def pw(n: int) -> float:
-        return float(1 - nct.cdf(t_quantile(confidence, n - 1), n - 1, delta * math.sqrt(n)))
+        return float(1 - nctdtr(n - 1, delta * math.sqrt(n), t_quantile(confidence, n - 1)))
 
-    guess = ((norm.ppf(confidence) + norm.ppf(power)) / delta) ** 2
+    guess = ((ndtri(confidence) + ndtri(power)) / delta) ** 2
     if not math.isfinite(guess) or guess > 10**8:
         return None
     n = max(2, math.ceil(guess))

@@ -231,6 +231,12 @@ class StartAdvice:
             where = ", ".join(f"{t:,} tokens (CBS <= {h:g})" for t, h in self.above_at)
             s = (f"warning: the start batch of {B} sequences is above the measured CBS at {where}: those tokens are "
                  f"trained past the critical batch size (wasted, or worse). Start at {R} sequences")
+        elif self.position == "at" and R == B:  # nothing shown safe anywhere: no start can be vouched for
+            return (f"the start batch of {B} sequences sits at the measured CBS (the lower bounds reach "
+                    f"{self.plateau_low_seqs:g} by the last point): no doubling is shown safe, so no warmup can save "
+                    f"steps from it, and the curve shows no smaller start with room for one either: only the "
+                    f"smallest probed batch passed. Probe smaller batches (branch --k-min) or with more held-out "
+                    f"sequences (--eval-seqs).")
         elif self.position == "at":
             s = (f"the start batch of {B} sequences sits at the measured CBS (the lower bounds reach "
                  f"{self.plateau_low_seqs:g} by the last point): no doubling is shown safe, so no warmup can save "
