@@ -49,6 +49,14 @@ def test_a_start_below_the_cbs_has_room_and_says_what_the_warmup_saves():
     assert a.recommended_seqs == 2 and "below the measured CBS" in a.message()
 
 
+def test_a_start_below_the_cbs_names_no_other_start_that_saves_less():
+    """The demo's case: from 2, the advice's other start (3) would save a smaller share of its steps;
+    the message does not offer it."""
+    a = advise_start(curve([(20_000, 6, 8), (600_000, 8, 12)]), 2, until_tokens=1_000_000)
+    assert a.position == "below" and a.recommended_seqs == 3
+    assert a.recommended_steps_saved_pct < a.steps_saved_pct and "from 3 sequences" not in a.message()
+
+
 def test_a_start_above_the_cbs_is_a_warning_with_numbers():
     a = advise_start(GROWING, 32, until_tokens=1_000_000)
     assert a.position == "above" and [t for t, _ in a.above_at] == [20_000, 60_000, 200_000]

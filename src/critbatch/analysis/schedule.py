@@ -246,7 +246,7 @@ class StartAdvice:
                  f"{self.room_doublings} doubling{'s' if self.room_doublings != 1 else ''} (to "
                  f"{self.plateau_low_seqs:g} sequences by the last point); the derived warmup saves "
                  f"{self.steps_saved_pct:.0f}% of the optimizer steps to {self.until_tokens:,} tokens")
-            if R != B:
+            if R != B and self.recommended_steps_saved_pct > self.steps_saved_pct:  # only a start that saves more
                 s += f"; from {R} sequences it would save {self.recommended_steps_saved_pct:.0f}%"
             return s + "."
         if R != B:
