@@ -121,11 +121,16 @@ def corrupt_shard(ws):
     p.write_bytes(bytes(b))
 
 
-def run_on_corrupt_shard(ws):
-    """The copied run reads the copied data (its config names the original), one of whose shards is damaged."""
+def _run_reads_copied_data(ws):
+    """Point the copied run at the copied data (its config names the original)."""
     cfg = json.loads((ws / "run" / "config.json").read_text())
     cfg["data"]["path"] = str(ws / "data")
     (ws / "run" / "config.json").write_text(json.dumps(cfg))
+
+
+def run_on_corrupt_shard(ws):
+    """The copied run reads the copied data, one of whose shards is damaged."""
+    _run_reads_copied_data(ws)
     corrupt_shard(ws)
 
 
@@ -262,10 +267,8 @@ def truncated_shard(ws):
 
 
 def run_on_bad_meta(ws):
-    """The copied run reads the copied data (its config names the original), whose meta.json has vocab_size "257"."""
-    cfg = json.loads((ws / "run" / "config.json").read_text())
-    cfg["data"]["path"] = str(ws / "data")
-    (ws / "run" / "config.json").write_text(json.dumps(cfg))
+    """The copied run reads the copied data, whose meta.json has vocab_size "257"."""
+    _run_reads_copied_data(ws)
     meta_vocab_string(ws)
 
 

@@ -255,7 +255,7 @@ def decide_eps(ks: list[float], losses: list[list[float]], eps: float = 0.01, *,
     ``diff_se``/``diff_sd``: the held-out set's sampling error of each mean difference and the sd of
     its per-sequence differences; a comparison within ``z·se`` of ε is then undetermined and
     ``details['eval_seqs_needed']`` says how many held-out sequences would settle it."""
-    from scipy.stats import norm
+    from scipy.special import ndtri  # scipy.stats norm.ppf, bit for bit
 
     _check_eps(eps)
     _check_confidence(confidence)
@@ -263,7 +263,7 @@ def decide_eps(ks: list[float], losses: list[list[float]], eps: float = 0.01, *,
     arr = _clean(losses)
     se = _se_table(diff_se, len(ks))
     sd = _se_table(diff_sd, len(ks)) if diff_sd is not None else None
-    z = norm.ppf(confidence)
+    z = float(ndtri(confidence))
     means = [float(a.mean()) for a in arr]  # inf if any replicate diverged
     status, eval_needed = [PASS], [None]
     for i, m in enumerate(means[1:], start=1):
