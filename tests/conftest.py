@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -6,6 +8,8 @@ import pytest
 # Auto-prepared corpora go to a per-session cache, never the user's home.
 _CACHE = Path(os.environ.get("PYTEST_CRITBATCH_CACHE", "/tmp")) / f"critbatch-test-cache-{os.getpid()}"
 os.environ["CRITBATCH_CACHE"] = str(_CACHE)
+# ... and removed when this process ends (they are re-prepared in seconds; 300 sessions left 6 GB behind).
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 # Two threads for a test process alone, one per worker when pytest-xdist runs a worker per core
 # (make test: pytest_configure below; the worker's environment is not yet marked when this module is
 # imported): more threads than free cores makes OpenMP spin against the other work.

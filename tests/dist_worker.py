@@ -1,5 +1,7 @@
-"""Run by torchrun in tests: one small training run; each rank records the stream positions it read."""
+"""Run by torchrun in tests: small training runs one after another in one process group (one launch
+pays the interpreters' start once); each rank records the stream positions it read."""
 
+import gc
 import json
 import os
 import signal
@@ -36,6 +38,7 @@ class CountSyncs(Callback):
     def __init__(self):
         self.n = 0
         self.seen = []  # per step: [count after micro-batch 0, 1, ...]
+        self.close = lambda: None  # undoes the counting (the next run in this process counts afresh)
 
     def on_train_start(self, trainer):
         if trainer.fsdp:
@@ -48,6 +51,7 @@ class CountSyncs(Callback):
                 return orig(*args, **kwargs)
 
             pg.foreach_reduce = counted
+            self.close = lambda: setattr(pg, "foreach_reduce", orig)
         else:
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
@@ -85,13 +89,16 @@ def run(data_dir: str, out: Path, over: dict, stop: int | None = None):
     rank = t.dist.rank
     t.run()
     if syncs is not None:
+        syncs.close()
         (out / f"syncs_rank{rank}.json").write_text(json.dumps(syncs.seen))
     if t.stop_signal is not None:
         (out / f"stopped_rank{rank}.json").write_text(json.dumps({"signal": t.stop_signal, "tokens": t.tokens}))
     (out / f"positions_rank{rank}_{len(list(out.glob(f'positions_rank{rank}_*')))}.json").write_text(json.dumps(cb.reads))
-    del t, cb, callbacks, syncs  # the DDP/FSDP model goes before the group it holds
+    del t, cb, callbacks, syncs  # the DDP/FSDP model goes before the group it holds (or the next run)
+    gc.collect()
+
+
+if __name__ == "__main__":  # DATA_DIR RUNS: a JSON list of [out, over, stop or null], run in order
+    for out, over, stop in json.loads(sys.argv[2]):
+        run(sys.argv[1], Path(out), over, stop)
     shutdown()
-
-
-if __name__ == "__main__":
-    run(sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else None)

@@ -153,20 +153,16 @@ def test_fsdp_wraps_decoder_layers_and_equals_one_process(data_dir, tmp_path):
     worker = Path(__file__).parent / "dist_worker.py"
     over = {"model": {"family": "hf", "hf": TINY["olmo2"], "seq_len": 16}, "batch_seqs": 8, "micro_batch_seqs": 2,
             "total_tokens": 1024}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    outs = {}
-    for n, par, parallel in ((1, "ddp", "ddp"), (2, "ddp2", "ddp"), (2, "fsdp", "fsdp")):
-        out = tmp_path / par
-        if n == 1:  # the one-process reference in this process
-            import dist_worker
+    import dist_worker
 
-            dist_worker.run(str(data_dir), out, {**over, "parallel": parallel})
-        else:
-            args = [str(data_dir), str(out), json.dumps({**over, "parallel": parallel})]
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker), *args]
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-            assert r.returncode == 0, r.stderr[-3000:]
-        outs[par] = [x["train/loss"] for x in read_jsonl(out / "metrics.jsonl") if "train/loss" in x]
+    dist_worker.run(str(data_dir), tmp_path / "ddp", over)  # the one-process reference in this process
+    runs = [[str(tmp_path / par), {**over, "parallel": parallel}, None] for par, parallel in (("ddp2", "ddp"), ("fsdp", "fsdp"))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker),
+           str(data_dir), json.dumps(runs)]  # both two-rank runs in one launch
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    outs = {par: [x["train/loss"] for x in read_jsonl(tmp_path / par / "metrics.jsonl") if "train/loss" in x]
+            for par in ("ddp", "ddp2", "fsdp")}
     assert len(outs["ddp"]) == 8 and outs["ddp"] == pytest.approx(outs["fsdp"], rel=1e-4)
     assert outs["ddp"] == pytest.approx(outs["ddp2"], rel=1e-4)  # DDP over two ranks too
 
