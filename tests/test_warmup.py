@@ -1,6 +1,7 @@
 """Batch-size warmup: derivation from planted CBS curves, exports, step accounting, the comparison."""
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -238,6 +239,53 @@ def compare_cfg(data_dir, out, **over):
     return CompareConfig(**kw)
 
 
+def _numbers(comp: dict) -> dict:
+    keys = ("final_train_loss", "final_eval_loss", "anneal_train_loss", "anneal_eval_loss", "optimizer_steps",
+            "optimizer_steps_pretrain", "steps_saved_pct", "gap_to_small")
+    return {n: {k: r.get(k) for k in keys} for n, r in comp["runs"].items()}
+
+
+def test_runs_that_share_the_small_controls_steps_start_from_its_checkpoint(data_dir, tmp_path):
+    """The warmup takes the small control's steps until its first batch change (1024 tokens): it starts
+    from the small control's checkpoint there and trains only the rest; given a finished run that took
+    the same steps (a base run), the small control starts at its end and the warmup from its kept
+    checkpoint. Every number equals the comparison that trains each run from scratch, bit for bit."""
+    from critbatch.config import TrainConfig, merge
+    from critbatch.io import read_json
+    from critbatch.train import train
+    from critbatch.warmup import run_compare
+
+    whole = run_compare(compare_cfg(data_dir, tmp_path / "whole", share_prefix=False))
+    assert whole["forks"] == {}
+    shared = run_compare(compare_cfg(data_dir, tmp_path / "shared"))
+    small = str((tmp_path / "shared" / "runs" / "s0" / "small").resolve())
+    assert shared["forks"] == {"s0/warmup": {"source": small, "tokens": 1024, "checkpoint": None, "loss_ema": None}}
+    res = read_json(tmp_path / "shared" / "runs" / "s0" / "warmup" / "result.json")
+    assert res["start_tokens"] == 1024 and res["steps"] == 72 - 32 and res["global_step"] == 72
+    assert _numbers(shared) == _numbers(whole)
+    assert any("warmup (seed 0) starts at 1,024 tokens from the small control" in n for n in shared["notes"])
+
+    spec = json.loads((tmp_path / "whole-model.json").read_text())
+    base = tmp_path / "base"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the comparison's runs train (bit for bit needs the same thread count)
+    try:
+        train(merge(TrainConfig(), {**spec, "data": {"path": str(data_dir)}, "batch_seqs": 2, "total_tokens": 4096,
+                                    "checkpoint_tokens": [1024]}), base, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    pre = run_compare(compare_cfg(data_dir, tmp_path / "prefixed", prefix_runs=[str(base)]))
+    assert {k: (f["tokens"], Path(f["source"]).name) for k, f in pre["forks"].items()} == \
+        {"s0/small": (4096, "base"), "s0/warmup": (1024, "base")}
+    assert read_json(tmp_path / "prefixed" / "runs" / "s0" / "small" / "result.json")["steps"] == 1024 // 32  # the anneal
+    assert _numbers(pre) == _numbers(whole)
+    # a run that is not finished, or not a run, is refused
+    from critbatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prefix run .* is not finished"):
+        run_compare(compare_cfg(data_dir, tmp_path / "bad", prefix_runs=[str(tmp_path)]))
+
+
 def test_comparison_runs_and_reports(data_dir, tmp_path, monkeypatch):
     from critbatch.warmup import run_compare
     from critbatch.io import read_json
@@ -264,8 +312,10 @@ def test_comparison_runs_and_reports(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(job, "make_callbacks", lambda names: [*orig_make(names), Rec()])
     out = tmp_path / "cmp"
     comp = run_compare(compare_cfg(data_dir, out))
-    # the same sequences in the same order for all three runs
-    assert seen["warmup"] == seen["small"] == seen["large"] == list(range((4096 + 1024) // 16))
+    # the same sequences in the same order for all three runs (the warmup reads the small control's first
+    # 1024 tokens from its checkpoint there, where the two part: test_runs_that_share_...)
+    assert seen["small"] == seen["large"] == list(range((4096 + 1024) // 16))
+    assert seen["warmup"] == list(range(1024 // 16, (4096 + 1024) // 16))
     runs = comp["runs"]
     assert runs["small"]["optimizer_steps"] == (4096 + 1024) // (2 * 16)
     assert runs["large"]["optimizer_steps"] == (4096 + 1024) // (8 * 16)
@@ -401,8 +451,8 @@ def test_compare_rounds_tokens_up_to_whole_sequences_and_says_so(data_dir, tmp_p
 
     configs, _, facts = build_configs(compare_cfg(data_dir, tmp_path / "c", total_tokens=4100, anneal_tokens=20))
     assert facts["pretrain_tokens"] == 4112 and facts["anneal_tokens"] == 32
-    assert facts["notes"] == ["total tokens 4,100 rounded up to 4,112: whole 16-token sequences",
-                              "anneal tokens 20 rounded up to 32: whole 16-token sequences"]
+    assert facts["notes"][:2] == ["total tokens 4,100 rounded up to 4,112: whole 16-token sequences",
+                                  "anneal tokens 20 rounded up to 32: whole 16-token sequences"]
     assert {c.total_tokens for c in configs[0].values()} == {4112 + 32}
 
 

@@ -250,7 +250,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         run_compare(CompareConfig(out=str(out / "compare"), schedule=str(out / "schedule.json"), config=str(cfg_file),
                                   total_tokens=cfg.total_tokens, anneal_tokens=cfg.anneal_tokens, seeds=cfg.seeds,
                                   jobs=cfg.jobs, launcher=cfg.launcher, threads_per_job=_threads(cfg),
-                                  closed_loop=str(out / "autobatch") if loop and loop["raises"] else None))
+                                  closed_loop=str(out / "autobatch") if loop and loop["raises"] else None,
+                                  prefix_runs=[str(out / "base")]))  # the small control is the base run, annealed
 
     st.run("compare", compare)
     st.run("report", lambda: build_report(out), always=True)

@@ -15,6 +15,10 @@ gap also has a paired standard error from the per-sequence losses.
 
 With ``closed_loop`` a fourth run replays the batch schedule a closed-loop run took.
 
+A run that takes the small control's steps up to its first batch change starts from the small
+control's checkpoint there, and any run may start from a finished ``prefix_runs`` run whose steps it
+takes (:mod:`critbatch.warmup.forks`): the shared part is trained once, the numbers are unchanged.
+
 Output in ``DIR``: ``compare.json`` (the spec), ``runs/s<seed>/{warmup,small,large,closed-loop}/`` (run
 directories), ``comparison.json``, ``comparison.md`` and ``loss_vs_tokens.png|svg``.
 """
@@ -34,7 +38,7 @@ from .. import presets
 from ..analysis.comparison import CLOSED_LOOP, GAPS, RUNS, gap_stats, markdown_table
 from ..config import ADAM_RULES, TrainConfig, check_choices, defining_dict, how, load_config_file, merge, option
 from ..errors import ConfigError
-from ..io import check_output, read_json, read_jsonl, write_json_atomic, write_text_atomic
+from ..io import check_output, read_json, write_json_atomic, write_text_atomic
 from ..records import read_run_result
 from ..launch import LAUNCHERS, check_launch, check_single_process, default_jobs, run_jobs, write_job
 from ..report.plots import plot_comparison
@@ -42,6 +46,7 @@ from ..schedules import BatchSchedule
 from ..train import Trainer
 from ..train.checkpoint import kept_checkpoints
 from ..train import EVAL_LOSSES_FILE
+from .forks import losses_at, plan_forks, run_records
 
 
 @dataclass
@@ -97,6 +102,13 @@ class CompareConfig:
     a fourth run, ``closed-loop``, with the same seeds and anneal (with its own seed and config the
     replay's pretraining is the closed-loop run itself). The warmup schedule may then have no batch
     change (when the offline derivation found none)."""
+    prefix_runs: list[str] = field(default_factory=list)
+    """Finished runs (e.g. the base run a sweep branched from) whose checkpoints may start comparison
+    runs that take exactly their steps up to there (same seed, data, model, optimizer, batch and LR
+    at every step, same held-out sample): those runs train only the rest."""
+    share_prefix: bool = True
+    """Runs start from the small control's checkpoint at their first batch change instead of training
+    its steps again (False: every run trains from scratch)."""
 
 
 def _closed_loop_phases(d: str, T: int, N: int, B0: int) -> list[list[int]]:
@@ -182,17 +194,32 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]]
                 "batch_schedule": phases, "seed": seed, "data": {"order_seed": seed},
             })
         configs[seed] = per
-    for name, c in configs[cfg.seeds[0]].items():
-        try:
-            Trainer(c, None, quiet=True)  # validates divisibility, data capacity, eval set; writes nothing
-        except ConfigError as e:
-            raise ConfigError(f"{name} run: {e}") from None
+    resolved: dict[int, dict[str, TrainConfig]] = {}
+    for seed, per in configs.items():
+        resolved[seed] = {}
+        for name, c in per.items():
+            try:  # validates divisibility, data capacity, eval set; writes nothing
+                resolved[seed][name] = Trainer(c, None, quiet=True).cfg
+            except ConfigError as e:
+                raise ConfigError(f"{name} run: {e}") from None
+    forks = plan_forks(resolved, {s: run_dir(Path(cfg.out), s, "small") for s in configs}, cfg.prefix_runs,
+                       cfg.share_prefix)
+    for seed in configs:  # the small control keeps a checkpoint where each run it starts parts from it
+        at = sorted({f.tokens for (s, _), f in forks.items() if s == seed and f.checkpoint is None})
+        if at:
+            small = configs[seed]["small"]
+            configs[seed]["small"] = merge(small, {"checkpoint_tokens": sorted(set(small.checkpoint_tokens) | set(at))})
+    for (seed, name), f in sorted(forks.items()):
+        src = "the small control" if f.checkpoint is None else f.source
+        notes.append(f"{name} (seed {seed}) starts at {f.tokens:,} tokens from {src}, whose steps it takes up to there "
+                     f"(trained once; its optimizer steps count them, its wall time does not)")
     facts = {"pretrain_tokens": N, "anneal_tokens": anneal_tokens, "notes": notes, "anneal_steps": cfg.anneal_steps,
              "anneal_tokens_per_run": anneal, "avg_tokens": avg, "b0_seqs": B0, "final_seqs": B1, "seq_len": T,
              "rule": sched.rule, "adam_rule": sched.adam_rule, "seeds": list(cfg.seeds),
              "eval_seqs": base.eval_seqs, "decay_phases": [list(p) for p in used if p[0] >= N],
              "ignored_phases": [list(p) for p in sched.phases if p[0] >= N + anneal_tokens],
-             "runs": [n for n, _ in runs], "closed_loop": cfg.closed_loop}
+             "runs": [n for n, _ in runs], "closed_loop": cfg.closed_loop,
+             "forks": {f"s{s}/{n}": f.to_dict() for (s, n), f in sorted(forks.items())}}
     return configs, sched, facts
 
 
@@ -250,21 +277,27 @@ def _eval_at(recs: list[dict], tokens: int) -> tuple[int, float] | None:
     return (ev[0]["tokens"], ev[0]["eval/loss"]) if ev else None
 
 
-def _per_seq(d: Path, pretrain_tokens: int) -> dict[str, np.ndarray | None]:
+def _forks_by_dir(out: Path, facts: dict) -> dict[str, dict]:
+    """The comparison's forks (facts["forks"]) by resolved run directory (:func:`forks.run_records`)."""
+    found = {}
+    for key, f in (facts.get("forks") or {}).items():
+        seed, name = key.split("/", 1)
+        found[str(run_dir(out, int(seed[1:]), name).resolve())] = f
+    return found
+
+
+def _per_seq(d: Path, pretrain_tokens: int, forks: dict[str, dict]) -> dict[str, np.ndarray | None]:
     """Per-sequence held-out losses before the anneal (the kept checkpoint at N) and at the end."""
-    out: dict[str, np.ndarray | None] = {"pre": None, "end": None}
-    for ck in kept_checkpoints(d):
-        if ck.requested_tokens == pretrain_tokens and (ck.path / EVAL_LOSSES_FILE).is_file():
-            out["pre"] = np.load(ck.path / EVAL_LOSSES_FILE, allow_pickle=False)
+    out: dict[str, np.ndarray | None] = {"pre": losses_at(d, pretrain_tokens, forks), "end": None}
     if (d / EVAL_LOSSES_FILE).is_file():
         out["end"] = np.load(d / EVAL_LOSSES_FILE, allow_pickle=False)
     return out
 
 
-def _row(d: Path, facts: dict, cfg: TrainConfig) -> dict:
+def _row(d: Path, facts: dict, cfg: TrainConfig, forks: dict[str, dict]) -> dict:
     N, avg = facts["pretrain_tokens"], facts["avg_tokens"]
     res = read_run_result(d)
-    recs = read_jsonl(d / "metrics.jsonl")
+    recs = run_records(d, forks)
     steps_recs = [r for r in recs if "train/loss" in r]
     ev_pre = _eval_at(recs, N)
     end = res["tokens"]
@@ -273,7 +306,7 @@ def _row(d: Path, facts: dict, cfg: TrainConfig) -> dict:
         "final_train_loss": mean_train_loss(steps_recs, N - avg, N),
         "final_eval_loss": ev_pre[1] if ev_pre else None,
         "final_eval_tokens": ev_pre[0] if ev_pre else None,
-        "optimizer_steps": res["steps"],
+        "optimizer_steps": res.get("global_step", res["steps"]),  # a run started from another's steps counts them
         "optimizer_steps_pretrain": sum(1 for r in steps_recs if r["tokens"] <= N),
         "tokens": end,
         "wall_time_s": res["wall_time_s"],
@@ -291,13 +324,14 @@ def summarize(out: Path, facts: dict, configs: dict[int, dict[str, TrainConfig]]
     per_seed: dict[int, dict] = {}
     paired: dict = {}
     names = list(next(iter(configs.values())))
+    forks = _forks_by_dir(out, facts)
     for seed, cfgs in configs.items():
-        rows = {name: _row(run_dir(out, seed, name), facts, cfgs[name]) for name in names}
+        rows = {name: _row(run_dir(out, seed, name), facts, cfgs[name], forks) for name in names}
         small = rows["small"]["optimizer_steps"]
         for r in rows.values():
             r["steps_saved_pct"] = 100.0 * (1 - r["optimizer_steps"] / small)
         per_seed[seed] = rows
-        seqs = {name: _per_seq(run_dir(out, seed, name), facts["pretrain_tokens"]) for name in names}
+        seqs = {name: _per_seq(run_dir(out, seed, name), facts["pretrain_tokens"], forks) for name in names}
         for name in [n for n in names if n != "small"]:
             for key, when in (("final_eval_loss", "pre"), ("anneal_eval_loss", "end")):
                 a, b = seqs[name][when], seqs["small"][when]
@@ -338,14 +372,32 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
             raise ConfigError(f"{out} holds a different comparison; use another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "compare.json", spec)
-    dirs = [write_job(run_dir(out, seed, name), configs[seed][name], callbacks=["gns"] if cfg.gns else [])
-            for seed in cfg.seeds for name in configs[seed]]
-    jobs = cfg.jobs or min(len(dirs), default_jobs(cfg.threads_per_job, cfg.device))
+    callbacks = ["gns"] if cfg.gns else []
+    forks = {tuple(k.split("/", 1)): f for k, f in facts["forks"].items()}
+    first, then = [], []  # then: the runs that start from the small control's checkpoints
+    for seed in cfg.seeds:
+        for name in configs[seed]:
+            f = forks.get((f"s{seed}", name))
+            if f is None:
+                first.append(write_job(run_dir(out, seed, name), configs[seed][name], callbacks=callbacks))
+            elif f["checkpoint"] is not None:
+                first.append(write_job(run_dir(out, seed, name), configs[seed][name], f["checkpoint"], callbacks=callbacks,
+                                       init_loss_ema=f["loss_ema"], eval_at_start=False))
+            else:
+                then.append((seed, name, f["tokens"]))
+    jobs = cfg.jobs or min(len(first) + len(then), default_jobs(cfg.threads_per_job, cfg.device))
     t0 = time.time()
-    bar = tqdm(total=len(dirs), desc="comparison runs", unit="run", disable=True if progress is False else None,
-               dynamic_ncols=True)
-    run_jobs(dirs, jobs, cfg.threads_per_job, cfg.launcher, on_done=lambda d: bar.update(1),
-             nproc_per_job=cfg.nproc_per_job, slurm=cfg.slurm)
+    bar = tqdm(total=len(first) + len(then), desc="comparison runs", unit="run",
+               disable=True if progress is False else None, dynamic_ncols=True)
+    how = dict(on_done=lambda d: bar.update(1), nproc_per_job=cfg.nproc_per_job, slurm=cfg.slurm)
+    run_jobs(first, min(jobs, len(first)), cfg.threads_per_job, cfg.launcher, **how)
+    if then:
+        dirs = []
+        for seed, name, tokens in then:
+            ck = next(c for c in kept_checkpoints(run_dir(out, seed, "small")) if c.tokens == tokens)
+            dirs.append(write_job(run_dir(out, seed, name), configs[seed][name], ck.path, callbacks=callbacks,
+                                  init_loss_ema=ck.meta.get("train_loss_ema"), eval_at_start=False))
+        run_jobs(dirs, min(jobs, len(dirs)), cfg.threads_per_job, cfg.launcher, **how)
     bar.close()
     comp = summarize(out, facts, configs)
     comp["wall_time_s"] = time.time() - t0
@@ -353,8 +405,8 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
     write_json_atomic(out / "comparison.json", comp)
     write_text_atomic(out / "comparison.md", markdown_table(comp))
     s0 = cfg.seeds[0]
-    plot_comparison({n: read_jsonl(run_dir(out, s0, n) / "metrics.jsonl") for n in configs[s0]}, comp,
-                    out / "loss_vs_tokens")
+    by_dir = _forks_by_dir(out, facts)
+    plot_comparison({n: run_records(run_dir(out, s0, n), by_dir) for n in configs[s0]}, comp, out / "loss_vs_tokens")
     return comp
 
 
