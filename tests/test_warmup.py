@@ -264,6 +264,7 @@ def test_runs_that_share_the_small_controls_steps_start_from_its_checkpoint(data
     assert res["start_tokens"] == 1024 and res["steps"] == 72 - 32 and res["global_step"] == 72
     assert _numbers(shared) == _numbers(whole)
     assert any("warmup (seed 0) starts at 1,024 tokens from the small control" in n for n in shared["notes"])
+    assert "their wall time does not): s0/warmup at 1,024 tokens." in (tmp_path / "shared" / "comparison.md").read_text()
 
     spec = json.loads((tmp_path / "whole-model.json").read_text())
     base = tmp_path / "base"

@@ -82,6 +82,10 @@ def table(c: dict) -> tuple[list[str], list[list[str]], str]:
             + (f"Mean over {S} seeds (init and data order); gaps ± their standard error over seeds."
                if S > 1 else "One seed: the ± is the held-out sample's paired sampling error only, not the run-to-run "
                              "noise (use several seeds)."))
+    if c.get("forks"):  # critbatch.warmup.forks
+        note += (" Runs that took another run's steps started from its checkpoint there (trained once; their "
+                 "optimizer steps count those steps, their wall time does not): "
+                 + "; ".join(f"{k} at {f['tokens']:,} tokens" for k, f in c["forks"].items()) + ".")
     return head, rows, note
 
 
