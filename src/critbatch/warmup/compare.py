@@ -194,6 +194,21 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]]
                 "batch_schedule": phases, "seed": seed, "data": {"order_seed": seed},
             })
         configs[seed] = per
+    forks = _forks(cfg, configs, notes)
+    facts = {"pretrain_tokens": N, "anneal_tokens": anneal_tokens, "notes": notes, "anneal_steps": cfg.anneal_steps,
+             "anneal_tokens_per_run": anneal, "avg_tokens": avg, "b0_seqs": B0, "final_seqs": B1, "seq_len": T,
+             "rule": sched.rule, "adam_rule": sched.adam_rule, "seeds": list(cfg.seeds),
+             "eval_seqs": base.eval_seqs, "decay_phases": [list(p) for p in used if p[0] >= N],
+             "ignored_phases": [list(p) for p in sched.phases if p[0] >= N + anneal_tokens],
+             "runs": [n for n, _ in runs], "closed_loop": cfg.closed_loop,
+             "forks": {f"s{s}/{n}": f.to_dict() for (s, n), f in sorted(forks.items())}}
+    return configs, sched, facts
+
+
+def _forks(cfg: CompareConfig, configs: dict[int, dict[str, TrainConfig]], notes: list[str]) -> dict:
+    """Each run's configuration checked (resolved as its Trainer would, nothing written), and where
+    runs start from another run's checkpoint (:func:`critbatch.warmup.forks.plan_forks`): the small
+    control keeps a checkpoint where each run it starts parts from it, and the notes say so."""
     resolved: dict[int, dict[str, TrainConfig]] = {}
     for seed, per in configs.items():
         resolved[seed] = {}
@@ -204,7 +219,7 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]]
                 raise ConfigError(f"{name} run: {e}") from None
     forks = plan_forks(resolved, {s: run_dir(Path(cfg.out), s, "small") for s in configs}, cfg.prefix_runs,
                        cfg.share_prefix)
-    for seed in configs:  # the small control keeps a checkpoint where each run it starts parts from it
+    for seed in configs:
         at = sorted({f.tokens for (s, _), f in forks.items() if s == seed and f.checkpoint is None})
         if at:
             small = configs[seed]["small"]
@@ -213,14 +228,7 @@ def build_configs(cfg: CompareConfig) -> tuple[dict[int, dict[str, TrainConfig]]
         src = "the small control" if f.checkpoint is None else f.source
         notes.append(f"{name} (seed {seed}) starts at {f.tokens:,} tokens from {src}, whose steps it takes up to there "
                      f"(trained once; its optimizer steps count them, its wall time does not)")
-    facts = {"pretrain_tokens": N, "anneal_tokens": anneal_tokens, "notes": notes, "anneal_steps": cfg.anneal_steps,
-             "anneal_tokens_per_run": anneal, "avg_tokens": avg, "b0_seqs": B0, "final_seqs": B1, "seq_len": T,
-             "rule": sched.rule, "adam_rule": sched.adam_rule, "seeds": list(cfg.seeds),
-             "eval_seqs": base.eval_seqs, "decay_phases": [list(p) for p in used if p[0] >= N],
-             "ignored_phases": [list(p) for p in sched.phases if p[0] >= N + anneal_tokens],
-             "runs": [n for n, _ in runs], "closed_loop": cfg.closed_loop,
-             "forks": {f"s{s}/{n}": f.to_dict() for (s, n), f in sorted(forks.items())}}
-    return configs, sched, facts
+    return forks
 
 
 def _warmup_phases(cfg: CompareConfig, sched: BatchSchedule, N: int, anneal_tokens: int
