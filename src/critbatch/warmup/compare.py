@@ -381,11 +381,10 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "compare.json", spec)
     callbacks = ["gns"] if cfg.gns else []
-    forks = {tuple(k.split("/", 1)): f for k, f in facts["forks"].items()}
     first, then = [], []  # then: the runs that start from the small control's checkpoints
     for seed in cfg.seeds:
         for name in configs[seed]:
-            f = forks.get((f"s{seed}", name))
+            f = facts["forks"].get(f"s{seed}/{name}")
             if f is None:
                 first.append(write_job(run_dir(out, seed, name), configs[seed][name], callbacks=callbacks))
             elif f["checkpoint"] is not None:

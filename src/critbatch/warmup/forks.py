@@ -26,7 +26,7 @@ from ..config import TrainConfig, from_dict
 from ..errors import ConfigError
 from ..io import read_json, read_jsonl
 from ..train import EVAL_LOSSES_FILE
-from ..train.checkpoint import list_checkpoints
+from ..train.checkpoint import kept_checkpoints, list_checkpoints
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,8 @@ def run_records(run: Path, forks: dict[str, dict]) -> list[dict]:
 def losses_at(run: Path, tokens: int, forks: dict[str, dict]) -> np.ndarray | None:
     """Per-sequence held-out losses of a run at the kept checkpoint requested at ``tokens`` (or, for
     a run that started at or after it, its source's there, or at the source's end where it started)."""
-    for ck in list_checkpoints(run):
-        if ck.kept and ck.meta.get("requested_tokens") == tokens and (ck.path / EVAL_LOSSES_FILE).is_file():
+    for ck in kept_checkpoints(run):
+        if ck.requested_tokens == tokens and (ck.path / EVAL_LOSSES_FILE).is_file():
             return np.load(ck.path / EVAL_LOSSES_FILE, allow_pickle=False)
     f = forks.get(str(run.resolve()))
     if f is None or f["tokens"] < tokens:
