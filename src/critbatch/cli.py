@@ -268,7 +268,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     s = run_demo(DemoConfig.make(**over))
     out = over.get("out", DemoConfig.out)
     print(f"\n{Path(out) / 'report.html'}  ({s['demo_wall_time_s']:.0f}s this time; the stages took "
-          f"{s['total_seconds']:.0f}s in all)")
+          f"{s['total_seconds']:.0f}s in all" + (f", {s['wall_seconds']:.0f}s from start to end as they overlapped)"
+                                                if s.get("wall_seconds") and s["wall_seconds"] < s["total_seconds"] else ")"))
     for c in s["conclusions"]:
         print(f"- {c}")
     return 0

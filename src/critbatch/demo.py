@@ -13,13 +13,21 @@ Stages (each skipped when already finished, so a rerun only does what is missing
              large-batch controls
 8. report    report.html, summary.json, summary.md                   -> DIR
 
-``DIR/demo.json`` records the configuration, the finished stages and the cost of each.
+With worker processes (``--launcher local``, the default) the training stages overlap, each in a
+process of its own on one thread: the closed loop beside the base run, the sweep and the noise
+scale beside what is left of it (one two-thread run used 1.2 cores' worth of the 2; docs/LOG.md).
+``DIR/demo.json`` records the configuration, the finished stages, the wall and CPU time of each and
+the time from start to end.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
+import resource
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +37,7 @@ from .closed_loop import AutoBatchConfig, run_auto_batch
 from .analysis.whole_run import DECAYS
 from .config import check_choices, defining_dict, how, merge, option, to_dict
 from .data import prepare
-from .errors import ConfigError
+from .errors import ConfigError, CritbatchError
 from .gns.checkpoints import GNSConfig, gns_at_checkpoints
 from .io import check_output, read_json, write_json_atomic
 from .records import read_closed_loop_result
@@ -75,6 +83,11 @@ class DemoConfig:
     On the demo it decides as full windows do (bench/early_stop_cost.py, docs/LOG.md)."""
     eval_seqs: int = 2048
     """Held-out sequences of every evaluation."""
+    eval_interval_tokens: int = 200_000
+    """Evaluations of the base, closed-loop and comparison runs between their kept checkpoints, for
+    the loss curves (decisions read the evaluations at branch ends, probe points and run ends). One
+    costs about a fifth of the CPU time of training 100k tokens at the start batch; every 100k tokens
+    they were more than a quarter of the base run's time."""
     gns_b_big: int = 64
     """The noise scale's big batch in sequences."""
     gns_batches: int = 32
@@ -120,7 +133,8 @@ def _train_config(cfg: DemoConfig, data_dir: Path):
     keep = continuation_checkpoints(cfg.points, cfg.window_tokens, cfg.cooldown_fraction, cfg.start_seqs * base.model.seq_len)
     lr = base.optim.lr * lr_rule_multiplier(base.optim.lr_rule, cfg.start_seqs, base.batch_seqs)
     over = {"data": {"path": str(data_dir)}, "total_tokens": cfg.total_tokens, "checkpoint_tokens": cfg.points + keep,
-            "eval_seqs": cfg.eval_seqs, "batch_seqs": cfg.start_seqs, "optim": {"lr": lr}}
+            "eval_seqs": cfg.eval_seqs, "eval_interval_tokens": cfg.eval_interval_tokens, "batch_seqs": cfg.start_seqs,
+            "optim": {"lr": lr}}
     if cfg.quick:
         over["lr_schedule"] = {"kind": "constant", "warmup_tokens": 2_000}
     return merge(base, over)
@@ -130,6 +144,12 @@ def _threads(cfg: DemoConfig) -> int:
     """One thread per worker process; for the one in-process run at a time, OMP_NUM_THREADS when
     set, else the usable cores (:func:`critbatch.launch.jobs.inprocess_threads`)."""
     return inprocess_threads() if cfg.launcher == "inprocess" else 1
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (worker processes), user + system."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 class _Stages:
@@ -145,25 +165,40 @@ class _Stages:
         # where the study lives is not part of it: a moved or copied directory is the same study
         config = {k: v for k, v in asdict(cfg).items() if k != "out"}
         self.state = {"config": config, "stages": state.get("stages", {}), "artifacts": state.get("artifacts", {})}
+        if "wall_seconds" in state:
+            self.state["wall_seconds"] = state["wall_seconds"]
+        self.ran = False
+        """Whether this invocation ran a stage other than the report."""
 
     def done(self, name: str) -> bool:
         return bool(self.state["stages"].get(name, {}).get("done"))
 
-    def run(self, name: str, fn, *, always: bool = False):
+    def start(self, name: str, always: bool = False) -> bool:
+        """Announce a stage; ``False`` (and say so) when it finished earlier."""
         i = STAGES.index(name) + 1
         if self.done(name) and not always:
             print(f"[{i}/{len(STAGES)}] {name}: done earlier ({self.state['stages'][name]['seconds']:.1f}s)", file=sys.stderr, flush=True)
-            return None
+            return False
         print(f"[{i}/{len(STAGES)}] {name} ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        out = fn()
-        secs = time.perf_counter() - t0
+        return True
+
+    def record(self, name: str, secs: float, cpu: float) -> None:
+        """A stage finished after ``secs`` of wall time and ``cpu`` CPU-seconds (its worker processes included)."""
         prev = self.state["stages"].get(name, {})
         # a rerun of an already finished stage (the report) keeps its first cost beside the latest
-        self.state["stages"][name] = {"done": True, "seconds": secs if not prev.get("done") else prev["seconds"],
-                                      "last_seconds": secs}
+        first = not prev.get("done")
+        self.state["stages"][name] = {"done": True, "seconds": secs if first else prev["seconds"],
+                                      "cpu_seconds": cpu if first else prev.get("cpu_seconds"), "last_seconds": secs}
+        self.ran = self.ran or name != "report"
         write_json_atomic(self.path, self.state)
-        print(f"[{i}/{len(STAGES)}] {name}: {secs:.1f}s", file=sys.stderr, flush=True)
+        print(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {secs:.1f}s", file=sys.stderr, flush=True)
+
+    def run(self, name: str, fn, *, always: bool = False):
+        if not self.start(name, always):
+            return None
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        out = fn()
+        self.record(name, time.perf_counter() - t0, _cpu_seconds() - c0)
         return out
 
     def artifact(self, key: str, value=None):
@@ -173,8 +208,116 @@ class _Stages:
         return self.state["artifacts"].get(key)
 
 
+def _base_stage(cfg: DemoConfig, threads: int | None) -> dict:
+    train(_train_config(cfg, Path(cfg.out) / "data"), Path(cfg.out) / "base", progress=None)
+    return {}
+
+
+def _sweep_stage(cfg: DemoConfig, threads: int | None) -> dict:
+    out = Path(cfg.out)
+    res = run_sweep(SweepConfig(run=str(out / "base"), at=cfg.points, window_tokens=cfg.window_tokens,
+                                search="adaptive", k_min=cfg.k_min, k_max=cfg.k_max, resolution=cfg.resolution,
+                                cooldown_fraction=cfg.cooldown_fraction, early_stop_gap=cfg.early_stop_gap,
+                                eval_seqs=cfg.eval_seqs, jobs=cfg.jobs, launcher=cfg.launcher,
+                                threads_per_branch=_threads(cfg)), progress=None)
+    return {"sweep_dir": str(res.sweep_dir.relative_to(out))}
+
+
+def _gns_stage(cfg: DemoConfig, threads: int | None) -> dict:
+    gns_at_checkpoints(GNSConfig(run=str(Path(cfg.out) / "base"), at=cfg.points, b_small=1, b_big=cfg.gns_b_big,
+                                 n_batches=cfg.gns_batches))
+    return {}
+
+
+def _loop_config(cfg: DemoConfig):
+    """The closed loop's and the comparison's run: the base run's settings without its kept checkpoints."""
+    return merge(_train_config(cfg, Path(cfg.out) / "data"), {"checkpoint_tokens": []})
+
+
+def _autobatch_stage(cfg: DemoConfig, threads: int | None) -> dict:
+    if cfg.closed_loop:
+        run_auto_batch(_loop_config(cfg), AutoBatchConfig(
+            probe_at=cfg.auto_probe_at, window_tokens=cfg.auto_window_tokens, gns_b_big=cfg.gns_b_big,
+            gns_batches=cfg.gns_batches, eval_seqs=cfg.eval_seqs, cooldown_fraction=cfg.cooldown_fraction,
+            jobs=cfg.jobs, launcher=cfg.launcher, threads_per_branch=_threads(cfg)), Path(cfg.out) / "autobatch",
+            threads=threads)
+    return {}
+
+
+HEAVY = {"base": _base_stage, "autobatch": _autobatch_stage, "sweep": _sweep_stage, "gns": _gns_stage}
+"""The stages that train, in the order they start."""
+NEEDS = {"base": (), "autobatch": (), "sweep": ("base",), "gns": ("base",)}
+"""What each of them waits for: the closed loop trains its own run from the start and needs nothing
+of the base run, so it trains beside it."""
+
+
+def _stage_process(name: str, config: dict, conn) -> None:
+    """One training stage in a process of its own, on one thread, for the demo of ``config``
+    (:class:`DemoConfig`'s fields); sends ("ok", wall, cpu, artifacts) or ("error", exception)
+    through ``conn``."""
+    import torch
+
+    cfg = DemoConfig(**config)
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(1)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    try:
+        art = HEAVY[name](cfg, 1)
+        conn.send(("ok", time.perf_counter() - t0, _cpu_seconds() - c0, art))
+    except BaseException as e:  # the caller raises it; a traceback here where it is no CritbatchError
+        if not isinstance(e, CritbatchError):
+            traceback.print_exc()
+        try:
+            conn.send(("error", e))
+        except Exception:  # an exception that does not pickle
+            conn.send(("error", CritbatchError(f"demo stage {name} failed: {e!r}")))
+
+
+def _overlap(st: _Stages, cfg: DemoConfig, work=_stage_process) -> None:
+    """The training stages, each in a process of its own with one thread, each started as soon as
+    what it needs (:data:`NEEDS`) has finished: the closed loop beside the base run, then the sweep
+    and the noise scale beside what is left of it. One process trains one stage; a stage that fails
+    stops the others (a rerun resumes them) and raises its error here. ``work``: the process's
+    target, ``work(name, config, conn)`` with ``config`` the fields of ``cfg`` (tests plant one)."""
+    ctx = multiprocessing.get_context("spawn")
+    running: dict = {}  # sentinel -> (name, process, receiving end)
+    queued = [n for n in HEAVY if not st.done(n) or st.start(n)]  # start() says "done earlier"
+    try:
+        while queued or running:
+            for name in [n for n in queued if all(st.done(x) for x in NEEDS[n])]:
+                queued.remove(name)
+                st.start(name)
+                recv, send = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=work, args=(name, asdict(cfg), send), name=f"critbatch-demo-{name}")
+                p.start()
+                send.close()
+                running[p.sentinel] = (name, p, recv)
+            for s in multiprocessing.connection.wait(list(running)):
+                name, p, recv = running.pop(s)
+                try:
+                    msg = recv.recv() if recv.poll() else None
+                except EOFError:  # it died before sending anything
+                    msg = None
+                p.join()
+                if msg is None:
+                    raise CritbatchError(f"demo stage {name} ended with exit code {p.exitcode} and no result; "
+                                         f"run the demo again to resume it")
+                if msg[0] == "error":
+                    raise msg[1]
+                st.record(name, msg[1], msg[2])
+                for key, value in msg[3].items():
+                    st.artifact(key, value)
+    finally:
+        for name, p, _ in running.values():
+            p.terminate()
+            p.join()
+
+
 def _validate(cfg: DemoConfig, seq_len: int) -> None:
     check_choices(cfg)
+    if cfg.eval_interval_tokens < 0:
+        raise ConfigError(f"demo eval_interval_tokens={cfg.eval_interval_tokens} must be >= 0 (0: evaluate only at kept "
+                          f"checkpoints and run ends)")
     for name in ("total_tokens", "anneal_tokens", "window_tokens"):
         v = getattr(cfg, name)
         if v < 0 or v % seq_len:
@@ -196,27 +339,22 @@ def _validate(cfg: DemoConfig, seq_len: int) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    """The whole study (module docstring); with worker processes (``launcher="local"``) the training
+    stages overlap (:func:`_overlap`), in process they run one after another."""
     _validate(cfg, presets.get("demo").model.seq_len)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     st = _Stages(out, cfg)
     t_all = time.perf_counter()
-    data_dir = out / "data"
-    st.run("prepare", lambda: prepare(data_dir, corpus="sotu", tokenizer="bytes", quiet=True))
-    tcfg = _train_config(cfg, data_dir)
-    st.run("base", lambda: train(tcfg, out / "base", progress=None))
-
-    def sweep():
-        res = run_sweep(SweepConfig(run=str(out / "base"), at=cfg.points, window_tokens=cfg.window_tokens,
-                                    search="adaptive", k_min=cfg.k_min, k_max=cfg.k_max, resolution=cfg.resolution,
-                                    cooldown_fraction=cfg.cooldown_fraction, early_stop_gap=cfg.early_stop_gap,
-                                    eval_seqs=cfg.eval_seqs, jobs=cfg.jobs, launcher=cfg.launcher,
-                                    threads_per_branch=_threads(cfg)), progress=None)
-        st.artifact("sweep_dir", str(res.sweep_dir.relative_to(out)))
-
-    st.run("sweep", sweep)
-    st.run("gns", lambda: gns_at_checkpoints(GNSConfig(run=str(out / "base"), at=cfg.points, b_small=1,
-                                                       b_big=cfg.gns_b_big, n_batches=cfg.gns_batches)))
+    st.run("prepare", lambda: prepare(out / "data", corpus="sotu", tokenizer="bytes", quiet=True))
+    if cfg.launcher == "local":
+        _overlap(st, cfg)
+    else:
+        for name, stage in HEAVY.items():
+            if art := st.run(name, lambda: stage(cfg, _threads(cfg))):
+                for key, value in art.items():
+                    st.artifact(key, value)
+    tcfg = _train_config(cfg, out / "data")
 
     def schedule():  # the whole run: the pretraining tokens and the decay the comparison trains after them
         write_schedule(ScheduleConfig(sweep=str(out / st.artifact("sweep_dir")), out=str(out / "schedule.json"),
@@ -224,18 +362,6 @@ def run_demo(cfg: DemoConfig) -> dict:
                                       decay_tokens=cfg.anneal_tokens, decay=cfg.decay, reach=cfg.reach))
 
     st.run("schedule", schedule)
-    loop_cfg = merge(tcfg, {"checkpoint_tokens": []})
-
-    def autobatch():
-        if cfg.closed_loop:
-            run_auto_batch(loop_cfg, AutoBatchConfig(probe_at=cfg.auto_probe_at, window_tokens=cfg.auto_window_tokens,
-                                                     gns_b_big=cfg.gns_b_big, gns_batches=cfg.gns_batches,
-                                                     eval_seqs=cfg.eval_seqs, cooldown_fraction=cfg.cooldown_fraction,
-                                                     jobs=cfg.jobs, launcher=cfg.launcher,
-                                                     threads_per_branch=_threads(cfg)),
-                           out / "autobatch", threads=_threads(cfg) if cfg.launcher == "inprocess" else None)
-
-    st.run("autobatch", autobatch)
 
     def compare():
         doc = read_json(out / "schedule.json")
@@ -246,7 +372,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                            "the run: nothing to compare")
             return
         cfg_file = out / "compare-config.json"
-        write_json_atomic(cfg_file, to_dict(loop_cfg))
+        write_json_atomic(cfg_file, to_dict(_loop_config(cfg)))
         run_compare(CompareConfig(out=str(out / "compare"), schedule=str(out / "schedule.json"), config=str(cfg_file),
                                   total_tokens=cfg.total_tokens, anneal_tokens=cfg.anneal_tokens, seeds=cfg.seeds,
                                   jobs=cfg.jobs, launcher=cfg.launcher, threads_per_job=_threads(cfg),
@@ -254,6 +380,9 @@ def run_demo(cfg: DemoConfig) -> dict:
                                   prefix_runs=[str(out / "base")]))  # the small control is the base run, annealed
 
     st.run("compare", compare)
+    if st.ran:  # from the first stage this invocation ran to the last, stages overlapping
+        st.state["wall_seconds"] = time.perf_counter() - t_all
+        write_json_atomic(st.path, st.state)  # before the report reads it
     st.run("report", lambda: build_report(out), always=True)
     summary = read_json(out / "summary.json")
     summary["demo_wall_time_s"] = time.perf_counter() - t_all

@@ -1,0 +1,33 @@
+"""Planted stages for tests/test_demo_stages.py, in a module of their own so that the processes the
+demo spawns for them import nothing heavy (no torch): each logs when it started and ended, sleeps,
+and fails or dies where a marker file in the demo's directory says so."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+SLEEP = {"base": 0.5, "autobatch": 60.0, "sweep": 0.1, "gns": 0.1}
+"""The closed loop outlasts the failing sweep by far: the failure must stop it."""
+
+
+def log(out: Path, name: str, event: str) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"stage": name, "event": event, "t": time.time()}) + "\n")
+
+
+def planted(name: str, config: dict, conn) -> None:
+    out = Path(config["out"])
+    log(out, name, "start")
+    if (out / f"fail-{name}").exists():
+        conn.send(("error", ValueError(f"planted failure of {name}")))
+        return
+    time.sleep(SLEEP[name] if not (out / "fast").exists() else 0.05)
+    log(out, name, "end")
+    conn.send(("ok", SLEEP[name], 0.0, {"sweep_dir": "base/sweeps/x"} if name == "sweep" else {}))
+
+
+def exits(name: str, config: dict, conn) -> None:
+    if name == "autobatch":
+        time.sleep(5)
+    os._exit(3)

@@ -1,0 +1,63 @@
+"""The demo's training stages overlap with worker processes (``critbatch.demo._overlap``): each starts
+as soon as what it needs has finished, a failing stage stops the others and raises its own error,
+and a rerun trains only what is missing. Planted stages (no training) stand in for the real ones."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from critbatch.demo import NEEDS, DemoConfig, _overlap, _Stages
+from demo_planted import exits, planted
+
+def events(out: Path) -> dict:
+    got: dict = {}
+    for line in (out / "log.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        got.setdefault((r["stage"], r["event"]), []).append(r["t"])
+    return got
+
+
+def test_stages_start_when_what_they_need_is_done_and_a_failure_stops_the_rest(tmp_path):
+    cfg = DemoConfig(out=str(tmp_path))
+    (tmp_path / "fail-sweep").touch()
+    t0 = time.time()
+    with pytest.raises(ValueError, match="planted failure of sweep"):
+        _overlap(_Stages(tmp_path, cfg), cfg, work=planted)
+    assert time.time() - t0 < 30
+    ev = events(tmp_path)
+    # the closed loop trains beside the base run; the sweep waited for the base run
+    assert ev[("autobatch", "start")][0] < ev[("base", "end")][0]
+    assert ev[("sweep", "start")][0] >= ev[("base", "end")][0]
+    # the sweep's failure stopped the closed loop before it finished; nothing unfinished is marked done
+    assert ("autobatch", "end") not in ev
+    stages = json.loads((tmp_path / "demo.json").read_text())["stages"]
+    assert set(stages) == {"base"} or set(stages) == {"base", "gns"}
+
+    (tmp_path / "fail-sweep").unlink()
+    (tmp_path / "log.jsonl").unlink()
+    (tmp_path / "fast").touch()
+    _overlap(_Stages(tmp_path, cfg), cfg, work=planted)
+    ev = events(tmp_path)
+    assert ("base", "start") not in ev  # finished earlier: not trained again
+    assert all(len(ev[(n, "end")]) == 1 for n in NEEDS if n != "base" and n not in stages)
+    state = json.loads((tmp_path / "demo.json").read_text())
+    assert all(state["stages"][n]["done"] for n in NEEDS)
+    assert state["artifacts"]["sweep_dir"] == "base/sweeps/x"
+
+
+def test_a_stage_process_that_dies_is_named(tmp_path):
+    cfg = DemoConfig(out=str(tmp_path))
+    with pytest.raises(Exception, match="demo stage base ended with exit code 3 and no result"):
+        _overlap(_Stages(tmp_path, cfg), cfg, work=exits)
+
+
+
+def test_the_report_states_the_time_from_start_to_end_where_stages_overlapped():
+    from critbatch.report.html import _wall_row
+
+    assert _wall_row({"total_seconds": 600.0, "wall_seconds": 350.0}) == [["from start to end (stages overlap)", "350.0"]]
+    # one after another the sum is the time: no second figure
+    assert _wall_row({"total_seconds": 600.0, "wall_seconds": 601.0}) == []
+    assert _wall_row({"total_seconds": 600.0}) == []
