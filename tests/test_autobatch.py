@@ -406,6 +406,25 @@ def test_compare_replays_the_closed_loop_as_a_fourth_run(data_dir, tmp_path):
     assert cl["final_eval_loss"] == r["final_eval_loss"]  # the replay is the closed-loop run itself
     assert cl["gap_to_small"]["final_eval_loss"] is not None and cl["anneal_eval_loss"] is not None
     assert "| closed-loop | 4 → 8 at 4,096 |" in markdown_table(comp)
+    # so it starts at the end of the closed loop's last segment (trained once) and only anneals; the
+    # numbers equal the replay trained from scratch, bit for bit, and its records follow the segments back
+    last = (tmp_path / "loop" / r["segments"][-1]).resolve()
+    assert comp["forks"]["s0/closed-loop"] | {"loss_ema": None} == {
+        "source": str(last), "tokens": 8192, "checkpoint": str(last / "ckpt" / "resume_tok_000000008192"),
+        "loss_ema": None}
+    assert read_json(tmp_path / "cmp" / "runs" / "s0" / "closed-loop" / "result.json")["start_tokens"] == 8192
+    whole = run_compare(CompareConfig(out=str(tmp_path / "whole"), schedule="0:4", config=str(cfg_file),
+                                      closed_loop=str(tmp_path / "loop"), launcher="inprocess", anneal_tokens=512,
+                                      share_prefix=False), progress=False)
+    assert whole["forks"] == {}
+    keys = ("final_train_loss", "final_eval_loss", "anneal_train_loss", "anneal_eval_loss", "optimizer_steps")
+    assert {k: whole["runs"]["closed-loop"][k] for k in keys} == {k: cl[k] for k in keys}
+    from critbatch.warmup.forks import run_records
+
+    forks = {str((tmp_path / "cmp" / "runs" / "s0" / "closed-loop").resolve()): comp["forks"]["s0/closed-loop"]}
+    chained = [(x["tokens"], x.get("train/loss")) for x in run_records(tmp_path / "cmp" / "runs" / "s0" / "closed-loop", forks)]
+    scratch = [(x["tokens"], x.get("train/loss")) for x in run_records(tmp_path / "whole" / "runs" / "s0" / "closed-loop", {})]
+    assert chained[0][0] == 0 and [t for t, _ in chained] == [t for t, _ in scratch] and chained == scratch
     with pytest.raises(ConfigError, match="not a finished closed-loop run"):
         run_compare(CompareConfig(out=str(tmp_path / "c2"), schedule="0:4", config=str(cfg_file),
                                   closed_loop=str(tmp_path / "nowhere"), launcher="inprocess"), progress=False)

@@ -39,7 +39,7 @@ from ..analysis.comparison import CLOSED_LOOP, GAPS, RUNS, gap_stats, markdown_t
 from ..config import ADAM_RULES, TrainConfig, check_choices, defining_dict, how, load_config_file, merge, option
 from ..errors import ConfigError
 from ..io import check_output, read_json, write_json_atomic, write_text_atomic
-from ..records import read_run_result
+from ..records import read_closed_loop_result, read_run_result
 from ..launch import LAUNCHERS, check_launch, check_single_process, default_jobs, run_jobs, write_job
 from ..report.plots import plot_comparison
 from ..schedules import BatchSchedule
@@ -217,8 +217,14 @@ def _forks(cfg: CompareConfig, configs: dict[int, dict[str, TrainConfig]], notes
                 resolved[seed][name] = Trainer(c, None, quiet=True).cfg
             except ConfigError as e:
                 raise ConfigError(f"{name} run: {e}") from None
-    forks = plan_forks(resolved, {s: run_dir(Path(cfg.out), s, "small") for s in configs}, cfg.prefix_runs,
-                       cfg.share_prefix)
+    # the closed loop's own run is its replay's pretraining (the same config, seed and stream): its
+    # last segment, which began from the one before it, starts the replay at its end
+    sources = list(cfg.prefix_runs)
+    if cfg.closed_loop and cfg.share_prefix:
+        segs = read_closed_loop_result(cfg.closed_loop).get("segments") or []
+        if segs and (Path(cfg.closed_loop) / segs[-1] / "result.json").is_file():
+            sources.append(str(Path(cfg.closed_loop) / segs[-1]))
+    forks = plan_forks(resolved, {s: run_dir(Path(cfg.out), s, "small") for s in configs}, sources, cfg.share_prefix)
     for seed in configs:
         at = sorted({f.tokens for (s, _), f in forks.items() if s == seed and f.checkpoint is None})
         if at:

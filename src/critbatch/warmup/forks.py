@@ -98,11 +98,27 @@ def plan_forks(resolved: dict[int, dict[str, TrainConfig]], small_dirs: dict[int
     return forks
 
 
+def _started_from(run: Path, forks: dict[str, dict]) -> dict | None:
+    """Where a run began: its fork, or, for a job that began from another run's checkpoint (a
+    closed-loop segment from the segment before it), that run and the checkpoint's tokens."""
+    f = forks.get(str(run.resolve()))
+    if f is not None or not (run / "job.json").is_file():
+        return f
+    init = read_json(run / "job.json").get("init_from")
+    if not init:
+        return None
+    ck = (run / init).resolve()
+    src = ck.parent.parent  # RUN/ckpt/tok_N
+    match = [c for c in list_checkpoints(src) if c.path.resolve() == ck]
+    return {"source": str(src), "tokens": match[0].tokens} if match else None
+
+
 def run_records(run: Path, forks: dict[str, dict]) -> list[dict]:
     """A run's ``metrics.jsonl`` records, its source's up to where it started first (``forks``:
-    :class:`Fork` dicts by resolved run directory)."""
+    :class:`Fork` dicts by resolved run directory; a job begun from another run's checkpoint
+    follows it the same way)."""
     own = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
-    f = forks.get(str(run.resolve()))
+    f = _started_from(run, forks)
     if f is None:
         return own
     before = [r for r in run_records(Path(f["source"]), forks) if r["tokens"] <= f["tokens"]]
@@ -115,7 +131,7 @@ def losses_at(run: Path, tokens: int, forks: dict[str, dict]) -> np.ndarray | No
     for ck in kept_checkpoints(run):
         if ck.requested_tokens == tokens and (ck.path / EVAL_LOSSES_FILE).is_file():
             return np.load(ck.path / EVAL_LOSSES_FILE, allow_pickle=False)
-    f = forks.get(str(run.resolve()))
+    f = _started_from(run, forks)
     if f is None or f["tokens"] < tokens:
         return None
     src = Path(f["source"])
