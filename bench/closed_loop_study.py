@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--eps-budget", type=float, default=None, help="one tolerance for the run's raises together")
     ap.add_argument("--first-probe-fraction", type=float, default=1 / 16)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--b0", type=int, default=8, help="start batch in sequences (the LR follows the sqrt rule from "
+                    "the preset's at 8; the demo starts at 2)")
     a = ap.parse_args()
     out = Path(a.out)
     results = read_json(out / "study.json") if (out / "study.json").is_file() else {}
@@ -76,11 +78,14 @@ def main() -> None:
                 variant = ((f"w{a.window}" if a.window else f"f{a.window_fraction:g}") + f"-first{a.first_probe_fraction:g}"
                            + (f"-eps{a.eps:g}" if a.eps != 0.01 else "") + (f"-confirm{a.confirm}" if a.confirm > 1 else "")
                            + (f"-cf{a.confirm_factor:g}" if a.confirm_factor else "")
-                           + (f"-budget{a.eps_budget:g}" if a.eps_budget is not None else ""))
+                           + (f"-budget{a.eps_budget:g}" if a.eps_budget is not None else "")
+                           + (f"-b{a.b0}" if a.b0 != 8 else ""))
                 key = f"{corpus}-{size}-{variant}-s{seed}"
                 cell = out / key
-                cfg = merge(presets.get("demo"), {"data": {"path": str(data), "order_seed": seed}, "seed": seed,
-                                                  "total_tokens": N, "checkpoint_tokens": []})
+                base = presets.get("demo")
+                cfg = merge(base, {"data": {"path": str(data), "order_seed": seed}, "seed": seed,
+                                   "total_tokens": N, "checkpoint_tokens": [], "batch_seqs": a.b0,
+                                   "optim": {"lr": base.optim.lr * math.sqrt(a.b0 / base.batch_seqs)}})
                 auto = AutoBatchConfig(first_probe_tokens=int(N * a.first_probe_fraction), window_tokens=a.window,
                                        window_fraction=a.window_fraction, eps=a.eps, confirm=a.confirm,
                                        confirm_factor=a.confirm_factor, eps_budget=a.eps_budget, jobs=a.jobs)
@@ -99,7 +104,9 @@ def main() -> None:
                 if len(r["schedule"]) > 1:
                     comp = run_compare(CompareConfig(out=str(cell / "compare"), schedule=str(cell / "loop" / "schedule.json"),
                                                      config=str(cfg_file), total_tokens=N, anneal_tokens=S["anneal_tokens"],
-                                                     seeds=[seed], jobs=a.jobs), progress=False)
+                                                     seeds=[seed], jobs=a.jobs,  # the replay anneals the loop's own run
+                                                     prefix_runs=[str(cell / "loop" / r["segments"][-1])]),
+                                       progress=False)
                     w, sm = comp["runs"]["warmup"], comp["runs"]["small"]
                     res.update(gap_eval=w["final_eval_loss"] - sm["final_eval_loss"],
                                gap_eval_anneal=w["anneal_eval_loss"] - sm["anneal_eval_loss"],
