@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from critbatch.demo import NEEDS, DemoConfig, _overlap, _Stages
-from demo_planted import exits, planted
+from demo_planted import exits, planted, schedule
+
+INLINE = {"schedule": schedule}
+
 
 def events(out: Path) -> dict:
     got: dict = {}
@@ -24,7 +27,7 @@ def test_stages_start_when_what_they_need_is_done_and_a_failure_stops_the_rest(t
     (tmp_path / "fail-sweep").touch()
     t0 = time.time()
     with pytest.raises(ValueError, match="planted failure of sweep"):
-        _overlap(_Stages(tmp_path, cfg), cfg, work=planted)
+        _overlap(_Stages(tmp_path, cfg), cfg, work=planted, inline=INLINE)
     assert time.time() - t0 < 30
     ev = events(tmp_path)
     # the closed loop trains beside the base run; the sweep waited for the base run
@@ -38,10 +41,19 @@ def test_stages_start_when_what_they_need_is_done_and_a_failure_stops_the_rest(t
     (tmp_path / "fail-sweep").unlink()
     (tmp_path / "log.jsonl").unlink()
     (tmp_path / "fast").touch()
-    _overlap(_Stages(tmp_path, cfg), cfg, work=planted)
+    _overlap(_Stages(tmp_path, cfg), cfg, work=planted, inline=INLINE)
     ev = events(tmp_path)
     assert ("base", "start") not in ev  # finished earlier: not trained again
-    assert all(len(ev[(n, "end")]) == 1 for n in NEEDS if n != "base" and n not in stages)
+    assert all(len(ev[(n, "end")]) == 1 for n in NEEDS if n not in ("base", "schedule") and n not in stages)
+    # the schedule (inline) after the sweep; the comparison after the schedule and the closed loop,
+    # with what they handed on; the noise scale did not hold it up
+    assert ev[("schedule", "start")][0] >= ev[("sweep", "end")][0]
+    assert ev[("compare", "start")][0] >= max(ev[("schedule", "start")][0], ev[("autobatch", "end")][0])
+    assert ("compare saw {'sweep_dir': 'base/sweeps/x', 'schedule_from': 'base/sweeps/x'}", "note") in ev
+    # the noise scale, on no stage's path but the report's, yields the cores to the others
+    nice = {n: next(int(k.rsplit(" ", 1)[1]) for k, _ in ev if k.startswith(f"{n} niceness"))
+            for n in ("autobatch", "sweep", "gns", "compare")}
+    assert nice["gns"] == nice["sweep"] + 10 and nice["autobatch"] == nice["sweep"] == nice["compare"]
     state = json.loads((tmp_path / "demo.json").read_text())
     assert all(state["stages"][n]["done"] for n in NEEDS)
     assert state["artifacts"]["sweep_dir"] == "base/sweeps/x"
@@ -50,8 +62,7 @@ def test_stages_start_when_what_they_need_is_done_and_a_failure_stops_the_rest(t
 def test_a_stage_process_that_dies_is_named(tmp_path):
     cfg = DemoConfig(out=str(tmp_path))
     with pytest.raises(Exception, match="demo stage base ended with exit code 3 and no result"):
-        _overlap(_Stages(tmp_path, cfg), cfg, work=exits)
-
+        _overlap(_Stages(tmp_path, cfg), cfg, work=exits, inline=INLINE)
 
 
 def test_the_report_states_the_time_from_start_to_end_where_stages_overlapped():

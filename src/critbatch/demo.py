@@ -13,9 +13,11 @@ Stages (each skipped when already finished, so a rerun only does what is missing
              large-batch controls
 8. report    report.html, summary.json, summary.md                   -> DIR
 
-With worker processes (``--launcher local``, the default) the training stages overlap, each in a
-process of its own on one thread: the closed loop beside the base run, the sweep and the noise
-scale beside what is left of it (one two-thread run used 1.2 cores' worth of the 2; docs/LOG.md).
+With worker processes (``--launcher local``, the default) the stages overlap, each in a process of
+its own on one thread: the closed loop beside the base run, the sweep and the noise scale beside
+what is left of it, the comparison as soon as the schedule and the closed loop are done, the noise
+scale (needed by the report alone) yielding the cores to the others (one two-thread run used 1.2
+cores' worth of the 2; docs/LOG.md).
 ``DIR/demo.json`` records the configuration, the finished stages, the wall and CPU time of each and
 the time from start to end.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import os
 import resource
 import sys
 import time
@@ -208,12 +211,12 @@ class _Stages:
         return self.state["artifacts"].get(key)
 
 
-def _base_stage(cfg: DemoConfig, threads: int | None) -> dict:
+def _base_stage(cfg: DemoConfig, threads: int | None, art: dict) -> dict:
     train(_train_config(cfg, Path(cfg.out) / "data"), Path(cfg.out) / "base", progress=None)
     return {}
 
 
-def _sweep_stage(cfg: DemoConfig, threads: int | None) -> dict:
+def _sweep_stage(cfg: DemoConfig, threads: int | None, art: dict) -> dict:
     out = Path(cfg.out)
     res = run_sweep(SweepConfig(run=str(out / "base"), at=cfg.points, window_tokens=cfg.window_tokens,
                                 search="adaptive", k_min=cfg.k_min, k_max=cfg.k_max, resolution=cfg.resolution,
@@ -223,7 +226,7 @@ def _sweep_stage(cfg: DemoConfig, threads: int | None) -> dict:
     return {"sweep_dir": str(res.sweep_dir.relative_to(out))}
 
 
-def _gns_stage(cfg: DemoConfig, threads: int | None) -> dict:
+def _gns_stage(cfg: DemoConfig, threads: int | None, art: dict) -> dict:
     gns_at_checkpoints(GNSConfig(run=str(Path(cfg.out) / "base"), at=cfg.points, b_small=1, b_big=cfg.gns_b_big,
                                  n_batches=cfg.gns_batches))
     return {}
@@ -234,7 +237,7 @@ def _loop_config(cfg: DemoConfig):
     return merge(_train_config(cfg, Path(cfg.out) / "data"), {"checkpoint_tokens": []})
 
 
-def _autobatch_stage(cfg: DemoConfig, threads: int | None) -> dict:
+def _autobatch_stage(cfg: DemoConfig, threads: int | None, art: dict) -> dict:
     if cfg.closed_loop:
         run_auto_batch(_loop_config(cfg), AutoBatchConfig(
             probe_at=cfg.auto_probe_at, window_tokens=cfg.auto_window_tokens, gns_b_big=cfg.gns_b_big,
@@ -244,17 +247,51 @@ def _autobatch_stage(cfg: DemoConfig, threads: int | None) -> dict:
     return {}
 
 
-HEAVY = {"base": _base_stage, "autobatch": _autobatch_stage, "sweep": _sweep_stage, "gns": _gns_stage}
-"""The stages that train, in the order they start."""
-NEEDS = {"base": (), "autobatch": (), "sweep": ("base",), "gns": ("base",)}
+def _schedule_stage(cfg: DemoConfig, threads: int | None, art: dict) -> dict:
+    """The whole run's schedule: the pretraining tokens and the decay the comparison trains after them."""
+    out = Path(cfg.out)
+    write_schedule(ScheduleConfig(sweep=str(out / art["sweep_dir"]), out=str(out / "schedule.json"),
+                                  start_seqs=cfg.start_seqs, total_tokens=cfg.total_tokens + cfg.anneal_tokens,
+                                  decay_tokens=cfg.anneal_tokens, decay=cfg.decay, reach=cfg.reach))
+    return {}
+
+
+def _compare_stage(cfg: DemoConfig, threads: int | None, art: dict) -> dict:
+    out = Path(cfg.out)
+    changes = len(read_json(out / "schedule.json")["phases"]) > 1
+    loop = read_closed_loop_result(out / "autobatch") if cfg.closed_loop else None
+    if not changes and not (loop and loop["raises"]):
+        return {"compare_skipped": "neither the derived schedule nor the closed loop changed the batch within the run: "
+                                   "nothing to compare"}
+    cfg_file = out / "compare-config.json"
+    write_json_atomic(cfg_file, to_dict(_loop_config(cfg)))
+    run_compare(CompareConfig(out=str(out / "compare"), schedule=str(out / "schedule.json"), config=str(cfg_file),
+                              total_tokens=cfg.total_tokens, anneal_tokens=cfg.anneal_tokens, seeds=cfg.seeds,
+                              jobs=cfg.jobs, launcher=cfg.launcher, threads_per_job=_threads(cfg),
+                              closed_loop=str(out / "autobatch") if loop and loop["raises"] else None,
+                              prefix_runs=[str(out / "base")]))  # the small control is the base run, annealed
+    return {}
+
+
+HEAVY = {"base": _base_stage, "autobatch": _autobatch_stage, "sweep": _sweep_stage, "gns": _gns_stage,
+         "schedule": _schedule_stage, "compare": _compare_stage}
+"""The stages between preparing the data and the report, in the order they start."""
+NEEDS = {"base": (), "autobatch": (), "sweep": ("base",), "gns": ("base",), "schedule": ("sweep",),
+         "compare": ("schedule", "autobatch")}
 """What each of them waits for: the closed loop trains its own run from the start and needs nothing
-of the base run, so it trains beside it."""
+of the base run, so it trains beside it; the noise scale is needed by the report alone, so the
+comparison does not wait for it."""
+INLINE = ("schedule",)
+"""Stages that take no time: run in the demo's own process."""
+NICE = {"gns": 10}
+"""Niceness of a stage's process: the noise scale, on no other stage's path, yields the cores to
+those that are (the sweep before the comparison) and takes what the comparison's last run leaves."""
 
 
-def _stage_process(name: str, config: dict, conn) -> None:
-    """One training stage in a process of its own, on one thread, for the demo of ``config``
-    (:class:`DemoConfig`'s fields); sends ("ok", wall, cpu, artifacts) or ("error", exception)
-    through ``conn``."""
+def _stage_process(name: str, config: dict, artifacts: dict, conn) -> None:
+    """One stage in a process of its own, on one thread, for the demo of ``config`` (:class:`DemoConfig`'s
+    fields) and the ``artifacts`` of the stages before it; sends ("ok", wall, cpu, artifacts) or
+    ("error", exception) through ``conn``."""
     import torch
 
     cfg = DemoConfig(**config)
@@ -262,7 +299,7 @@ def _stage_process(name: str, config: dict, conn) -> None:
     torch.set_num_threads(1)
     t0, c0 = time.perf_counter(), _cpu_seconds()
     try:
-        art = HEAVY[name](cfg, 1)
+        art = HEAVY[name](cfg, 1, artifacts)
         conn.send(("ok", time.perf_counter() - t0, _cpu_seconds() - c0, art))
     except BaseException as e:  # the caller raises it; a traceback here where it is no CritbatchError
         if not isinstance(e, CritbatchError):
@@ -273,25 +310,46 @@ def _stage_process(name: str, config: dict, conn) -> None:
             conn.send(("error", CritbatchError(f"demo stage {name} failed: {e!r}")))
 
 
-def _overlap(st: _Stages, cfg: DemoConfig, work=_stage_process) -> None:
-    """The training stages, each in a process of its own with one thread, each started as soon as
-    what it needs (:data:`NEEDS`) has finished: the closed loop beside the base run, then the sweep
-    and the noise scale beside what is left of it. One process trains one stage; a stage that fails
-    stops the others (a rerun resumes them) and raises its error here. ``work``: the process's
-    target, ``work(name, config, conn)`` with ``config`` the fields of ``cfg`` (tests plant one)."""
+def _overlap(st: _Stages, cfg: DemoConfig, work=_stage_process, inline: dict = HEAVY) -> None:
+    """The stages between preparing the data and the report, each in a process of its own with one
+    thread (:data:`INLINE` ones in this one), each started as soon as what it needs (:data:`NEEDS`)
+    has finished: the closed loop beside the base run, the sweep and the noise scale beside what is
+    left of it, the comparison once the schedule and the closed loop are done. A stage that fails
+    stops the others (a rerun resumes them) and raises its error here. ``work``: the process's target,
+    ``work(name, config, artifacts, conn)`` with ``config`` the fields of ``cfg``, and ``inline`` the
+    functions of the inline stages (tests plant both)."""
     ctx = multiprocessing.get_context("spawn")
     running: dict = {}  # sentinel -> (name, process, receiving end)
     queued = [n for n in HEAVY if not st.done(n) or st.start(n)]  # start() says "done earlier"
+
+    def finished(name: str, secs: float, cpu: float, art: dict) -> None:
+        st.record(name, secs, cpu)
+        for key, value in art.items():
+            st.artifact(key, value)
+
     try:
         while queued or running:
-            for name in [n for n in queued if all(st.done(x) for x in NEEDS[n])]:
+            ready = [n for n in queued if all(st.done(x) for x in NEEDS[n])]
+            for name in ready:
                 queued.remove(name)
                 st.start(name)
+                if name in INLINE:
+                    t0, c0 = time.perf_counter(), _cpu_seconds()
+                    art = inline[name](cfg, None, dict(st.state["artifacts"]))
+                    finished(name, time.perf_counter() - t0, _cpu_seconds() - c0, art)
+                    continue
                 recv, send = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=work, args=(name, asdict(cfg), send), name=f"critbatch-demo-{name}")
+                p = ctx.Process(target=work, args=(name, asdict(cfg), dict(st.state["artifacts"]), send),
+                                name=f"critbatch-demo-{name}")
                 p.start()
+                if NICE.get(name):  # its workers inherit it
+                    os.setpriority(os.PRIO_PROCESS, p.pid, os.getpriority(os.PRIO_PROCESS, 0) + NICE[name])
                 send.close()
                 running[p.sentinel] = (name, p, recv)
+            if any(n in INLINE for n in ready):
+                continue  # what they finished may let others start
+            if not running:
+                raise CritbatchError(f"demo stages {', '.join(queued)} wait for stages that cannot finish")
             for s in multiprocessing.connection.wait(list(running)):
                 name, p, recv = running.pop(s)
                 try:
@@ -304,9 +362,7 @@ def _overlap(st: _Stages, cfg: DemoConfig, work=_stage_process) -> None:
                                          f"run the demo again to resume it")
                 if msg[0] == "error":
                     raise msg[1]
-                st.record(name, msg[1], msg[2])
-                for key, value in msg[3].items():
-                    st.artifact(key, value)
+                finished(name, *msg[1:])
     finally:
         for name, p, _ in running.values():
             p.terminate()
@@ -351,35 +407,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         _overlap(st, cfg)
     else:
         for name, stage in HEAVY.items():
-            if art := st.run(name, lambda: stage(cfg, _threads(cfg))):
+            if art := st.run(name, lambda: stage(cfg, _threads(cfg), dict(st.state["artifacts"]))):
                 for key, value in art.items():
                     st.artifact(key, value)
-    tcfg = _train_config(cfg, out / "data")
-
-    def schedule():  # the whole run: the pretraining tokens and the decay the comparison trains after them
-        write_schedule(ScheduleConfig(sweep=str(out / st.artifact("sweep_dir")), out=str(out / "schedule.json"),
-                                      start_seqs=tcfg.batch_seqs, total_tokens=cfg.total_tokens + cfg.anneal_tokens,
-                                      decay_tokens=cfg.anneal_tokens, decay=cfg.decay, reach=cfg.reach))
-
-    st.run("schedule", schedule)
-
-    def compare():
-        doc = read_json(out / "schedule.json")
-        changes = len(doc["phases"]) > 1
-        loop = read_closed_loop_result(out / "autobatch") if cfg.closed_loop else None
-        if not changes and not (loop and loop["raises"]):
-            st.artifact("compare_skipped", "neither the derived schedule nor the closed loop changed the batch within "
-                                           "the run: nothing to compare")
-            return
-        cfg_file = out / "compare-config.json"
-        write_json_atomic(cfg_file, to_dict(_loop_config(cfg)))
-        run_compare(CompareConfig(out=str(out / "compare"), schedule=str(out / "schedule.json"), config=str(cfg_file),
-                                  total_tokens=cfg.total_tokens, anneal_tokens=cfg.anneal_tokens, seeds=cfg.seeds,
-                                  jobs=cfg.jobs, launcher=cfg.launcher, threads_per_job=_threads(cfg),
-                                  closed_loop=str(out / "autobatch") if loop and loop["raises"] else None,
-                                  prefix_runs=[str(out / "base")]))  # the small control is the base run, annealed
-
-    st.run("compare", compare)
     if st.ran:  # from the first stage this invocation ran to the last, stages overlapping
         st.state["wall_seconds"] = time.perf_counter() - t_all
         write_json_atomic(st.path, st.state)  # before the report reads it
