@@ -12,18 +12,18 @@ RUNTIME := $(VENV)/.critbatch-runtime
 # Every package after torch installs under a constraint that holds torch at $(TORCH_SPEC), so no
 # dependency (transformers, ai2-olmo-core, megatron-core) swaps in a CUDA build.
 # The demo needs only the package's own dependencies (the test dependencies add transformers,
-# OLMo-core, Megatron-core, trackers, selenium). --no-compile: Python compiles what it imports when it
+# OLMo-core, Megatron-core, trackers, selenium).: Python compiles what it imports when it
 # first imports it; compiling all of torch's files at install took 20 s of the set-up's 50 here.
 $(RUNTIME): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt
-	$(PY) -m pip install -q --no-compile -c $(VENV)/constraints.txt -e .
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e .
 	touch $(RUNTIME)
 
 $(STAMP): $(RUNTIME)
-	$(PY) -m pip install -q --no-compile -c $(VENV)/constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
