@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=None, help="probe window in tokens (default: the closed loop's)")
     ap.add_argument("--window-fraction", type=float, default=0.25)
     ap.add_argument("--eps", type=float, default=0.01)
-    ap.add_argument("--confirm", type=int, default=1, help="consecutive passing probe points before a raise")
+    ap.add_argument("--confirm", type=int, default=2, help="consecutive passing probe points before a raise (the "
+                    "closed loop's default, 2; 1 in the LOG's first closed-loop studies)")
     ap.add_argument("--confirm-factor", type=float, default=None,
                     help="probe an unconfirmed raise again at this factor x its point (default: at the next scheduled point)")
     ap.add_argument("--eps-budget", type=float, default=None, help="one tolerance for the run's raises together")
