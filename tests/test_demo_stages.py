@@ -72,3 +72,30 @@ def test_the_report_states_the_time_from_start_to_end_where_stages_overlapped():
     # one after another the sum is the time: no second figure
     assert _wall_row({"total_seconds": 600.0, "wall_seconds": 601.0}) == []
     assert _wall_row({"total_seconds": 600.0}) == []
+
+
+def test_a_stage_process_sends_its_result_or_its_error(tmp_path):
+    """The real target of the stage processes, called here: a comparison with nothing to compare
+    sends its artifact; a sweep of a base run that is not there sends the error the demo raises."""
+    import multiprocessing
+    from dataclasses import asdict
+
+    import torch
+
+    from critbatch.demo import _stage_process
+    from critbatch.errors import DataError
+
+    cfg = DemoConfig(out=str(tmp_path), closed_loop=False)
+    (tmp_path / "schedule.json").write_text(json.dumps({"phases": [{"start_tokens": 0, "batch_seqs": 2}]}))
+    threads = torch.get_num_threads()
+    try:
+        recv, send = multiprocessing.Pipe(duplex=False)
+        _stage_process("compare", asdict(cfg), {}, send)
+        status, secs, cpu, art = recv.recv()
+        assert status == "ok" and secs >= 0 and cpu >= 0 and "nothing to compare" in art["compare_skipped"]
+        assert torch.get_num_threads() == 1  # a stage process trains on one thread
+        _stage_process("sweep", asdict(cfg), {}, send)
+        status, err = recv.recv()
+        assert status == "error" and isinstance(err, DataError) and "parent run" in str(err)
+    finally:
+        torch.set_num_threads(threads)
