@@ -185,8 +185,10 @@ class _Stages:
         print(f"[{i}/{len(STAGES)}] {name} ...", file=sys.stderr, flush=True)
         return True
 
-    def record(self, name: str, secs: float, cpu: float) -> None:
-        """A stage finished after ``secs`` of wall time and ``cpu`` CPU-seconds (its worker processes included)."""
+    def record(self, name: str, secs: float, cpu: float, artifacts: dict | None = None) -> None:
+        """A stage finished after ``secs`` of wall time and ``cpu`` CPU-seconds (its worker processes
+        included), handing ``artifacts`` on to the stages after it."""
+        self.state["artifacts"].update(artifacts or {})
         prev = self.state["stages"].get(name, {})
         # a rerun of an already finished stage (the report) keeps its first cost beside the latest
         first = not prev.get("done")
@@ -196,19 +198,15 @@ class _Stages:
         write_json_atomic(self.path, self.state)
         print(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {secs:.1f}s", file=sys.stderr, flush=True)
 
-    def run(self, name: str, fn, *, always: bool = False):
+    def run(self, name: str, fn, *, always: bool = False, hands_on: bool = False):
+        """Run ``fn`` as the stage ``name`` unless it finished earlier; ``hands_on``: ``fn`` returns
+        the artifacts it hands on."""
         if not self.start(name, always):
             return None
         t0, c0 = time.perf_counter(), _cpu_seconds()
         out = fn()
-        self.record(name, time.perf_counter() - t0, _cpu_seconds() - c0)
+        self.record(name, time.perf_counter() - t0, _cpu_seconds() - c0, out if hands_on else None)
         return out
-
-    def artifact(self, key: str, value=None):
-        if value is not None:
-            self.state["artifacts"][key] = value
-            write_json_atomic(self.path, self.state)
-        return self.state["artifacts"].get(key)
 
 
 def _base_stage(cfg: DemoConfig, threads: int | None, art: dict) -> dict:
@@ -321,23 +319,15 @@ def _overlap(st: _Stages, cfg: DemoConfig, work=_stage_process, inline: dict = H
     ctx = multiprocessing.get_context("spawn")
     running: dict = {}  # sentinel -> (name, process, receiving end)
     queued = [n for n in HEAVY if not st.done(n) or st.start(n)]  # start() says "done earlier"
-
-    def finished(name: str, secs: float, cpu: float, art: dict) -> None:
-        st.record(name, secs, cpu)
-        for key, value in art.items():
-            st.artifact(key, value)
-
     try:
         while queued or running:
             ready = [n for n in queued if all(st.done(x) for x in NEEDS[n])]
             for name in ready:
                 queued.remove(name)
-                st.start(name)
                 if name in INLINE:
-                    t0, c0 = time.perf_counter(), _cpu_seconds()
-                    art = inline[name](cfg, None, dict(st.state["artifacts"]))
-                    finished(name, time.perf_counter() - t0, _cpu_seconds() - c0, art)
+                    st.run(name, lambda: inline[name](cfg, None, dict(st.state["artifacts"])), hands_on=True)
                     continue
+                st.start(name)
                 recv, send = ctx.Pipe(duplex=False)
                 p = ctx.Process(target=work, args=(name, asdict(cfg), dict(st.state["artifacts"]), send),
                                 name=f"critbatch-demo-{name}")
@@ -362,7 +352,7 @@ def _overlap(st: _Stages, cfg: DemoConfig, work=_stage_process, inline: dict = H
                                          f"run the demo again to resume it")
                 if msg[0] == "error":
                     raise msg[1]
-                finished(name, *msg[1:])
+                st.record(name, *msg[1:])
     finally:
         for name, p, _ in running.values():
             p.terminate()
@@ -407,9 +397,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         _overlap(st, cfg)
     else:
         for name, stage in HEAVY.items():
-            if art := st.run(name, lambda: stage(cfg, _threads(cfg), dict(st.state["artifacts"]))):
-                for key, value in art.items():
-                    st.artifact(key, value)
+            st.run(name, lambda: stage(cfg, _threads(cfg), dict(st.state["artifacts"])), hands_on=True)
     if st.ran:  # from the first stage this invocation ran to the last, stages overlapping
         st.state["wall_seconds"] = time.perf_counter() - t_all
         write_json_atomic(st.path, st.state)  # before the report reads it
