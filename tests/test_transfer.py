@@ -179,6 +179,33 @@ def test_a_target_the_proxies_cannot_speak_for_is_refused(proxies, tmp_path, ove
 
 
 @pytest.mark.slow
+def test_a_target_outside_what_the_proxies_varied_is_told_so(proxies, tmp_path):
+    """Size far past the proxies', another sequence length, another peak LR: each a note (the LOG's
+    validation predicted a target at another sequence length and LR poorly); a target inside what the
+    proxies varied gets none of them."""
+    from critbatch.transfer import TransferConfig, run_transfer
+
+    def notes(**over):
+        return run_transfer(TransferConfig(sweeps=proxies, out=str(tmp_path / "s.json"), total_tokens=8192,
+                                           config=target_file(tmp_path, **over), bootstrap=20))["notes"]
+
+    inside = notes(model={"n_layer": 2, "n_head": 2, "d_model": 48, "seq_len": 16}, optim={"lr": 3e-3}, batch_seqs=4)
+    assert not [n for n in inside if n.startswith("size extrapolation") or "sequences of" in n or "peak LR" in n]
+    out = notes(model={"n_layer": 4, "n_head": 2, "d_model": 256, "seq_len": 32}, optim={"lr": 3e-2}, batch_seqs=4)
+    assert any(n.startswith("size extrapolation: the target (") and "x more non-embedding parameters than the largest "
+               "proxy" in n and "the band carries the fitted size exponent's uncertainty" in n for n in out), out
+    assert any("sequences of 32 tokens differ from the proxies' (16)" in n for n in out), out
+    assert any(n.startswith("the target's peak LR (0.03 at 4 sequences) is ") for n in out), out
+    from critbatch.config import merge
+    from critbatch.transfer import _stretched, read_proxies, target_config
+
+    big = merge(target_config(TransferConfig(sweeps=proxies, out="x", total_tokens=8192, config=target_file(tmp_path))),
+                {"model": {"n_layer": 4, "d_model": 256}})
+    one = _stretched(big, read_proxies(proxies[:1]))  # one proxy size: beta is not measured
+    assert any("with one proxy size the size dependence is held at 0, not measured" in n for n in one), one
+
+
+@pytest.mark.slow
 def test_the_confirming_probe_runs_on_the_target_at_its_stated_cost(proxies, tmp_path, data_dir):
     """The target trained to its first doubling, then the probe: B and 2B over two paired replicates,
     exactly the tokens stated in advance."""

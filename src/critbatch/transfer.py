@@ -167,6 +167,42 @@ def _check_target(tgt: TrainConfig, proxies: list[Proxy], start: int) -> list[st
                      f"where the LR is")
     if start < 1:
         raise ConfigError(f"start batch {start} must be >= 1")
+    return notes + _stretched(tgt, proxies)
+
+
+def _per_token_lr(cfg: TrainConfig) -> float:
+    """The peak LR brought to one token a step by the config's own rule (sqrt: lr/√(tokens a step))."""
+    b = cfg.batch_seqs * cfg.model.seq_len
+    return cfg.optim.lr / {"sqrt": b ** 0.5, "linear": b}.get(cfg.optim.lr_rule, 1)
+
+
+def _stretched(tgt: TrainConfig, proxies: list[Proxy]) -> list[str]:
+    """Where the target lies outside what the proxies varied (docs/LOG.md, issue 23): the validation
+    predicted sizes 13x apart at the proxies' sequence length and peak LR from one proxy (29 of 30
+    intervals in the band), and a target at another sequence length and peak LR poorly (20-40%)."""
+    notes = []
+    sizes = sorted({p.params for p in proxies})
+    n = count_params(tgt.model, embeddings=False)
+    if n > 2 * sizes[-1] or n < sizes[0] / 2:
+        far = n / sizes[-1] if n > sizes[-1] else sizes[0] / n
+        how_far = f"{far:.0f}x {'more' if n > sizes[-1] else 'fewer'} non-embedding parameters than the " \
+                  f"{'largest' if n > sizes[-1] else 'smallest'} proxy"
+        notes.append(f"size extrapolation: the target ({n:,}) has {how_far} ({sizes[-1] if n > sizes[-1] else sizes[0]:,})"
+                     + ("; with one proxy size the size dependence is held at 0, not measured, and the band does not "
+                        "include its uncertainty" if len(sizes) == 1 else "; the band carries the fitted size exponent's "
+                        "uncertainty that far"))
+    lens = sorted({p.cfg.model.seq_len for p in proxies})
+    if tgt.model.seq_len not in lens:
+        notes.append(f"the target's sequences of {tgt.model.seq_len} tokens differ from the proxies' "
+                     f"({', '.join(map(str, lens))}): the CBS in tokens is assumed not to depend on them; a proxy at "
+                     f"the target's sequence length would test it")
+    lrs = [_per_token_lr(p.cfg) for p in proxies]
+    t_lr = _per_token_lr(tgt)
+    if not min(lrs) / 1.25 <= t_lr <= max(lrs) * 1.25:
+        notes.append(f"the target's peak LR ({tgt.optim.lr:g} at {tgt.batch_seqs} sequences) is "
+                     f"{t_lr / max(lrs) if t_lr > max(lrs) else t_lr / min(lrs):.2f}x the proxies' once brought to the "
+                     f"same tokens a step by the {tgt.optim.lr_rule} rule: the CBS depends on where the LR is, and the "
+                     f"transfer assumes it matched")
     return notes
 
 
