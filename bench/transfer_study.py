@@ -8,6 +8,9 @@ LR schedule shape in tokens (constant after a 10k-token warmup), each at its own
 assumes the target's LR schedule matched in tokens, and the study holds it so. Runs and sweeps are
 content-addressed: a rerun trains only what is missing.
 
+Stage ``cheap``: the largest size predicted from the cheapest proxies alone (each smaller size on its
+own, the two smallest together): overlap, compute ratio and the derived target schedule.
+
 Stage ``predict`` (once ``critbatch.transfer`` exists): leave one size out, predict it from the
 others, and report the fraction of its measured intervals the 90% band overlaps, the fitted size
 exponent with its interval, and the proxy compute over the target run's.
@@ -30,6 +33,8 @@ SIZES = {
     "micro": {"model": {"n_layer": 2, "n_head": 4, "d_model": 64, "seq_len": 64}, "batch_seqs": 8, "lr": 3e-3},
     "tiny": {"model": {"n_layer": 3, "n_head": 4, "d_model": 96, "seq_len": 64}, "batch_seqs": 8, "lr": 3e-3},
     "mini": {"model": {"n_layer": 4, "n_head": 6, "d_model": 192, "seq_len": 128}, "batch_seqs": 4, "lr": 2e-3},
+    # 32x the nano at the nano's sequence length and peak LR: the size the nano alone costs <= 10% of
+    "small": {"model": {"n_layer": 4, "n_head": 4, "d_model": 128, "seq_len": 64}, "batch_seqs": 8, "lr": 3e-3},
 }
 POINTS = [20_000, 60_000, 200_000, 600_000, 1_600_000]
 TOTAL = 2_000_000
@@ -122,27 +127,79 @@ def predict(out: Path, state: dict, corpora: list[str], sizes: list[str]) -> Non
     (out / "predicted.json").write_text(json.dumps(res, indent=1, default=float))
 
 
-TARGET_START = 2  # the mini at 2 x 128 = 256 tokens a step: the band allows it a doubling (docs/LOG.md)
+def target_train_config(size: str, corpus: str, out: Path):
+    """The target run of stage ``target``: the size at TARGET_START sequences, its LR by the sqrt rule."""
+    from critbatch.config import merge
+
+    return merge(train_config(size, out / f"data-{corpus}"), {
+        "batch_seqs": TARGET_START, "checkpoint_tokens": [],
+        "optim": {"lr": SIZES[size]["lr"] * math.sqrt(TARGET_START / SIZES[size]["batch_seqs"])}})
+
+
+def cheap(out: Path, state: dict, corpora: list[str]) -> None:
+    """The cheapest proxies that could predict a larger size: each smaller size alone (the size
+    exponent held at 0) and the smallest ones together. For each: the fraction of the target size's
+    measured intervals the 90% band overlaps, the proxies' compute over the target's run, and the
+    schedule the transfer derives for the target run of stage ``target`` (issue 23's ≤ 10% compute bar)."""
+    from critbatch.analysis.transfer import fit_transfer, overlaps
+    from critbatch.config import to_dict
+    from critbatch.io import write_json_atomic
+    from critbatch.transfer import TransferConfig, run_transfer
+
+    res = {}
+    order = ["nano", "micro", "tiny", "small", "mini"]
+    for corpus in corpora:
+        for tgt in ("small", "mini"):
+            if f"{corpus}-{tgt}" not in state:
+                continue
+            measured = observations(state, corpus, [tgt])
+            cfg_file = out / f"cheap-{corpus}-{tgt}-target.json"
+            write_json_atomic(cfg_file, to_dict(target_train_config(tgt, corpus, out)))
+            smaller = [x for x in order[:order.index(tgt)] if f"{corpus}-{x}" in state and x != "small"]
+            for proxies in [[x] for x in smaller] + [smaller[:2], smaller[:3]]:
+                f = fit_transfer(observations(state, corpus, proxies), bootstrap=200)
+                lo, hi = f.band([o.tokens for o in measured], measured[0].size, 0.9)
+                hits = [overlaps(a, b, o.low, o.high) for o, a, b in zip(measured, lo, hi)]
+                doc = run_transfer(TransferConfig(
+                    sweeps=[state[f"{corpus}-{x}"]["sweep"] for x in proxies], config=str(cfg_file),
+                    out=str(out / f"cheap-{corpus}-{tgt}-from-{'-'.join(proxies)}.json"),
+                    total_tokens=TOTAL + DECAY, decay_tokens=DECAY, launcher="inprocess"))
+                key = f"{corpus}:{'+'.join(proxies)}->{tgt}"
+                res[key] = {"overlap": sum(hits) / len(hits), "hits": hits,
+                            "band": [[float(a), float(b)] for a, b in zip(lo, hi)],
+                            "beta": f.beta, "beta_measured": f.beta_measured,
+                            "flops_ratio": doc["transfer"]["compute"]["flops_ratio"],
+                            "params_x_tokens_ratio": doc["transfer"]["compute"]["params_x_tokens_ratio"],
+                            "schedule": [[p["start_tokens"], p["batch_seqs"]] for p in doc["phases"]],
+                            "notes": doc["notes"]}
+                r = res[key]
+                print(f"[{key}] {r['overlap']:.0%} of the target's intervals in the 90% band; proxy FLOPs "
+                      f"{r['flops_ratio']:.1%} ({r['params_x_tokens_ratio']:.1%} params x tokens); schedule "
+                      + ", ".join(f"{b} @{t:,}" for t, b in r["schedule"]), flush=True)
+    (out / "cheap.json").write_text(json.dumps(res, indent=1, default=float))
+
+
+TARGET_START = 2  # the mini at 2 x 128 = 256 tokens a step (the small: 128): the band allows a doubling (docs/LOG.md)
 DECAY = 204_800
 
 
-def target(out: Path, state: dict, corpus: str, seeds: str, jobs: int) -> None:
-    """The largest size as the target: its schedule transferred from the three smaller sizes, the
-    confirming probe on its own run, then the schedule against its small- and large-batch controls."""
+def target(out: Path, state: dict, corpus: str, seeds: str, jobs: int, size: str = "mini",
+           proxies: tuple[str, ...] = ("nano", "micro", "tiny")) -> None:
+    """A size as the target (the mini: from the three smaller sizes; the small: from the nano alone,
+    under 10% of its compute): its schedule transferred from the proxies, the confirming probe on its
+    own run, then the schedule against its small- and large-batch controls."""
     from critbatch.config import merge, to_dict
     from critbatch.io import write_json_atomic
     from critbatch.train import train
     from critbatch.transfer import TransferConfig, describe, run_transfer
     from critbatch.warmup import CompareConfig, run_compare
 
-    t = out / f"target-{corpus}-mini"
+    t = out / (f"target-{corpus}-{size}" if size == "mini" else f"target-{corpus}-{size}-from-{'-'.join(proxies)}")
     t.mkdir(parents=True, exist_ok=True)
-    base = train_config("mini", out / f"data-{corpus}")
-    cfg = merge(base, {"batch_seqs": TARGET_START, "checkpoint_tokens": [],
-                       "optim": {"lr": SIZES["mini"]["lr"] * math.sqrt(TARGET_START / SIZES["mini"]["batch_seqs"])}})
+    cfg = target_train_config(size, corpus, out)
     cfg_file = t / "target-config.json"
     write_json_atomic(cfg_file, to_dict(cfg))
-    sweeps = [state[f"{corpus}-{s}"]["sweep"] for s in ("nano", "micro", "tiny")]
+    sweeps = [state[f"{corpus}-{s}"]["sweep"] for s in proxies]
     tc = TransferConfig(sweeps=sweeps, out=str(t / "schedule-unconfirmed.json"), config=str(cfg_file),
                         total_tokens=TOTAL + DECAY, decay_tokens=DECAY, jobs=jobs, launcher="inprocess")
     doc = run_transfer(tc)
@@ -179,10 +236,12 @@ def main() -> None:
     ap.add_argument("--out", default="runs/transfer-study")
     ap.add_argument("--corpora", default="sotu,shakespeare")
     ap.add_argument("--sizes", default="nano,micro,tiny,mini")
-    ap.add_argument("--stage", default="measure", choices=("measure", "predict", "target", "all"))
+    ap.add_argument("--stage", default="measure", choices=("measure", "predict", "cheap", "target", "all"))
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--target-corpus", default="sotu")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--target-size", default="mini", choices=sorted(SIZES))
+    ap.add_argument("--proxies", default="nano,micro,tiny", help="the sizes the target's schedule transfers from")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,6 +252,8 @@ def main() -> None:
             for size in a.sizes.split(","):
                 key = f"{corpus}-{size}"
                 r = measure(out, corpus, size, a.jobs)
+                if state_path.is_file():  # another process (one per corpus) may have added its sizes meanwhile
+                    state = {**json.loads(state_path.read_text()), **state}
                 state[key] = r
                 state_path.write_text(json.dumps(state, indent=1))
                 ivs = "; ".join(f"{p['tokens'] // 1000}k: [{p['low_tokens']:g}, {p['high_tokens']}]" for p in r["points"])
@@ -200,8 +261,10 @@ def main() -> None:
                       f"{r['cost']['branch_tokens_over_base']:.2f}x  CBS tokens {ivs}", flush=True)
     if a.stage in ("predict", "all"):
         predict(out, state, a.corpora.split(","), a.sizes.split(","))
+    if a.stage in ("cheap", "all"):
+        cheap(out, state, a.corpora.split(","))
     if a.stage in ("target", "all"):
-        target(out, state, a.target_corpus, a.seeds, a.jobs)
+        target(out, state, a.target_corpus, a.seeds, a.jobs, a.target_size, tuple(a.proxies.split(",")))
 
 
 if __name__ == "__main__":

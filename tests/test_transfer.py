@@ -52,8 +52,19 @@ def test_the_band_covers_where_a_new_measurement_falls():
 
 
 def test_one_size_holds_beta_at_zero_and_says_so():
-    f = fit_transfer(planted(sizes=(1e5,)), bootstrap=30)
+    """One size cannot measure beta: its point value is 0, and the band for another size widens with
+    the distance in size by the prior's spread (at the proxy's own size the prior does not act)."""
+    from critbatch.analysis.transfer import BETA_PRIOR_SD
+
+    f = fit_transfer(planted(sizes=(1e5,)), bootstrap=60)
     assert f.beta == 0 and not f.beta_measured and "one model size" in f.size_effect()
+    lo, hi = f.interval("beta")
+    assert lo == pytest.approx(-1.645 * BETA_PRIOR_SD, abs=0.06) and hi == pytest.approx(1.645 * BETA_PRIOR_SD, abs=0.06)
+    widths = [float(np.log(b / a)[0]) for a, b in (f.band([1e5], n, scatter=False) for n in (1e5, 1e6, 1e7))]
+    assert widths[0] < widths[1] < widths[2]
+    same = f.band([1e5], 1e5, scatter=False)
+    f.boot[:, 2] = 0  # without the prior the proxy's own size is unchanged
+    assert np.allclose(same, f.band([1e5], 1e5, scatter=False))
 
 
 def test_leave_one_size_out_reports_each_held_out_size():
@@ -202,7 +213,8 @@ def test_a_target_outside_what_the_proxies_varied_is_told_so(proxies, tmp_path):
     big = merge(target_config(TransferConfig(sweeps=proxies, out="x", total_tokens=8192, config=target_file(tmp_path))),
                 {"model": {"n_layer": 4, "d_model": 256}})
     one = _stretched(big, read_proxies(proxies[:1]))  # one proxy size: beta is not measured
-    assert any("with one proxy size the size dependence is held at 0, not measured" in n for n in one), one
+    assert any("with one proxy size the size dependence is not measured: the band carries a prior on it" in n
+               for n in one), one
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import presets
-from .analysis.transfer import Observation, TransferFit, fit_transfer
+from .analysis.transfer import BETA_PRIOR_SD, Observation, TransferFit, fit_transfer
 from .analysis.triggers import probe_verdict
 from .analysis.whole_run import DECAYS, whole_run_schedule
 from .branch import SweepConfig, run_sweep
@@ -188,8 +188,8 @@ def _stretched(tgt: TrainConfig, proxies: list[Proxy]) -> list[str]:
         how_far = f"{far:.0f}x {'more' if n > sizes[-1] else 'fewer'} non-embedding parameters than the " \
                   f"{'largest' if n > sizes[-1] else 'smallest'} proxy"
         notes.append(f"size extrapolation: the target ({n:,}) has {how_far} ({sizes[-1] if n > sizes[-1] else sizes[0]:,})"
-                     + ("; with one proxy size the size dependence is held at 0, not measured, and the band does not "
-                        "include its uncertainty" if len(sizes) == 1 else "; the band carries the fitted size exponent's "
+                     + ("; with one proxy size the size dependence is not measured: the band carries a prior on it "
+                        f"(sd {BETA_PRIOR_SD:g}), not a measurement" if len(sizes) == 1 else "; the band carries the fitted size exponent's "
                         "uncertainty that far"))
     lens = sorted({p.cfg.model.seq_len for p in proxies})
     if tgt.model.seq_len not in lens:

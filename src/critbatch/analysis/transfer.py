@@ -16,7 +16,9 @@ censoring leaves a direction open. Uncertainty comes from a bootstrap over the p
 within each model size, so every size stays represented): the exponents' intervals are the
 bootstrap's quantiles, and the prediction band at (t, N) the quantiles of a + α·… + β·… + σ·z over
 the bootstrap fits and normal draws z — a band for where the next *measurement* falls, scatter
-included. With one model size β cannot be measured: it is held at 0 (the literature's finding) and
+included. With one model size β cannot be measured: its point value is held at 0 (the literature's
+finding), and the bootstrap fits draw it from a prior N(0, BETA_PRIOR_SD²), so that a band for a
+target of another size widens with the distance in size instead of pretending the exponent is known;
 the result says so.
 
 Pure functions: numbers in, numbers out.
@@ -31,6 +33,11 @@ import numpy as np
 
 from ..errors import ConfigError
 from .fit import SIGMA_FLOOR, log_interval_prob
+
+BETA_PRIOR_SD = 0.1
+"""The size exponent's spread where one proxy size cannot measure it: "nearly flat in model size"
+(Zhang et al. 2024; Power Lines) as a prior; the multi-size fits of docs/LOG.md (issue 23) put β
+within about ±0.2 of 0. Over a 72x size extrapolation it widens a 90% band by a factor of ~2 each way."""
 
 
 @dataclass
@@ -59,7 +66,7 @@ class TransferFit:
     t_range: tuple[float, float]
     n_points: int
     beta_measured: bool
-    """False with a single model size: β is held at 0."""
+    """False with a single model size: β is held at 0 and the bootstrap draws it from its prior."""
     boot: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 4)))
     """Bootstrap fits, rows (a, α, β, σ)."""
 
@@ -95,7 +102,9 @@ class TransferFit:
     def size_effect(self, level: float = 0.9) -> str:
         """Whether the size dependence is distinguishable from zero, in words."""
         if not self.beta_measured:
-            return "not measured (one model size): held at 0, as the literature finds"
+            lo, hi = self.interval("beta", level)
+            return (f"not measured (one model size): held at 0, as the literature finds, with a prior of sd "
+                    f"{BETA_PRIOR_SD:g} in the band (beta in [{lo:+.3f}, {hi:+.3f}], {level:.0%})")
         lo, hi = self.interval("beta", level)
         if lo > 0 or hi < 0:
             return f"distinguishable from zero: beta in [{lo:+.3f}, {hi:+.3f}] ({level:.0%})"
@@ -171,8 +180,11 @@ def fit_transfer(obs: list[Observation], bootstrap: int = 200, seed: int = 0) ->
         if len(set(t[idx])) < 2:
             continue
         boot.append(_fit_once(t[idx], n[idx], lo[idx], hi[idx], m_t, m_n, with_beta, x0=_packed(point)))
+    boot = np.array(boot).reshape(-1, 4)
+    if not with_beta:  # the exponent is not measured: its prior, not a false certainty, reaches the band
+        boot[:, 2] = rng.normal(0.0, BETA_PRIOR_SD, len(boot))
     return TransferFit(float(point[0]), float(point[1]), float(point[2]), float(point[3]), m_t, m_n, sizes,
-                       (float(t.min()), float(t.max())), len(obs), with_beta, np.array(boot).reshape(-1, 4))
+                       (float(t.min()), float(t.max())), len(obs), with_beta, boot)
 
 
 def _packed(p: np.ndarray) -> np.ndarray:
