@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import StreamRecorder, strip_perf
+from critbatch.config import merge
 from critbatch.io import read_jsonl
 from critbatch.optim import lr_rule_multiplier, lr_schedule_factor
 from critbatch.train import Trainer, list_checkpoints, load_checkpoint, train
@@ -181,6 +182,27 @@ def test_checkpoints_kept_at_requested_tokens_and_evaluated(cfg_factory, tmp_pat
     res = json.loads((tmp_path / "r" / "result.json").read_text())
     assert {"tokens", "steps", "final_eval_loss", "final_train_loss"} <= set(res)
     assert json.loads((tmp_path / "r" / "env.json").read_text())["torch"] == torch.__version__
+
+
+def test_checkpoints_without_evaluation_train_the_same_weights(cfg_factory, tmp_path):
+    """eval_at_checkpoints off: kept checkpoints are saved without an evaluation (one on the eval
+    interval keeps it), the run evaluates only on its interval and at the end, and every weight is
+    bit for bit the evaluated run's."""
+    cfg = cfg_factory(total_tokens=4096, checkpoint_tokens=[1000, 2048, 2560], batch_seqs=8, eval_interval_tokens=2048)
+    train(cfg, tmp_path / "with", progress=False)
+    train(merge(cfg, {"eval_at_checkpoints": False}), tmp_path / "without", progress=False)
+    evals = {n: [r["tokens"] for r in read_jsonl(tmp_path / n / "metrics.jsonl") if "eval/loss" in r]
+             for n in ("with", "without")}
+    assert evals == {"with": [0, 1024, 2048, 2560, 4096], "without": [0, 2048, 4096]}
+    kept = {n: [c for c in list_checkpoints(tmp_path / n) if c.kept] for n in ("with", "without")}
+    assert [(c.tokens, c.meta["eval_loss"] is not None) for c in kept["without"]] == [(1024, False), (2048, True),
+                                                                                     (2560, False)]
+    assert not (kept["without"][0].path / "eval_seq_losses.npy").exists()
+    for a, b in zip(kept["with"], kept["without"]):
+        wa, wb = load_checkpoint(a.path)["model"], load_checkpoint(b.path)["model"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    fa, fb = (json.loads((tmp_path / n / "result.json").read_text())["final_eval_loss"] for n in ("with", "without"))
+    assert fa == fb
 
 
 def test_divergence_is_recorded_not_raised(cfg_factory, tmp_path):

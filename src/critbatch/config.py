@@ -196,7 +196,11 @@ class TrainConfig:
     """Interval of resume checkpoints (only the newest is kept); ``None``: about 10 per run."""
     eval_interval_tokens: int | None = None
     """Interval of held-out evaluation; ``None``: about 20 per run; 0: none in between. Always
-    evaluated at kept checkpoints and at the end."""
+    evaluated at the end, and at kept checkpoints unless ``eval_at_checkpoints`` is off."""
+    eval_at_checkpoints: bool = how(True)
+    """Evaluate at every kept checkpoint (the checkpoint keeps its eval loss and per-sequence losses).
+    Off: only on the interval and at the end, a checkpoint on an evaluation's boundary still keeping
+    it; for runs whose checkpoints only branches start from (a branch evaluates itself)."""
     eval_seqs: int = 256
     """Held-out sequences in the fixed evaluation set."""
     seed: int = 0

@@ -137,7 +137,10 @@ def _train_config(cfg: DemoConfig, data_dir: Path):
     lr = base.optim.lr * lr_rule_multiplier(base.optim.lr_rule, cfg.start_seqs, base.batch_seqs)
     over = {"data": {"path": str(data_dir)}, "total_tokens": cfg.total_tokens, "checkpoint_tokens": cfg.points + keep,
             "eval_seqs": cfg.eval_seqs, "eval_interval_tokens": cfg.eval_interval_tokens, "batch_seqs": cfg.start_seqs,
-            "optim": {"lr": lr}}
+            "optim": {"lr": lr},
+            # only branches start from its kept checkpoints and each evaluates itself: an evaluation
+            # there (6 of the run's 12, 1.6 s each) would be read by nothing but the loss curve
+            "eval_at_checkpoints": False}
     if cfg.quick:
         over["lr_schedule"] = {"kind": "constant", "warmup_tokens": 2_000}
     return merge(base, over)
@@ -232,7 +235,7 @@ def _gns_stage(cfg: DemoConfig, threads: int | None, art: dict) -> dict:
 
 def _loop_config(cfg: DemoConfig):
     """The closed loop's and the comparison's run: the base run's settings without its kept checkpoints."""
-    return merge(_train_config(cfg, Path(cfg.out) / "data"), {"checkpoint_tokens": []})
+    return merge(_train_config(cfg, Path(cfg.out) / "data"), {"checkpoint_tokens": [], "eval_at_checkpoints": True})
 
 
 def _autobatch_stage(cfg: DemoConfig, threads: int | None, art: dict) -> dict:

@@ -163,8 +163,8 @@ class ProgressBar(Callback):
 
 class Evaluator(Callback):
     """Held-out evaluation: at the start of a fresh run (``at_start``), whenever the step crosses a
-    multiple of ``eval_interval_tokens`` (0: never in between) or reaches a kept checkpoint, and at
-    the end. A non-finite eval loss is a divergence. The final per-sequence losses are kept."""
+    multiple of ``eval_interval_tokens`` (0: never in between) or reaches a kept checkpoint (unless
+    ``eval_at_checkpoints`` is off), and at the end. A non-finite eval loss is a divergence. The final per-sequence losses are kept."""
 
     name = "eval"
 
@@ -189,7 +189,8 @@ class Evaluator(Callback):
     def on_boundary(self, trainer, tokens_before: int) -> None:
         every = trainer.cfg.eval_interval_tokens
         crossed = bool(every) and trainer.tokens // every > tokens_before // every
-        if (crossed or trainer.kept_due(tokens_before)) and trainer.tokens < trainer.cfg.total_tokens:
+        at_kept = trainer.cfg.eval_at_checkpoints and trainer.kept_due(tokens_before)
+        if (crossed or at_kept) and trainer.tokens < trainer.cfg.total_tokens:
             self._evaluate(trainer)
 
     def on_finish(self, trainer) -> None:
