@@ -245,7 +245,7 @@ def _numbers(comp: dict) -> dict:
     return {n: {k: r.get(k) for k in keys} for n, r in comp["runs"].items()}
 
 
-def test_runs_that_share_the_small_controls_steps_start_from_its_checkpoint(data_dir, tmp_path):
+def test_runs_that_share_the_small_controls_steps_start_from_its_checkpoint(data_dir, tmp_path, monkeypatch):
     """The warmup takes the small control's steps until its first batch change (1024 tokens): it starts
     from the small control's checkpoint there and trains only the rest; given a finished run that took
     the same steps (a base run), the small control starts at its end and the warmup from its kept
@@ -275,9 +275,21 @@ def test_runs_that_share_the_small_controls_steps_start_from_its_checkpoint(data
                                     "checkpoint_tokens": [1024]}), base, progress=False)
     finally:
         torch.set_num_threads(threads)
+    from critbatch.warmup import compare as compare_mod
+
+    dispatched, real_run_jobs = [], compare_mod.run_jobs
+
+    def run_jobs(dirs, *a, **k):  # the order the runs are handed to the launcher in
+        dispatched.append([Path(d).name for d in dirs])
+        return real_run_jobs(dirs, *a, **k)
+
+    monkeypatch.setattr(compare_mod, "run_jobs", run_jobs)
     pre = run_compare(compare_cfg(data_dir, tmp_path / "prefixed", prefix_runs=[str(base)]))
     assert {k: (f["tokens"], Path(f["source"]).name) for k, f in pre["forks"].items()} == \
         {"s0/small": (4096, "base"), "s0/warmup": (1024, "base")}
+    # the longest first (5,120, 4,096 and 1,024 tokens to train): the large control from scratch does
+    # not wait behind the forks, and the order changes no number
+    assert dispatched == [["large", "warmup", "small"]]
     assert read_json(tmp_path / "prefixed" / "runs" / "s0" / "small" / "result.json")["steps"] == 1024 // 32  # the anneal
     assert _numbers(pre) == _numbers(whole)
     # a run that is not finished, or not a run, is refused

@@ -391,13 +391,17 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
     for seed in cfg.seeds:
         for name in configs[seed]:
             f = facts["forks"].get(f"s{seed}/{name}")
+            todo = configs[seed][name].total_tokens - (f["tokens"] if f else 0)  # tokens it trains itself
             if f is None:
-                first.append(write_job(run_dir(out, seed, name), configs[seed][name], callbacks=callbacks))
+                first.append((todo, write_job(run_dir(out, seed, name), configs[seed][name], callbacks=callbacks)))
             elif f["checkpoint"] is not None:
-                first.append(write_job(run_dir(out, seed, name), configs[seed][name], f["checkpoint"], callbacks=callbacks,
-                                       init_loss_ema=f["loss_ema"], eval_at_start=False))
+                first.append((todo, write_job(run_dir(out, seed, name), configs[seed][name], f["checkpoint"],
+                                              callbacks=callbacks, init_loss_ema=f["loss_ema"], eval_at_start=False)))
             else:
                 then.append((seed, name, f["tokens"]))
+    # the longest first: a run that trains from scratch does not wait behind forks that only anneal
+    # (each run is its own process, so the order changes no number)
+    first = [d for _, d in sorted(first, key=lambda x: -x[0])]
     jobs = cfg.jobs or min(len(first) + len(then), default_jobs(cfg.threads_per_job, cfg.device))
     t0 = time.time()
     bar = tqdm(total=len(first) + len(then), desc="comparison runs", unit="run",
