@@ -59,7 +59,8 @@ def test_one_size_holds_beta_at_zero_and_says_so():
     f = fit_transfer(planted(sizes=(1e5,)), bootstrap=60)
     assert f.beta == 0 and not f.beta_measured and "one model size" in f.size_effect()
     lo, hi = f.interval("beta")
-    assert lo == pytest.approx(-1.645 * BETA_PRIOR_SD, abs=0.06) and hi == pytest.approx(1.645 * BETA_PRIOR_SD, abs=0.06)
+    edge = 1.645 * BETA_PRIOR_SD  # the prior's 90% interval
+    assert lo == pytest.approx(-edge, abs=0.06) and hi == pytest.approx(edge, abs=0.06)
     widths = [float(np.log(b / a)[0]) for a, b in (f.band([1e5], n, scatter=False) for n in (1e5, 1e6, 1e7))]
     assert widths[0] < widths[1] < widths[2]
     same = f.band([1e5], 1e5, scatter=False)

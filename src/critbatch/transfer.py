@@ -177,20 +177,21 @@ def _per_token_lr(cfg: TrainConfig) -> float:
 
 
 def _stretched(tgt: TrainConfig, proxies: list[Proxy]) -> list[str]:
-    """Where the target lies outside what the proxies varied (docs/LOG.md, issue 23): the validation
-    predicted sizes 13x apart at the proxies' sequence length and peak LR from one proxy (29 of 30
-    intervals in the band), and a target at another sequence length and peak LR poorly (20-40%)."""
+    """Where the target lies outside what the proxies varied (docs/LOG.md, issue 23): one proxy
+    predicted sizes up to 32x larger at its own sequence length and peak LR (55 of 60 intervals in the
+    band), and a target at another sequence length and a lower peak LR less well (27 of 40)."""
     notes = []
     sizes = sorted({p.params for p in proxies})
     n = count_params(tgt.model, embeddings=False)
     if n > 2 * sizes[-1] or n < sizes[0] / 2:
-        far = n / sizes[-1] if n > sizes[-1] else sizes[0] / n
-        how_far = f"{far:.0f}x {'more' if n > sizes[-1] else 'fewer'} non-embedding parameters than the " \
-                  f"{'largest' if n > sizes[-1] else 'smallest'} proxy"
-        notes.append(f"size extrapolation: the target ({n:,}) has {how_far} ({sizes[-1] if n > sizes[-1] else sizes[0]:,})"
-                     + ("; with one proxy size the size dependence is not measured: the band carries a prior on it "
-                        f"(sd {BETA_PRIOR_SD:g}), not a measurement" if len(sizes) == 1 else "; the band carries the fitted size exponent's "
-                        "uncertainty that far"))
+        larger = n > sizes[-1]
+        ref = sizes[-1] if larger else sizes[0]
+        size = (f"the band carries a prior on it (sd {BETA_PRIOR_SD:g}), not a measurement" if len(sizes) == 1
+                else "the band carries the fitted size exponent's uncertainty that far")
+        notes.append(f"size extrapolation: the target ({n:,}) has {max(n / ref, ref / n):.0f}x "
+                     f"{'more' if larger else 'fewer'} non-embedding parameters than the "
+                     f"{'largest' if larger else 'smallest'} proxy ({ref:,})"
+                     + ("; with one proxy size the size dependence is not measured: " if len(sizes) == 1 else "; ") + size)
     lens = sorted({p.cfg.model.seq_len for p in proxies})
     if tgt.model.seq_len not in lens:
         notes.append(f"the target's sequences of {tgt.model.seq_len} tokens differ from the proxies' "

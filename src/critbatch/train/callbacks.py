@@ -164,7 +164,8 @@ class ProgressBar(Callback):
 class Evaluator(Callback):
     """Held-out evaluation: at the start of a fresh run (``at_start``), whenever the step crosses a
     multiple of ``eval_interval_tokens`` (0: never in between) or reaches a kept checkpoint (unless
-    ``eval_at_checkpoints`` is off), and at the end. A non-finite eval loss is a divergence. The final per-sequence losses are kept."""
+    ``eval_at_checkpoints`` is off), and at the end. A non-finite eval loss is a divergence. The final
+    per-sequence losses are kept."""
 
     name = "eval"
 

@@ -400,7 +400,7 @@ def run_compare(cfg: CompareConfig, progress: bool | None = None) -> dict:
             else:
                 then.append((seed, name, f["tokens"]))
     # the longest first: a run that trains from scratch does not wait behind forks that only anneal
-    # (each run is its own process, so the order changes no number)
+    # (each run starts from its own seed or checkpoint, so the order changes no number)
     first = [d for _, d in sorted(first, key=lambda x: -x[0])]
     jobs = cfg.jobs or min(len(first) + len(then), default_jobs(cfg.threads_per_job, cfg.device))
     t0 = time.time()
