@@ -193,6 +193,18 @@ def test_the_main_run_goes_on_to_the_probes_cooldown_and_keeps_or_drops_that_lea
     leads = r["main_run_leads"]
     assert leads["points"] == 2 and leads["kept"] == (0 if raise_ else 2)
     assert leads["discarded_tokens"] == (leads["tokens"] if raise_ else 0)
+    # what the measurement cost counts the dropped leads in: every token the run's result does not contain
+    assert r["measurement_tokens"] == r["probe_tokens"] + leads["discarded_tokens"] and r["gns_tokens"] == 0
+    assert r["measurement_fraction"] == pytest.approx(r["measurement_tokens"] / r["tokens"])
+    from critbatch.closed_loop import describe
+    from critbatch.records import closed_loop_result
+
+    line = next(x for x in describe(r) if x.startswith("measurement cost: "))
+    assert (f"{r['measurement_tokens']:,} tokens" in line) and (("dropped at its raises" in line) == raise_)
+    # a result written before the dropped leads were counted gets them on reading
+    old = {k: v for k, v in r.items() if k != "measurement_tokens"}
+    old["measurement_fraction"] = (r["probe_tokens"] + r["gns_tokens"]) / r["tokens"]
+    assert closed_loop_result(old)["measurement_fraction"] == pytest.approx(r["measurement_fraction"])
     if raise_:
         assert r["schedule"] == [[0, 4], [2048, 8], [4096, 16]]
         replay = _plain(loop_cfg(data_dir, batch_schedule=r["schedule"], lr_ref_batch_seqs=4), tmp_path / "replay")
@@ -330,6 +342,9 @@ def test_plan_arithmetic_known_answer():
     assert best["run_seconds"] == pytest.approx(s * 0.010 + s16 * 0.016 + s32 * 0.032 + 31 * 0.010 + 16 * 0.016)
     # the probe at 500k runs at 16 (the batch before its decision): 4 steps of 16 at k = 1, 10 of 32 at k = 2
     assert best["probe_tokens"] == 9 * 512 + 20 * 1024 + 4 * 1024 + 10 * 2048
+    # the measurement counts the dropped leads in beside the probes (no noise scale here)
+    assert best["measurement_tokens"] == best["probe_tokens"] + 31 * 512 + 16 * 1024
+    assert no["measurement_tokens"] == no["probe_tokens"] and no["measurement_fraction"] == no["probe_tokens"] / 1_000_000
     assert best["pays_off"] == (best["total_seconds"] < 19.54)
     assert "confirmation_points_max" not in est
     # with a confirmation factor of 1.5: a pass at 250k may be probed again at 375k (before 500k), one

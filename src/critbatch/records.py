@@ -270,6 +270,8 @@ class ClosedLoopResult(TypedDict, total=False):
     probe_tokens: int
     gns_tokens: int
     probe_fraction: float | None
+    measurement_tokens: int
+    """Probes, noise scale, leads dropped at raises and speculative segments not taken."""
     measurement_fraction: float | None
     small_control_steps: int
     steps_saved_pct: float
@@ -354,7 +356,12 @@ def unconfirmed_raise(d: ProbeDecision) -> bool:
 
 
 def closed_loop_result(record: Mapping, what: str = "result.json") -> ClosedLoopResult:
-    return upgrade(record, CLOSED_LOOP_REQUIRED, CLOSED_LOOP_DEFAULTS, what)  # type: ignore[return-value]
+    out = upgrade(record, CLOSED_LOOP_REQUIRED, CLOSED_LOOP_DEFAULTS, what)
+    if "measurement_tokens" not in out:  # written before the dropped leads were counted in
+        out["measurement_tokens"] = (out["probe_tokens"] + out["gns_tokens"] + out["main_run_leads"]["discarded_tokens"]
+                                     + (out.get("speculation") or {}).get("discarded_tokens", 0))
+        out["measurement_fraction"] = out["measurement_tokens"] / out["tokens"] if out["tokens"] else None
+    return out  # type: ignore[return-value]
 
 
 def read_run_result(path: str | Path) -> RunResult:

@@ -116,6 +116,18 @@ def describe_sweep_cost(cost: dict) -> str:
     return s
 
 
+def measurement_parts(result: dict) -> str:
+    """What a closed-loop run's measurement tokens (``result.json``'s ``measurement_tokens``) are made of."""
+    parts = [f"probes {fmt_count(result['probe_tokens'])}"]
+    dropped = (result.get("main_run_leads") or {}).get("discarded_tokens", 0)
+    if dropped:
+        parts.append(f"{fmt_count(dropped)} the run trained ahead of a probe and dropped at its raises")
+    spec = (result.get("speculation") or {}).get("discarded_tokens", 0)
+    if spec:
+        parts.append(f"{fmt_count(spec)} of speculative segments not taken")
+    return ", ".join(parts + [f"noise scale {fmt_count(result.get('gns_tokens', 0))}"])
+
+
 def describe_closed_loop(result: dict) -> list[str]:
     """A closed-loop run's ``result.json`` in lines: its schedule, its loss and steps, what its
     measurements cost, how the cheaper triggers agreed with the branch probe."""
@@ -125,10 +137,8 @@ def describe_closed_loop(result: dict) -> list[str]:
              f"{result['steps']:,} optimizer steps ({result['steps_saved_pct']:.0f}% fewer than "
              f"{result['small_control_steps']:,} at the starting batch)"
              if not result["diverged"] else f"diverged: {result['diverged_reason']}",
-             f"measurement cost: probe tokens {result['probe_tokens']:,} ({100 * (result['probe_fraction'] or 0):.0f}% "
-             f"of the run's {result['tokens']:,}), noise-scale tokens {result.get('gns_tokens', 0):,}"
-             + (f"; {result['main_run_leads']['discarded_tokens']:,} tokens the run trained ahead of a probe were "
-                f"dropped at its raises" if (result.get("main_run_leads") or {}).get("discarded_tokens") else "")]
+             f"measurement cost: {result['measurement_tokens']:,} tokens ({100 * (result['measurement_fraction'] or 0):.0f}% "
+             f"of the run's {result['tokens']:,}): {measurement_parts(result)}"]
     for name, v in (result.get("agreement") or {}).items():
         if v["points"]:
             lines.append(f"{name} trigger agreed with the branch probe at {v['agree']} of {v['points']} points")

@@ -263,6 +263,10 @@ class ClosedLoop:
                 r = read_run_result(self.out / sp["dir"])
                 discarded += r["tokens"] - r["start_tokens"]
         small_steps = steps_for([(0, self.B0)], T, self.cfg.total_tokens)
+        dropped = sum(x["tokens"] for x in leads if not x["kept"])
+        # every token trained that the run's own result does not contain: probes, the noise scale,
+        # the leads dropped at raises and speculative segments not taken
+        measured = probe_tokens + gns_tokens + dropped + discarded
         out = {
             "diverged": bool(last.get("diverged")), "diverged_reason": last.get("diverged_reason"),
             "final_eval_loss": last.get("final_eval_loss"), "final_eval_loss_se": last.get("final_eval_loss_se"),
@@ -271,14 +275,14 @@ class ClosedLoop:
             "probe_points": len(self.decisions), "raises": sum(d["batch_after"] > d["batch_before"] for d in self.decisions),
             "probe_tokens": probe_tokens, "gns_tokens": gns_tokens,
             "probe_fraction": probe_tokens / tokens if tokens else None,
-            "measurement_fraction": (probe_tokens + gns_tokens) / tokens if tokens else None,
+            "measurement_tokens": measured, "measurement_fraction": measured / tokens if tokens else None,
             "small_control_steps": small_steps, "steps_saved_pct": 100.0 * (1 - steps / small_steps) if small_steps else 0.0,
             "segments": [str(d.relative_to(self.out)) for d in self.segments], "act_on": self.a.act_on,
             "speculation": {"segments": len(spec), "kept": sum(sp["kept"] for sp in spec),
                             "discarded_tokens": discarded},
             "main_run_leads": {"points": len(leads), "kept": sum(x["kept"] for x in leads),
                                "tokens": sum(x["tokens"] for x in leads),
-                               "discarded_tokens": sum(x["tokens"] for x in leads if not x["kept"])},
+                               "discarded_tokens": dropped},
             "agreement": agreement(self.decisions), "wall_time_s": wall,
         }
         write_json_atomic(self.out / "result.json", out)

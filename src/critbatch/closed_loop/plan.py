@@ -160,6 +160,7 @@ def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
             "schedule": [list(p) for p in phases], "steps": steps, "steps_saved_pct": 100 * (1 - steps / c_steps),
             "probe_tokens": probe_tok, "probe_fraction": probe_tok / N, "gns_tokens": gns_tok,
             "lead_discarded_tokens": lead_tok,
+            "measurement_tokens": probe_tok + gns_tok + lead_tok, "measurement_fraction": (probe_tok + gns_tok + lead_tok) / N,
             "run_seconds": secs, "probe_seconds": probe_secs + gns_secs, "total_seconds": total_secs,
             "time_vs_control": total_secs / c_secs if c_secs else None,
             "pays_off": total_secs < c_secs,
@@ -237,7 +238,9 @@ def describe(est: dict) -> list[str]:
                    "pays off only with probes on other devices" if s["pays_off_with_parallel_probes"] else "does not pay off")
         lead = (f", {fmt_count(s['lead_discarded_tokens'])} tokens the run trained ahead and dropped at its raises"
                 if s.get("lead_discarded_tokens") else "")
-        lines.append(f"{name}: {s['steps']:,} steps ({s['steps_saved_pct']:.0f}% fewer), probe tokens "
-                     f"{fmt_count(s['probe_tokens'])} ({100 * s['probe_fraction']:.0f}% of the run){lead}, time {s['run_seconds']:,.0f} s "
+        gns = f", noise scale {fmt_count(s['gns_tokens'])}" if s.get("gns_tokens") else ""
+        lines.append(f"{name}: {s['steps']:,} steps ({s['steps_saved_pct']:.0f}% fewer), measurement "
+                     f"{fmt_count(s['measurement_tokens'])} tokens ({100 * s['measurement_fraction']:.0f}% of the run: probes "
+                     f"{fmt_count(s['probe_tokens'])}{lead}{gns}), time {s['run_seconds']:,.0f} s "
                      f"+ probes {s['probe_seconds']:,.0f} s = {s['time_vs_control']:.2f}x the control: {verdict}")
     return lines

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..analysis.comparison import markdown_table, pm, run_names, table
 from ..analysis.curve import noise_scale_points
-from ..analysis.describe import describe_sweep_cost, interval_text
+from ..analysis.describe import describe_sweep_cost, interval_text, measurement_parts
 from ..analysis.schedule import advise_start
 from ..errors import ConfigError, DataError
 from ..io import check_output, read_json, read_jsonl, write_json_atomic, write_text_atomic
@@ -219,9 +219,8 @@ def _closed_loop_conclusions(s: dict, c: dict | None) -> list[str]:
                 + (f" (2B passed at {', '.join(fmt_count(d['tokens']) for d in once)} tokens, never at two "
                    f"consecutive points)" if once else ""))
     txt = (f"The closed loop (one run probing its own CBS at {cl['probe_points']} points, "
-           f"{cl['act_on']} trigger) {took}; its probes cost {fmt_count(cl['probe_tokens'])} tokens "
-           f"({100 * (cl['probe_fraction'] or 0):.0f}% of its own) and the noise scale "
-           f"{fmt_count(cl['gns_tokens'])} more")
+           f"{cl['act_on']} trigger) {took}; its measurement cost {fmt_count(cl['measurement_tokens'])} tokens "
+           f"({100 * (cl['measurement_fraction'] or 0):.0f}% of its own): {measurement_parts(cl)}")
     r = (c or {}).get("runs", {}).get("closed-loop")
     if r and not r.get("diverged"):
         g = r.get("gap_to_small") or {}
@@ -367,9 +366,9 @@ def _closed_loop_html(cl: dict) -> str:
     return ("<h2 id='closed-loop'>The closed loop: one run that measures its own CBS</h2>"
             + _table(["tokens", "batch", "probe eval loss (B / 2B)", "verdicts", "acted on", "batch after",
                       "probe tokens"], rows)
-            + f"<p class='muted'>Probe tokens {fmt_count(cl['probe_tokens'])} "
-              f"({100 * (cl['probe_fraction'] or 0):.0f}% of the run's {fmt_count(cl['tokens'])}); noise-scale tokens "
-              f"{fmt_count(cl['gns_tokens'])}; {cl['steps']:,} optimizer steps against {cl['small_control_steps']:,} "
+            + f"<p class='muted'>Measurement {fmt_count(cl['measurement_tokens'])} tokens "
+              f"({100 * (cl['measurement_fraction'] or 0):.0f}% of the run's {fmt_count(cl['tokens'])}): "
+              f"{measurement_parts(cl)}; {cl['steps']:,} optimizer steps against {cl['small_control_steps']:,} "
               f"at the starting batch. Evidence per point: autobatch/decisions.jsonl.</p>")
 
 CSS = """
@@ -500,7 +499,8 @@ def render_markdown(s: dict) -> str:
         lines += ["## Closed loop", ""] + [f"- at {d['tokens']:,} tokens, batch {d['batch_before']}: "
                                            f"{', '.join(f'{k} {v}' for k, v in d['verdicts'].items() if v is not None)}"
                                            f" -> batch {d['batch_after']}" for d in cl["decisions"]]
-        lines += [f"- probe tokens {cl['probe_tokens']:,} ({100 * (cl['probe_fraction'] or 0):.0f}% of the run), "
+        lines += [f"- measurement {cl['measurement_tokens']:,} tokens ({100 * (cl['measurement_fraction'] or 0):.0f}% of "
+                  f"the run: {measurement_parts(cl)}), "
                   f"{cl['steps']:,} steps ({cl['steps_saved_pct']:.0f}% fewer than the small batch)", ""]
     if s.get("stages"):
         lines += ["## Cost", ""] + [f"- {k}: {v['seconds']:.1f} s" for k, v in s["stages"].items()] + \
