@@ -190,6 +190,7 @@ def test_the_main_run_goes_on_to_the_probes_cooldown_and_keeps_or_drops_that_lea
         cbs = read_json(tmp_path / "loop" / d["probe"]["sweep"] / "cbs.json")
         assert cbs["points"][0]["from_parent_tokens"] == [[d["main_run_lead"]["tokens"]], [0]]
         assert d["cost"]["probe_tokens"] == 2 * 1024 - d["main_run_lead"]["tokens"]
+        assert d["cost"]["lead_dropped_tokens"] == (d["main_run_lead"]["tokens"] if raise_ else 0)
     leads = r["main_run_leads"]
     assert leads["points"] == 2 and leads["kept"] == (0 if raise_ else 2)
     assert leads["discarded_tokens"] == (leads["tokens"] if raise_ else 0)

@@ -234,6 +234,7 @@ class ClosedLoop:
                 B_T = rec["batch_before"] * self.cfg.model.seq_len
                 rec["main_run_lead"] = {"to_tokens": lead, "tokens": lead - ck.tokens, "steps": (lead - ck.tokens) // B_T,
                                         "kept": kept}
+                rec["cost"]["lead_dropped_tokens"] = 0 if kept else lead - ck.tokens  # measurement too
                 self.write_decisions()
                 if kept:
                     init, cur = find_kept(seg, [lead])[0].path, lead
