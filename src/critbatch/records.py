@@ -355,11 +355,18 @@ def unconfirmed_raise(d: ProbeDecision) -> bool:
     return d["batch_after"] == d["batch_before"] and c is not None and c["seen"] < c["needed"]
 
 
+def measurement_tokens(result: Mapping) -> int:
+    """Every token a closed-loop run trained that its own result does not contain: the probes, the
+    noise scale, the leads dropped at raises and the speculative segments not taken."""
+    return (result["probe_tokens"] + result.get("gns_tokens", 0)
+            + (result.get("main_run_leads") or {}).get("discarded_tokens", 0)
+            + (result.get("speculation") or {}).get("discarded_tokens", 0))
+
+
 def closed_loop_result(record: Mapping, what: str = "result.json") -> ClosedLoopResult:
     out = upgrade(record, CLOSED_LOOP_REQUIRED, CLOSED_LOOP_DEFAULTS, what)
     if "measurement_tokens" not in out:  # written before the dropped leads were counted in
-        out["measurement_tokens"] = (out["probe_tokens"] + out["gns_tokens"] + out["main_run_leads"]["discarded_tokens"]
-                                     + (out.get("speculation") or {}).get("discarded_tokens", 0))
+        out["measurement_tokens"] = measurement_tokens(out)
         out["measurement_fraction"] = out["measurement_tokens"] / out["tokens"] if out["tokens"] else None
     return out  # type: ignore[return-value]
 
@@ -394,5 +401,5 @@ def read_closed_loop_result(path: str | Path) -> ClosedLoopResult:
 
 __all__ = ["RunResult", "CBSPoint", "CBSCurve", "SweepCost", "NoiseScaleAtPoint", "StopReading", "BranchOutcome",
            "Confirmations", "ProbeEvidence", "ProbeDecision", "ClosedLoopResult", "run_result", "cbs_point",
-           "cbs_curve", "probe_decision", "closed_loop_result", "confirmations", "unconfirmed_raise", "upgrade", "read_run_result",
+           "cbs_curve", "probe_decision", "closed_loop_result", "measurement_tokens", "confirmations", "unconfirmed_raise", "upgrade", "read_run_result",
            "read_curve", "read_decisions", "read_closed_loop_result"]

@@ -51,7 +51,7 @@ from ..errors import ConfigError
 from ..gns.checkpoints import GNSConfig, gns_at_checkpoints
 from ..io import check_output, read_json, write_json_atomic, write_text_atomic
 from ..launch import run_job, write_job
-from ..records import CBSPoint, ClosedLoopResult, ProbeDecision, ProbeEvidence, read_run_result
+from ..records import CBSPoint, ClosedLoopResult, ProbeDecision, ProbeEvidence, measurement_tokens, read_run_result
 from ..schedules import BatchSchedule
 from ..schedules.export import schedule_document
 from ..train import run_defaults
@@ -264,10 +264,6 @@ class ClosedLoop:
                 r = read_run_result(self.out / sp["dir"])
                 discarded += r["tokens"] - r["start_tokens"]
         small_steps = steps_for([(0, self.B0)], T, self.cfg.total_tokens)
-        dropped = sum(x["tokens"] for x in leads if not x["kept"])
-        # every token trained that the run's own result does not contain: probes, the noise scale,
-        # the leads dropped at raises and speculative segments not taken
-        measured = probe_tokens + gns_tokens + dropped + discarded
         out = {
             "diverged": bool(last.get("diverged")), "diverged_reason": last.get("diverged_reason"),
             "final_eval_loss": last.get("final_eval_loss"), "final_eval_loss_se": last.get("final_eval_loss_se"),
@@ -276,16 +272,17 @@ class ClosedLoop:
             "probe_points": len(self.decisions), "raises": sum(d["batch_after"] > d["batch_before"] for d in self.decisions),
             "probe_tokens": probe_tokens, "gns_tokens": gns_tokens,
             "probe_fraction": probe_tokens / tokens if tokens else None,
-            "measurement_tokens": measured, "measurement_fraction": measured / tokens if tokens else None,
             "small_control_steps": small_steps, "steps_saved_pct": 100.0 * (1 - steps / small_steps) if small_steps else 0.0,
             "segments": [str(d.relative_to(self.out)) for d in self.segments], "act_on": self.a.act_on,
             "speculation": {"segments": len(spec), "kept": sum(sp["kept"] for sp in spec),
                             "discarded_tokens": discarded},
             "main_run_leads": {"points": len(leads), "kept": sum(x["kept"] for x in leads),
                                "tokens": sum(x["tokens"] for x in leads),
-                               "discarded_tokens": dropped},
+                               "discarded_tokens": sum(x["tokens"] for x in leads if not x["kept"])},
             "agreement": agreement(self.decisions), "wall_time_s": wall,
         }
+        out["measurement_tokens"] = measurement_tokens(out)
+        out["measurement_fraction"] = out["measurement_tokens"] / tokens if tokens else None
         write_json_atomic(self.out / "result.json", out)
         return out
 
