@@ -174,7 +174,9 @@ def test_the_main_run_goes_on_to_the_probes_cooldown_and_keeps_or_drops_that_lea
     """Before a branch probe decides, the main run trains on at B to the last step before the probe's
     cooldown; the probe at B starts there (it trains only its cooldown). The batch stays: the run
     continues from there, and is the plain run bit for bit. The batch is raised: the lead is dropped,
-    the run continues from the point, and is the replay of its schedule bit for bit."""
+    the run continues from the probe at the new batch, at its last step before the cooldown (those
+    steps are the run's own at the new batch: after the second raise too, its LR taken as the run
+    takes it), and is the replay of its schedule bit for bit."""
     from critbatch.analysis.triggers import steps_for
 
     cfg = loop_cfg(data_dir)
@@ -194,14 +196,31 @@ def test_the_main_run_goes_on_to_the_probes_cooldown_and_keeps_or_drops_that_lea
     leads = r["main_run_leads"]
     assert leads["points"] == 2 and leads["kept"] == (0 if raise_ else 2)
     assert leads["discarded_tokens"] == (leads["tokens"] if raise_ else 0)
-    # what the measurement cost counts the dropped leads in: every token the run's result does not contain
-    assert r["measurement_tokens"] == r["probe_tokens"] + leads["discarded_tokens"] and r["gns_tokens"] == 0
+    # on a raise the run continued from the 2B probe: window 1024 at batch 8 (16), cooldown 256: the last
+    # step before it ends at the point + 768 + 128 (+ 768 at 16: whole steps of 256)
+    conts = [d.get("continued_from_probe") for d in ds]
+    if raise_:
+        assert [(c["tokens"], c["steps"]) for c in conts] == [(896, 7), (768, 3)]
+        for d, c in zip(ds, conts):
+            assert c["to_tokens"] == d["tokens"] + c["tokens"] and d["cost"]["probe_kept_tokens"] == c["tokens"]
+            assert c["branch"].startswith(d["segment"] + "/branches/") and "_k2_r0_" in c["branch"]
+        # the next segment starts from the probe's checkpoint, not from the point
+        seg1 = read_json(tmp_path / "loop" / r["segments"][1] / "job.json")["init_from"]
+        assert seg1.endswith(f"{conts[0]['branch'].split('/')[-1]}/ckpt/tok_{conts[0]['to_tokens']:012d}")
+    else:
+        assert conts == [None, None] and all("probe_kept_tokens" not in d["cost"] for d in ds)
+    assert r["probe_kept_tokens"] == sum(c["tokens"] for c in conts if c)
+    # what the measurement cost counts: every token the run's result does not contain (the probes less
+    # what the run continued from, the dropped leads)
+    assert r["measurement_tokens"] == r["probe_tokens"] - r["probe_kept_tokens"] + leads["discarded_tokens"]
+    assert r["gns_tokens"] == 0
     assert r["measurement_fraction"] == pytest.approx(r["measurement_tokens"] / r["tokens"])
     from critbatch.closed_loop import describe
     from critbatch.records import closed_loop_result
 
     line = next(x for x in describe(r) if x.startswith("measurement cost: "))
     assert (f"{r['measurement_tokens']:,} tokens" in line) and (("dropped at its raises" in line) == raise_)
+    assert ("the run continued from its raises' probes" in line) == raise_
     # a result written before the dropped leads were counted gets them on reading
     old = {k: v for k, v in r.items() if k != "measurement_tokens"}
     old["measurement_fraction"] = (r["probe_tokens"] + r["gns_tokens"]) / r["tokens"]
@@ -340,11 +359,15 @@ def test_plan_arithmetic_known_answer():
     s32 = -(-(1_000_000 - s * 512 - s16 * 1024) // 2048)
     # a raise drops the lead: 31 steps of 8 at 250k, 16 steps of 16 at 500k (window 20 steps, cooldown 5)
     assert best["lead_discarded_tokens"] == 31 * 512 + 16 * 1024
-    assert best["run_seconds"] == pytest.approx(s * 0.010 + s16 * 0.016 + s32 * 0.032 + 31 * 0.010 + 16 * 0.016)
+    # and the run continues from the probe at the new batch, at its last step before the cooldown: 16
+    # steps of 16 at 250k, 8 of 32 at 500k, trained once, by the probe
+    assert best["probe_kept_tokens"] == 16 * 1024 + 8 * 2048 and no["probe_kept_tokens"] == 0
+    assert best["run_seconds"] == pytest.approx(s * 0.010 + s16 * 0.016 + s32 * 0.032 + 31 * 0.010 + 16 * 0.016
+                                                - 16 * 0.016 - 8 * 0.032)
     # the probe at 500k runs at 16 (the batch before its decision): 4 steps of 16 at k = 1, 10 of 32 at k = 2
     assert best["probe_tokens"] == 9 * 512 + 20 * 1024 + 4 * 1024 + 10 * 2048
     # the measurement counts the dropped leads in beside the probes (no noise scale here)
-    assert best["measurement_tokens"] == best["probe_tokens"] + 31 * 512 + 16 * 1024
+    assert best["measurement_tokens"] == best["probe_tokens"] - best["probe_kept_tokens"] + 31 * 512 + 16 * 1024
     assert no["measurement_tokens"] == no["probe_tokens"] and no["measurement_fraction"] == no["probe_tokens"] / 1_000_000
     assert best["pays_off"] == (best["total_seconds"] < 19.54)
     assert "confirmation_points_max" not in est

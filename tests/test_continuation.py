@@ -132,3 +132,27 @@ def test_agreeing_steps_compares_every_step(parent):
     spec_cfg = dataclasses.replace(cfg)
     assert continuation_tokens(plan, point, spec_cfg) == 1024 + 4096 - 64  # the parent itself: up to the window's end
     assert parent_continuation(plan, point, spec_cfg)[0].tokens == 4608
+
+
+def test_kept_before_the_cooldown_a_branch_is_where_a_run_raised_to_its_batch_goes_on(parent):
+    """``keep_before_cooldown``: each branch keeps a checkpoint at its last step before the cooldown,
+    changing no number; a run that raises its batch to the branch's at the point takes exactly the
+    branch's steps up to there (LR and Adam as the run takes them: the closed loop continues from it)."""
+    from critbatch.branch.spec import BranchSpec
+    from critbatch.train import kept_checkpoints
+
+    plain = run_sweep(sweep(parent), progress=False)
+    kept = run_sweep(sweep(parent, keep_before_cooldown=True), progress=False)
+    for key in ("losses", "status", "cbs_low_seqs", "cbs_high_seqs"):
+        assert kept.curve["points"][0][key] == plain.curve["points"][0][key]
+    plan, point = kept.plan, kept.plan.points[0]
+    # k = 2 (128 tokens a step) from 1024: window 4096, cooldown 1024; the step from 4096 still runs at full LR
+    spec2 = branch_spec(plan, point, 2, 0)
+    d2 = parent / "branches" / spec2.id
+    assert [c.tokens for c in kept_checkpoints(d2)] == [1024 + 3200]
+    assert not (kept_checkpoints(d2)[0].path / "eval_seq_losses.npy").exists()  # not evaluated there
+    # the k = 1 branch starts at the parent's 4096 and keeps its own last step before the cooldown
+    assert [c.tokens for c in kept_checkpoints(parent / "branches" / branch_spec(plan, point, 1, 0).id)] == [4160]
+    raised = merge(plan.parent, {"batch_schedule": [[0, 4], [1024, 8]]})
+    off = point.ckpt.meta["offset_seqs"]
+    assert agreeing_steps(raised, BranchSpec.read(d2).train_config(), 1024, 4224, off)[-1] == 4224

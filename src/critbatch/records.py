@@ -237,19 +237,25 @@ class ProbeDecision(TypedDict, total=False):
     acted_on: str
     batch_after: int
     cost: dict
-    """``probe_tokens``, ``gns_tokens``: tokens the point's measurements trained."""
+    """``probe_tokens``, ``gns_tokens``: tokens the point's measurements trained; at a raise,
+    ``lead_dropped_tokens`` (the run's lead it dropped) and ``probe_kept_tokens`` (the probe's
+    tokens the run continued from)."""
     noise_scale: dict | None
     confirmations: Confirmations | None
     """A raise the trigger saw, counted against the consecutive points it needs (``None``: no raise seen)."""
     eps_budget: dict | None
     eps_spent: float | None
     main_run_lead: dict | None
+    continued_from_probe: dict | None
+    """At a raise: the probe branch at the new batch the run continued from (``branch``), up to
+    ``to_tokens`` (``tokens`` and ``steps`` of it), instead of training those steps again."""
     speculative_segment: dict | None
 
 
 DECISION_REQUIRED = ("tokens", "batch_before", "batch_after", "verdicts", "acted_on", "cost")
 DECISION_DEFAULTS: dict[str, Any] = {"probe": None, "noise_scale": None, "confirmations": None, "eps_budget": None,
-                                     "eps_spent": None, "main_run_lead": None, "speculative_segment": None}
+                                     "eps_spent": None, "main_run_lead": None, "speculative_segment": None,
+                                     "continued_from_probe": None}
 
 
 class ClosedLoopResult(TypedDict, total=False):
@@ -270,8 +276,11 @@ class ClosedLoopResult(TypedDict, total=False):
     probe_tokens: int
     gns_tokens: int
     probe_fraction: float | None
+    probe_kept_tokens: int
+    """Tokens of the probes the run continued from at its raises (part of the run, not measurement)."""
     measurement_tokens: int
-    """Probes, noise scale, leads dropped at raises and speculative segments not taken."""
+    """Probes less what the run kept of them, noise scale, leads dropped at raises and speculative
+    segments not taken."""
     measurement_fraction: float | None
     small_control_steps: int
     steps_saved_pct: float
@@ -285,7 +294,7 @@ class ClosedLoopResult(TypedDict, total=False):
 
 CLOSED_LOOP_REQUIRED = ("tokens", "steps", "schedule", "raises", "probe_tokens", "diverged")
 CLOSED_LOOP_DEFAULTS: dict[str, Any] = {"main_run_leads": {"points": 0, "kept": 0, "tokens": 0, "discarded_tokens": 0},
-                                        "agreement": {}, "gns_tokens": 0}
+                                        "agreement": {}, "gns_tokens": 0, "probe_kept_tokens": 0}
 
 
 # ---- readers: one per file kind ------------------------------------------------------------------------
@@ -356,9 +365,10 @@ def unconfirmed_raise(d: ProbeDecision) -> bool:
 
 
 def measurement_tokens(result: Mapping) -> int:
-    """Every token a closed-loop run trained that its own result does not contain: the probes, the
-    noise scale, the leads dropped at raises and the speculative segments not taken."""
-    return (result["probe_tokens"] + result.get("gns_tokens", 0)
+    """Every token a closed-loop run trained that its own result does not contain: the probes (less
+    what the run continued from at its raises), the noise scale, the leads dropped at raises and the
+    speculative segments not taken."""
+    return (result["probe_tokens"] - result.get("probe_kept_tokens", 0) + result.get("gns_tokens", 0)
             + (result.get("main_run_leads") or {}).get("discarded_tokens", 0)
             + (result.get("speculation") or {}).get("discarded_tokens", 0))
 

@@ -118,7 +118,9 @@ def describe_sweep_cost(cost: dict) -> str:
 
 def measurement_parts(result: dict) -> str:
     """What a closed-loop run's measurement tokens (``result.json``'s ``measurement_tokens``) are made of."""
-    parts = [f"probes {fmt_count(result['probe_tokens'])}"]
+    kept = result.get("probe_kept_tokens", 0)
+    parts = [f"probes {fmt_count(result['probe_tokens'] - kept)}"
+             + (f" (of {fmt_count(result['probe_tokens'])} trained: the run continued from its raises' probes)" if kept else "")]
     dropped = (result.get("main_run_leads") or {}).get("discarded_tokens", 0)
     if dropped:
         parts.append(f"{fmt_count(dropped)} the run trained ahead of a probe and dropped at its raises")

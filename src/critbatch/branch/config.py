@@ -105,6 +105,10 @@ class SweepConfig:
     ``wandb``: SWEEP_DIR/wandb): at each branch point, by its tokens, the CBS interval's ends and
     geometric mean in tokens and the noise scale. Branches log to none (a parent's ``log_to`` is not
     theirs). Needs the ``critbatch[trackers]`` extra."""
+    keep_before_cooldown: bool = how(False)
+    """Every branch with a cooldown keeps a checkpoint at its last step before the cooldown (not
+    evaluated there): where a run raises its batch to a branch's at the point, it continues from
+    there instead of training those steps again (the closed loop does). It changes no number."""
     stack: int | None = how(None)
     """Branches of one shape (replicates; the same k at several points) trained together as one
     stacked model, up to this many (:mod:`critbatch.train.stacked`; in process and in the local pool,

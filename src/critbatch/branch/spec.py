@@ -17,7 +17,7 @@ from ..errors import DataError
 from ..io import read_json, write_json_atomic
 from ..launch import write_job
 from ..schedules.rules import lr_rule_multiplier
-from .continuation import cooldown_tokens, parent_continuation
+from .continuation import cooldown_tokens, last_step_before_cooldown, parent_continuation
 from .plan import BranchPoint, SweepPlan, round_k
 
 BRANCH_FORMAT = 1
@@ -96,16 +96,29 @@ def micro_for(batch: int, micro: int | None) -> int | None:
 
 def branch_config(plan: SweepPlan, point: BranchPoint, k: float, replicate: int) -> TrainConfig:
     """The TrainConfig of the branch at ``k`` (replicate ``replicate``) from ``point``: the parent's,
-    with batch k·B, base LR η (f(k) applies through ``lr_ref_batch_seqs`` = B), the window's end and
-    cooldown, and the replicate's stream shift."""
+    with batch k·B and its LR and Adam hyperparameters, the window's end and cooldown, and the
+    replicate's stream shift.
+
+    With the parent's own LR and Adam rules, the branch takes them as the parent would at k·B: the
+    parent's base LR and betas against the parent's reference batch, so that a run raising its batch
+    to k·B at the point takes exactly the branch's steps up to its cooldown (the closed loop then
+    continues from its probe; :func:`critbatch.branch.continuation.agreeing_steps`). That is f(k)·η
+    to float rounding, and for a parent at its reference batch the same numbers. With other rules
+    (``--lr-rule``, ``--adam-rule``), f(k) applies to the parent's η and betas at the point (through
+    ``lr_ref_batch_seqs`` = B)."""
     T, B = plan.seq_len, point.base_batch_seqs
     kb = int(round(round_k(k) * B))
     micro = micro_for(kb, plan.cfg.micro_batch_seqs if plan.cfg.micro_batch_seqs is not None
                       else plan.parent.micro_batch_seqs)
+    o = plan.parent.optim
+    if plan.lr_rule == o.lr_rule and plan.adam_rule == o.adam_rule:
+        ref, lr, adam = plan.parent.lr_ref_batch_seqs or B, o.lr, (o.beta1, o.beta2, o.eps)
+    else:
+        ref, lr, adam = B, point.base_lr, point.base_adam
     return merge(plan.parent, {
-        "batch_schedule": [[0, kb]], "batch_seqs": kb, "lr_ref_batch_seqs": B,
-        "optim": {"lr": point.base_lr, "lr_rule": plan.lr_rule, "adam_rule": plan.adam_rule,
-                  "beta1": point.base_adam[0], "beta2": point.base_adam[1], "eps": point.base_adam[2]},
+        "batch_schedule": [[0, kb]], "batch_seqs": kb, "lr_ref_batch_seqs": ref,
+        "optim": {"lr": lr, "lr_rule": plan.lr_rule, "adam_rule": plan.adam_rule,
+                  "beta1": adam[0], "beta2": adam[1], "eps": adam[2]},
         "total_tokens": point.tokens + plan.window_tokens, "exact_total_tokens": True,
         "checkpoint_tokens": [], "save_interval_tokens": max(plan.window_tokens // 4, T),
         "eval_interval_tokens": 0, "micro_batch_seqs": micro,  # evaluated once, at the window's end
@@ -124,10 +137,14 @@ def branch_spec(plan: SweepPlan, point: BranchPoint, k: float, replicate: int) -
     cfg = branch_config(plan, point, k, replicate)
     kb = cfg.batch_seqs
     shift = cfg.data.stream_shift_seqs
+    start, ema = parent_continuation(plan, point, cfg) or (point.ckpt, None)
+    if plan.cfg.keep_before_cooldown and plan.cfg.cooldown_fraction > 0:
+        c = last_step_before_cooldown(point.tokens, kb * T, plan.window_tokens, plan.cfg.cooldown_fraction)
+        if start.tokens < c < point.tokens + plan.window_tokens:
+            cfg = merge(cfg, {"checkpoint_tokens": [c], "eval_at_checkpoints": False})
     defining = {"format": BRANCH_FORMAT, "parent": plan.parent_hash, "ckpt_tokens": point.tokens,
                 "config": defining_dict(cfg)}
     bid = f"tok_{point.tokens:012d}_k{k:g}_r{replicate}_{config_hash(defining, 10)}"
-    start, ema = parent_continuation(plan, point, cfg) or (point.ckpt, None)
     offset = point.ckpt.meta["offset_seqs"] + shift
     return BranchSpec(id=bid, k=k, replicate=replicate, point_tokens=point.tokens, base_batch_seqs=B, batch_seqs=kb,
                       lr_multiplier=lr_rule_multiplier(plan.lr_rule, kb, B), base_lr=point.base_lr,

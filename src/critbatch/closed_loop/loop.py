@@ -46,7 +46,7 @@ from typing import Callable
 from ..analysis.describe import describe_closed_loop
 from ..analysis.triggers import calibrate, gns_verdict, norm_verdict, probe_verdict, steps_for
 from ..branch import SweepConfig, run_sweep
-from ..config import TrainConfig, config_hash, defining_dict, merge
+from ..config import TrainConfig, config_hash, defining_dict, from_dict, merge
 from ..errors import ConfigError
 from ..gns.checkpoints import GNSConfig, gns_at_checkpoints
 from ..io import check_output, read_json, write_json_atomic, write_text_atomic
@@ -55,7 +55,9 @@ from ..records import CBSPoint, ClosedLoopResult, ProbeDecision, ProbeEvidence, 
 from ..schedules import BatchSchedule
 from ..schedules.export import schedule_document
 from ..train import run_defaults
-from ..train.checkpoint import find_kept
+from ..branch.continuation import agreeing_steps
+from ..branch.spec import BranchSpec
+from ..train.checkpoint import CheckpointInfo, find_kept, kept_checkpoints
 from .config import AUTOBATCH_FORMAT, AutoBatchConfig, check, default_window, measures_noise_scale
 from .policy import agreement, decide_raise, lead_limit, main_run_lead, next_point
 
@@ -128,7 +130,7 @@ class ClosedLoop:
                            replicates=a.replicates, search="grid", cooldown_fraction=a.cooldown_fraction,
                            decide_by="eval", rule=a.rule, eps=a.eps, confidence=a.confidence,
                            eval_seqs=a.eval_seqs, device=a.device, threads_per_branch=a.threads_per_branch,
-                           jobs=a.jobs, launcher=a.launcher, slurm=a.slurm,
+                           jobs=a.jobs, launcher=a.launcher, slurm=a.slurm, keep_before_cooldown=True,
                            early_stop_gap=2 * a.eps if a.early_stop and a.cooldown_fraction > 0 and a.eps > 0 else None)
         res = run_sweep(scfg, progress=False, beside=[beside] if beside is not None else [])
         p = res.curve["points"][0]
@@ -176,6 +178,29 @@ class ClosedLoop:
         rec.update(probe=probe, verdicts=verdicts, acted_on=d.acted_on, batch_after=d.batch_after,
                    cost={"probe_tokens": probe["probe_tokens"] if probe else 0, "gns_tokens": ns["tokens"] if ns else 0})
         return rec
+
+    def probe_continuation(self, seg: Path, ck, rec: ProbeDecision, seg_cfg: TrainConfig) -> tuple[Path, CheckpointInfo] | None:
+        """On a raise: the branch probe at the new batch (replicate 0) and its kept checkpoint at its
+        last step before the cooldown, when the run at the new batch (``seg_cfg``, the next
+        segment's config) takes exactly the probe's steps from the point up to there — the run then
+        continues from that checkpoint instead of training those steps again; else ``None``."""
+        probe = rec.get("probe")
+        if not probe or (seg / "branches").is_dir() is False:
+            return None
+        after, t = rec["batch_after"], ck.tokens
+        for d in sorted((seg / "branches").iterdir()):
+            if not (d / "branch.json").is_file():
+                continue
+            spec = BranchSpec.read(d)
+            if (spec.point_tokens, spec.batch_seqs, spec.replicate, spec.window_tokens) != (t, after, 0, probe["window_tokens"]):
+                continue
+            kept = [c for c in kept_checkpoints(d) if t < c.tokens]
+            if not kept:
+                continue
+            c = kept[-1]
+            if c.tokens in agreeing_steps(seg_cfg, spec.train_config(), t, c.tokens, int(ck.meta["offset_seqs"])):
+                return d, c
+        return None
 
     def write_decisions(self) -> None:
         write_text_atomic(self.out / "decisions.jsonl", "".join(json.dumps(d, sort_keys=True) + "\n" for d in self.decisions))
@@ -229,6 +254,19 @@ class ClosedLoop:
             if rec["batch_after"] != rec["batch_before"]:
                 self.sched.append([rec["tokens"], rec["batch_after"]])
             init, cur = ck.path, ck.tokens
+            end = next_point(ck.tokens, self.points, total, rec, self.a)
+            if rec["batch_after"] > rec["batch_before"]:  # the probe at the new batch is the run's own continuation
+                # the segment's config as it ran (resolved), with the schedule the run takes now
+                cont = self.probe_continuation(seg, ck, rec, merge(from_dict(TrainConfig, read_json(seg / "config.json")), {
+                    "batch_schedule": [list(p) for p in self.sched], "batch_seqs": self.sched[0][1]}))
+                if cont is not None and cont[1].tokens < end:
+                    d, c = cont
+                    T_after = rec["batch_after"] * self.cfg.model.seq_len
+                    rec["continued_from_probe"] = {"branch": str(d.relative_to(self.out)), "to_tokens": c.tokens,
+                                                   "tokens": c.tokens - ck.tokens, "steps": (c.tokens - ck.tokens) // T_after}
+                    rec["cost"]["probe_kept_tokens"] = c.tokens - ck.tokens  # part of the run: not measurement
+                    self.write_decisions()
+                    init, cur = c.path, c.tokens
             if lead:  # the run went on at B past the point: kept when the batch stays
                 kept = rec["batch_after"] == rec["batch_before"]
                 B_T = rec["batch_before"] * self.cfg.model.seq_len
@@ -238,7 +276,6 @@ class ClosedLoop:
                 self.write_decisions()
                 if kept:
                     init, cur = find_kept(seg, [lead])[0].path, lead
-            end = next_point(ck.tokens, self.points, total, rec, self.a)
             if beside is not None and end != nxt:  # the speculative segment ran to a point no longer next
                 rec["speculative_segment"]["kept"] = False
                 self.write_decisions()
@@ -253,7 +290,9 @@ class ClosedLoop:
             "closed_loop": str(self.out), "act_on": self.a.act_on, "decisions": len(self.decisions)},
             notes=[f"taken by the closed loop (--auto-batch) at {len(self.decisions)} probe points"]))
         leads = [d["main_run_lead"] for d in self.decisions if d.get("main_run_lead")]
-        steps = sum(r["steps"] for r in results) - sum(x["steps"] for x in leads if not x["kept"])
+        conts = [d["continued_from_probe"] for d in self.decisions if d.get("continued_from_probe")]
+        steps = (sum(r["steps"] for r in results) - sum(x["steps"] for x in leads if not x["kept"])
+                 + sum(x["steps"] for x in conts))
         tokens = last.get("tokens", 0)
         probe_tokens = sum(d["cost"]["probe_tokens"] for d in self.decisions)
         gns_tokens = sum(d["cost"]["gns_tokens"] for d in self.decisions)
@@ -271,6 +310,7 @@ class ClosedLoop:
             "schedule": sched.as_pairs(), "start_batch_seqs": self.B0, "final_batch_seqs": self.sched[-1][1],
             "probe_points": len(self.decisions), "raises": sum(d["batch_after"] > d["batch_before"] for d in self.decisions),
             "probe_tokens": probe_tokens, "gns_tokens": gns_tokens,
+            "probe_kept_tokens": sum(x["tokens"] for x in conts),
             "probe_fraction": probe_tokens / tokens if tokens else None,
             "small_control_steps": small_steps, "steps_saved_pct": 100.0 * (1 - steps / small_steps) if small_steps else 0.0,
             "segments": [str(d.relative_to(self.out)) for d in self.segments], "act_on": self.a.act_on,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from ..analysis.schedule import advise_start
 from ..analysis.triggers import log_spaced_points, phase_steps, steps_for
+from ..branch.continuation import last_step_before_cooldown
 from ..config import TrainConfig, check_choices, option
 from ..errors import ConfigError
 from ..io import check_output, write_json_atomic
@@ -136,20 +137,26 @@ def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
     for name, phases in scen.items():
         sched = BatchSchedule(tuple(phases), T)
         steps, secs = _phases_time(list(phases), T, N, t)
-        probe_tok = probe_secs = gns_tok = gns_secs = lead_tok = 0
+        probe_tok = probe_secs = gns_tok = gns_secs = lead_tok = probe_kept = 0
         for p in points:
             ph = sched.phase_index_at(p - 1)  # the probe runs at the batch before its decision
             start, B = sched.phases[ph]
             w = a.window_tokens or default_window(p, a.window_fraction, B, max(a.probe_k), T)
             got = main_run_lead(p, start, B, T, w, a.cooldown_fraction, lead_limit(p, points, N, a)) if not a.speculate else None
             lead_steps = (got[1] - got[0]) // (B * T) if got else 0  # the probe at B reads these from the run
+            raised_to = next((b for s, b in phases[1:] if s == p), None)
             for k in a.probe_k:
                 kb = int(round(k * B))
                 n = -(-w // (kb * T))
                 n0 = n - lead_steps if kb == B else n
                 probe_tok += (n0 + (a.replicates - 1) * n) * kb * T
                 probe_secs += (n0 + (a.replicates - 1) * n) * t(kb)
-            if got and any(s == p for s, _ in phases[1:]):  # raised here: the run's lead is dropped
+                if kb == raised_to and a.cooldown_fraction > 0:  # the run continues from this probe
+                    t0 = got[0] if got else p
+                    kept_steps = (last_step_before_cooldown(t0, kb * T, w, a.cooldown_fraction) - t0) // (kb * T)
+                    probe_kept += kept_steps * kb * T
+                    secs -= kept_steps * t(kb)  # the run does not train them again
+            if got and raised_to is not None:  # raised here: the run's lead is dropped
                 lead_tok += lead_steps * B * T
                 secs += lead_steps * t(B)
             if measures_noise_scale(a):
@@ -159,8 +166,9 @@ def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
         out["scenarios"][name] = {
             "schedule": [list(p) for p in phases], "steps": steps, "steps_saved_pct": 100 * (1 - steps / c_steps),
             "probe_tokens": probe_tok, "probe_fraction": probe_tok / N, "gns_tokens": gns_tok,
-            "lead_discarded_tokens": lead_tok,
-            "measurement_tokens": probe_tok + gns_tok + lead_tok, "measurement_fraction": (probe_tok + gns_tok + lead_tok) / N,
+            "lead_discarded_tokens": lead_tok, "probe_kept_tokens": probe_kept,
+            "measurement_tokens": probe_tok - probe_kept + gns_tok + lead_tok,
+            "measurement_fraction": (probe_tok - probe_kept + gns_tok + lead_tok) / N,
             "run_seconds": secs, "probe_seconds": probe_secs + gns_secs, "total_seconds": total_secs,
             "time_vs_control": total_secs / c_secs if c_secs else None,
             "pays_off": total_secs < c_secs,
@@ -239,8 +247,10 @@ def describe(est: dict) -> list[str]:
         lead = (f", {fmt_count(s['lead_discarded_tokens'])} tokens the run trained ahead and dropped at its raises"
                 if s.get("lead_discarded_tokens") else "")
         gns = f", noise scale {fmt_count(s['gns_tokens'])}" if s.get("gns_tokens") else ""
+        kept = (f" (of {fmt_count(s['probe_tokens'])} trained: the run continues from its raises' probes)"
+                if s.get("probe_kept_tokens") else "")
         lines.append(f"{name}: {s['steps']:,} steps ({s['steps_saved_pct']:.0f}% fewer), measurement "
                      f"{fmt_count(s['measurement_tokens'])} tokens ({100 * s['measurement_fraction']:.0f}% of the run: probes "
-                     f"{fmt_count(s['probe_tokens'])}{lead}{gns}), time {s['run_seconds']:,.0f} s "
+                     f"{fmt_count(s['probe_tokens'] - s.get('probe_kept_tokens', 0))}{kept}{lead}{gns}), time {s['run_seconds']:,.0f} s "
                      f"+ probes {s['probe_seconds']:,.0f} s = {s['time_vs_control']:.2f}x the control: {verdict}")
     return lines
