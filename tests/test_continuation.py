@@ -145,6 +145,8 @@ def test_kept_before_the_cooldown_a_branch_is_where_a_run_raised_to_its_batch_go
     kept = run_sweep(sweep(parent, keep_before_cooldown=True), progress=False)
     for key in ("losses", "status", "cbs_low_seqs", "cbs_high_seqs"):
         assert kept.curve["points"][0][key] == plain.curve["points"][0][key]
+    # each branch's final evaluation is timed apart from its training (what a sweep's overhead is set against)
+    assert kept.curve["cost"]["branch_eval_seconds"] > 0 and kept.curve["points"][0]["branch_eval_seconds"] > 0
     plan, point = kept.plan, kept.plan.points[0]
     # k = 2 (128 tokens a step) from 1024: window 4096, cooldown 1024; the step from 4096 still runs at full LR
     spec2 = branch_spec(plan, point, 2, 0)

@@ -203,6 +203,8 @@ def test_checkpoints_without_evaluation_train_the_same_weights(cfg_factory, tmp_
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
     fa, fb = (json.loads((tmp_path / n / "result.json").read_text())["final_eval_loss"] for n in ("with", "without"))
     assert fa == fb
+    # the evaluations' wall time is recorded apart (the final one falls outside the training loop's)
+    assert all(json.loads((tmp_path / n / "result.json").read_text())["eval_time_s"] > 0 for n in ("with", "without"))
 
 
 def test_divergence_is_recorded_not_raised(cfg_factory, tmp_path):

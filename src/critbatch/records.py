@@ -46,6 +46,8 @@ class RunResult(TypedDict, total=False):
     params: int
     flops_per_token: int
     wall_time_s: float
+    eval_time_s: float
+    """Wall time of its held-out evaluations (the final one is outside ``wall_time_s``)."""
     tokens_per_s: float | None
     config_hash: str
     trained: str
@@ -55,7 +57,7 @@ class RunResult(TypedDict, total=False):
 RUN_RESULT_REQUIRED = ("tokens", "steps", "diverged")
 RUN_RESULT_DEFAULTS: dict[str, Any] = {"start_tokens": 0, "final_eval_loss": None, "final_eval_loss_se": None,
                                        "final_train_loss": None, "diverged_reason": None, "trained": "alone",
-                                       "wall_time_s": 0.0}
+                                       "wall_time_s": 0.0, "eval_time_s": 0.0}
 
 
 # ---- a sweep: one decided branch point and the curve ------------------------------------------------
@@ -130,6 +132,9 @@ class SweepCost(TypedDict, total=False):
     tokens_from_base: int
     """Tokens branches read from the parent's own continuation instead of training them."""
     branch_seconds: float
+    """The branches' training time (each branch's ``wall_time_s``)."""
+    branch_eval_seconds: float
+    """Their held-out evaluation at the window's end (each branch's ``eval_time_s``)."""
     wall_time_s: float
     stopped_early: int
     early_stop_saved_tokens: int
@@ -179,7 +184,7 @@ whose project defaults applied."""
 
 BranchOutcome = TypedDict("BranchOutcome", {
     "eval": float, "train-ema": float, "eval_se": "float | None", "eval_per_seq": Any, "diverged": bool,
-    "tokens": int, "steps": int, "wall_time_s": float, "trained": str, "from_parent_tokens": int,
+    "tokens": int, "steps": int, "wall_time_s": float, "eval_time_s": float, "trained": str, "from_parent_tokens": int,
     "stopped": "StopReading | None",
 })
 """A finished (or early-stopped) branch's numbers, as a sweep decides with them

@@ -32,7 +32,7 @@ def branch_outcome(branch_dir: Path) -> BranchOutcome:
     if not (branch_dir / "result.json").is_file() and (st := stopped_reading(branch_dir)) is not None:
         return {**common, "eval": math.nan, "train-ema": math.nan, "eval_se": None, "eval_per_seq": None,
                 "diverged": False, "tokens": st["tokens"] - st["start_tokens"], "steps": st["steps"] + parent_steps,
-                "wall_time_s": st["wall_time_s"],
+                "wall_time_s": st["wall_time_s"], "eval_time_s": 0.0,
                 "stopped": {k: st[k] for k in ("tokens", "gap_mean", "gap_se", "spans", "gap", "z")}}
     r = read_run_result(branch_dir)
     per_seq = None
@@ -43,7 +43,7 @@ def branch_outcome(branch_dir: Path) -> BranchOutcome:
             "eval_se": r["final_eval_loss_se"], "eval_per_seq": per_seq,
             "diverged": bool(r["diverged"]), "tokens": r["tokens"] - r["start_tokens"],
             "steps": r["steps"] + parent_steps,  # the window's optimizer steps, those the parent took for it included
-            "trained": r["trained"], "wall_time_s": r["wall_time_s"]}
+            "trained": r["trained"], "wall_time_s": r["wall_time_s"], "eval_time_s": r["eval_time_s"]}
 
 
 def decide_point(plan: SweepPlan, ks: list[float], recs: list[list[BranchOutcome]]):
@@ -66,6 +66,7 @@ def _decided_point(plan: SweepPlan, p: BranchPoint, by_k: dict[float, list[Branc
     extra = {"branch_tokens": sum(r["tokens"] for reps in recs for r in reps),
              "from_parent_tokens": [[r["from_parent_tokens"] for r in reps] for reps in recs],
              "branch_seconds": sum(r["wall_time_s"] for reps in recs for r in reps),
+             "branch_eval_seconds": sum(r["eval_time_s"] for reps in recs for r in reps),
              "trained": [[r["trained"] for r in reps] for reps in recs],
              "branches": sum(len(v) for v in recs), "steps": [[r["steps"] for r in reps] for reps in recs],
              "eval_se": [[r["eval_se"] for r in reps] for reps in recs],
@@ -95,7 +96,8 @@ def build_curve(plan: SweepPlan, results: dict[int, dict[float, list[BranchOutco
         "points": points,
         "cost": {"branches": sum(p["branches"] for p in points), "branch_tokens": sum(p["branch_tokens"] for p in points),
                  "tokens_from_base": sum(x for p in points for reps in p["from_parent_tokens"] for x in reps),
-                 "branch_seconds": sum(p["branch_seconds"] for p in points), "wall_time_s": wall_time_s,
+                 "branch_seconds": sum(p["branch_seconds"] for p in points),
+                 "branch_eval_seconds": sum(p.get("branch_eval_seconds", 0.0) for p in points), "wall_time_s": wall_time_s,
                  "stopped_early": sum(1 for p in points for reps in p["stopped_early"] for x in reps if x),
                  "early_stop_saved_tokens": sum(p["early_stop_saved_tokens"] for p in points),
                  "trained": _trained_counts(points)},

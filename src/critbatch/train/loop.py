@@ -313,6 +313,7 @@ class Trainer:
     def evaluate_per_seq(self) -> torch.Tensor:
         """Per-sequence mean next-token loss on the fixed held-out set, (n,) float64 on the CPU, the
         same on every rank (each rank evaluates its share of the chunks; a sum assembles them)."""
+        t0 = time.perf_counter()
         model = self.raw_model
         was_training = model.training
         model.eval()
@@ -332,7 +333,8 @@ class Trainer:
                 per_seq[i:i + mb] = ls
         all_reduce_sum(per_seq, self.dist)
         model.train(was_training)
-        self.last_eval_per_seq = (per_seq / self.cfg.model.seq_len).cpu()
+        self.last_eval_per_seq = (per_seq / self.cfg.model.seq_len).cpu()  # waits for the device
+        self.state.eval_s += time.perf_counter() - t0
         return self.last_eval_per_seq
 
     def evaluate(self) -> float:
@@ -585,7 +587,7 @@ class Trainer:
             "train_loss_smoothing": f"EMA alpha={EMA_ALPHA} over steps",
             "diverged": not ok, "diverged_at_tokens": self.diverged_at, "diverged_reason": self.diverged_reason,
             "epochs": s.offset_seqs / self.stream.n_seqs, "params": self.n_params,
-            "flops_per_token": self.flops_per_token, "wall_time_s": s.elapsed_s,
+            "flops_per_token": self.flops_per_token, "wall_time_s": s.elapsed_s, "eval_time_s": s.eval_s,
             "tokens_per_s": (self.tokens - s.start_tokens) / s.elapsed_s if s.elapsed_s > 0 else None,
             "config_hash": defining_hash(self.cfg), "trained": self.trained_as,
         }

@@ -37,6 +37,9 @@ class TrainerState:
     start_tokens: int = 0
     elapsed_s: float = 0.0
     """Training wall time of this run directory, over all its sessions."""
+    eval_s: float = 0.0
+    """Wall time of its held-out evaluations, over all its sessions (those inside the training loop
+    are in ``elapsed_s`` too; the one at the end is not)."""
 
     def advance(self, batch_seqs: int, loss: float) -> None:
         """After a finished step of ``batch_seqs`` sequences with mean loss ``loss``."""
@@ -50,6 +53,6 @@ class TrainerState:
 
     def load_session(self, saved: dict) -> None:
         """Take a resumed run's saved session fields (those a checkpoint has; older ones lack some)."""
-        for key in ("loss_ema", "start_step", "start_tokens", "elapsed_s", "last_loss"):
+        for key in ("loss_ema", "start_step", "start_tokens", "elapsed_s", "last_loss", "eval_s"):
             if key in saved:
                 setattr(self, key, saved[key])
