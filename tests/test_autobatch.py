@@ -370,6 +370,11 @@ def test_plan_arithmetic_known_answer():
     assert best["measurement_tokens"] == best["probe_tokens"] - best["probe_kept_tokens"] + 31 * 512 + 16 * 1024
     assert no["measurement_tokens"] == no["probe_tokens"] and no["measurement_fraction"] == no["probe_tokens"] / 1_000_000
     assert best["pays_off"] == (best["total_seconds"] < 19.54)
+    # an expected schedule as a closed loop writes it: the raise at the step boundary the run took the
+    # 250k point at (489 steps of 512 tokens); the same lead dropped and probe steps kept as at the point
+    exp = estimate(PlanConfig(total_tokens=1_000_000, start_seqs=8, seq_len=64, expected="0:8,250368:16",
+                              auto=cfg.auto), {8: 0.010, 16: 0.016})["scenarios"]["expected"]
+    assert exp["lead_discarded_tokens"] == 31 * 512 and exp["probe_kept_tokens"] == 16 * 1024
     assert "confirmation_points_max" not in est
     # with a confirmation factor of 1.5: a pass at 250k may be probed again at 375k (before 500k), one
     # at 500k at 750k; each such point costs 20,480 tokens at k = 1 and at k = 2

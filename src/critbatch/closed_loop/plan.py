@@ -144,7 +144,8 @@ def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
             w = a.window_tokens or default_window(p, a.window_fraction, B, max(a.probe_k), T)
             got = main_run_lead(p, start, B, T, w, a.cooldown_fraction, lead_limit(p, points, N, a)) if not a.speculate else None
             lead_steps = (got[1] - got[0]) // (B * T) if got else 0  # the probe at B reads these from the run
-            raised_to = next((b for s, b in phases[1:] if s == p), None)
+            # a raise here: a phase that starts at the point, or at the step boundary the run takes it at
+            raised_to = next((b for s, b in phases[1:] if p <= s < p + B * T), None)
             for k in a.probe_k:
                 kb = int(round(k * B))
                 n = -(-w // (kb * T))
