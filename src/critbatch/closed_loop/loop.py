@@ -15,7 +15,11 @@ the segment goes on past the point to the last step before that cooldown (:func:
 keeping a checkpoint at the point): the probe at B starts there and trains only its cooldown
 (:func:`critbatch.branch.parent_continuation`), and when the batch stays the run continues
 from there too. When the batch is raised the lead is discarded (its tokens and steps are counted
-apart in ``result.json``) and the next segment starts from the point, as without it.
+apart in ``result.json``), and the probe at the new batch is in turn, up to its cooldown, the run's
+own continuation at that batch: each probe branch keeps a checkpoint at its last step before the
+cooldown, and the next segment starts there (:meth:`ClosedLoop.probe_continuation`, where the
+run's steps at the new batch are exactly the probe's), else from the point. Either way one of the
+two probes' stretches before the cooldown becomes the run.
 
 Beside the branch probe, two cheaper triggers are read at every probe point from one noise-scale
 estimate (:mod:`critbatch.analysis.triggers`; the policy that turns verdicts into a batch is
@@ -45,7 +49,7 @@ from typing import Callable
 
 from ..analysis.describe import describe_closed_loop
 from ..analysis.triggers import calibrate, gns_verdict, norm_verdict, probe_verdict, steps_for
-from ..branch import SweepConfig, run_sweep
+from ..branch import BranchSpec, SweepConfig, agreeing_steps, run_sweep
 from ..config import TrainConfig, config_hash, defining_dict, from_dict, merge
 from ..errors import ConfigError
 from ..gns.checkpoints import GNSConfig, gns_at_checkpoints
@@ -55,8 +59,6 @@ from ..records import CBSPoint, ClosedLoopResult, ProbeDecision, ProbeEvidence, 
 from ..schedules import BatchSchedule
 from ..schedules.export import schedule_document
 from ..train import run_defaults
-from ..branch.continuation import agreeing_steps
-from ..branch.spec import BranchSpec
 from ..train.checkpoint import CheckpointInfo, find_kept, kept_checkpoints
 from .config import AUTOBATCH_FORMAT, AutoBatchConfig, check, default_window, measures_noise_scale
 from .policy import agreement, decide_raise, lead_limit, main_run_lead, next_point
@@ -179,13 +181,14 @@ class ClosedLoop:
                    cost={"probe_tokens": probe["probe_tokens"] if probe else 0, "gns_tokens": ns["tokens"] if ns else 0})
         return rec
 
-    def probe_continuation(self, seg: Path, ck, rec: ProbeDecision, seg_cfg: TrainConfig) -> tuple[Path, CheckpointInfo] | None:
+    def probe_continuation(self, seg: Path, ck: CheckpointInfo, rec: ProbeDecision,
+                           seg_cfg: TrainConfig) -> tuple[Path, CheckpointInfo] | None:
         """On a raise: the branch probe at the new batch (replicate 0) and its kept checkpoint at its
         last step before the cooldown, when the run at the new batch (``seg_cfg``, the next
         segment's config) takes exactly the probe's steps from the point up to there — the run then
         continues from that checkpoint instead of training those steps again; else ``None``."""
         probe = rec.get("probe")
-        if not probe or (seg / "branches").is_dir() is False:
+        if not probe or not (seg / "branches").is_dir():
             return None
         after, t = rec["batch_after"], ck.tokens
         for d in sorted((seg / "branches").iterdir()):

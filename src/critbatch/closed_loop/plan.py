@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..analysis.schedule import advise_start
 from ..analysis.triggers import log_spaced_points, phase_steps, steps_for
-from ..branch.continuation import last_step_before_cooldown
+from ..branch import last_step_before_cooldown
 from ..config import TrainConfig, check_choices, option
 from ..errors import ConfigError
 from ..io import check_output, write_json_atomic
