@@ -209,6 +209,14 @@ def test_the_main_run_goes_on_to_the_probes_cooldown_and_keeps_or_drops_that_lea
         assert seg1.endswith(f"{conts[0]['branch'].split('/')[-1]}/ckpt/tok_{conts[0]['to_tokens']:012d}")
     else:
         assert conts == [None, None] and all("probe_kept_tokens" not in d["cost"] for d in ds)
+    # a probe's checkpoint before its cooldown stays only where the run continued from it
+    from critbatch.train import kept_checkpoints
+
+    for d, c in zip(ds, conts):
+        probes = sorted((tmp_path / "loop" / d["segment"] / "branches").iterdir())
+        assert len(probes) == 2
+        left = {p.name: [k.tokens for k in kept_checkpoints(p)] for p in probes}
+        assert left == {p.name: ([c["to_tokens"]] if c and c["branch"].endswith(p.name) else []) for p in probes}
     assert r["probe_kept_tokens"] == sum(c["tokens"] for c in conts if c)
     # what the measurement cost counts: every token the run's result does not contain (the probes less
     # what the run continued from, the dropped leads)

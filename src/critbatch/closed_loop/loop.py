@@ -42,6 +42,7 @@ sweep branches of their segment; a run killed at any moment resumes and takes th
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -187,23 +188,40 @@ class ClosedLoop:
         last step before the cooldown, when the run at the new batch (``seg_cfg``, the next
         segment's config) takes exactly the probe's steps from the point up to there — the run then
         continues from that checkpoint instead of training those steps again; else ``None``."""
-        probe = rec.get("probe")
-        if not probe or not (seg / "branches").is_dir():
-            return None
-        after, t = rec["batch_after"], ck.tokens
-        for d in sorted((seg / "branches").iterdir()):
-            if not (d / "branch.json").is_file():
-                continue
-            spec = BranchSpec.read(d)
-            if (spec.point_tokens, spec.batch_seqs, spec.replicate, spec.window_tokens) != (t, after, 0, probe["window_tokens"]):
-                continue
-            kept = [c for c in kept_checkpoints(d) if t < c.tokens]
-            if not kept:
+        t = ck.tokens
+        for d, spec, kept in self.probe_checkpoints(seg, t, rec):
+            if (spec.batch_seqs, spec.replicate) != (rec["batch_after"], 0):
                 continue
             c = kept[-1]
             if c.tokens in agreeing_steps(seg_cfg, spec.train_config(), t, c.tokens, int(ck.meta["offset_seqs"])):
                 return d, c
         return None
+
+    @staticmethod
+    def probe_checkpoints(seg: Path, t: int, rec: ProbeDecision) -> list[tuple[Path, BranchSpec, list[CheckpointInfo]]]:
+        """The branch probes at ``t`` (of the point's window) that kept checkpoints past the point:
+        each with its spec and those checkpoints."""
+        probe = rec.get("probe")
+        if not probe or not (seg / "branches").is_dir():
+            return []
+        out = []
+        for d in sorted((seg / "branches").iterdir()):
+            if not (d / "branch.json").is_file():
+                continue
+            spec = BranchSpec.read(d)
+            kept = [c for c in kept_checkpoints(d) if t < c.tokens]
+            if (spec.point_tokens, spec.window_tokens) == (t, probe["window_tokens"]) and kept:
+                out.append((d, spec, kept))
+        return out
+
+    def drop_unused_probe_checkpoints(self, seg: Path, t: int, rec: ProbeDecision) -> None:
+        """The probes' checkpoints before their cooldown that the run did not continue from: deleted
+        (a model's weights and optimizer state each; nothing reads them again)."""
+        used = (self.out / rec["continued_from_probe"]["branch"]).resolve() if rec.get("continued_from_probe") else None
+        for d, _spec, kept in self.probe_checkpoints(seg, t, rec):
+            if d.resolve() != used:
+                for c in kept:
+                    shutil.rmtree(c.path)
 
     def write_decisions(self) -> None:
         write_text_atomic(self.out / "decisions.jsonl", "".join(json.dumps(d, sort_keys=True) + "\n" for d in self.decisions))
@@ -270,6 +288,7 @@ class ClosedLoop:
                     rec["cost"]["probe_kept_tokens"] = c.tokens - ck.tokens  # part of the run: not measurement
                     self.write_decisions()
                     init, cur = c.path, c.tokens
+            self.drop_unused_probe_checkpoints(seg, ck.tokens, rec)
             if lead:  # the run went on at B past the point: kept when the batch stays
                 kept = rec["batch_after"] == rec["batch_before"]
                 B_T = rec["batch_before"] * self.cfg.model.seq_len
