@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--eps-budget", type=float, default=None, help="one tolerance for the run's raises together")
     ap.add_argument("--first-probe-fraction", type=float, default=1 / 16)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--loop-only", action="store_true", help="run the closed loops alone (their decisions and "
+                    "measurement), without the comparison against the controls")
     ap.add_argument("--b0", type=int, default=8, help="start batch in sequences (the LR follows the sqrt rule from "
                     "the preset's at 8; the demo starts at 2)")
     a = ap.parse_args()
@@ -96,13 +98,16 @@ def main() -> None:
                 res = {"corpus": corpus, "size": size, "variant": variant, "seed": seed, "schedule": r["schedule"], "steps": r["steps"],
                        "small_steps": r["small_control_steps"], "steps_saved_pct": r["steps_saved_pct"],
                        "probe_fraction": r["probe_fraction"], "measurement_fraction": r["measurement_fraction"],
+                       "probe_kept_tokens": r.get("probe_kept_tokens", 0),
                        "loop_eval": r["final_eval_loss"], "agreement": r["agreement"], "loop_seconds": loop_s,
                        "decisions": [{"tokens": d["tokens"], "batch": d["batch_before"], "verdicts": d["verdicts"],
                                       "losses": d["probe"]["eval_losses"] if d.get("probe") else None}
                                      for d in read_jsonl(cell / "loop" / "decisions.jsonl")]}
                 cfg_file = cell / "train-config.json"
                 write_json_atomic(cfg_file, to_dict(merge(cfg, {"seed": 0, "data": {"order_seed": 0}})))
-                if len(r["schedule"]) > 1:
+                if a.loop_only:
+                    res.update(gap_eval=None, gap_eval_anneal=None, replay_equals_loop=None, large_gap_eval=None)
+                elif len(r["schedule"]) > 1:
                     comp = run_compare(CompareConfig(out=str(cell / "compare"), schedule=str(cell / "loop" / "schedule.json"),
                                                      config=str(cfg_file), total_tokens=N, anneal_tokens=S["anneal_tokens"],
                                                      seeds=[seed], jobs=a.jobs,  # the replay anneals the loop's own run
@@ -117,10 +122,12 @@ def main() -> None:
                     res.update(gap_eval=0.0, gap_eval_anneal=0.0, replay_equals_loop=None, large_gap_eval=None)
                 results[key] = res
                 write_json_atomic(out / "study.json", results)
-                print(f"[{key}] {' -> '.join(f'{b}@{t:,}' for t, b in r['schedule'])}  gap {res['gap_eval']:+.4f} / "
-                      f"{res['gap_eval_anneal']:+.4f}  steps saved {r['steps_saved_pct']:.0f}%  probes "
-                      f"{100 * r['probe_fraction']:.0f}%  ({loop_s:.0f}s)", flush=True)
-    rows = ["| corpus, size | schedules (per seed) | gap before anneal | gap after anneal | steps saved | probe tokens ÷ run | gns agrees | norm agrees |",
+                gaps = ("" if res["gap_eval"] is None else
+                        f"  gap {res['gap_eval']:+.4f} / {res['gap_eval_anneal']:+.4f}")
+                print(f"[{key}] {' -> '.join(f'{b}@{t:,}' for t, b in r['schedule'])}{gaps}  steps saved "
+                      f"{r['steps_saved_pct']:.0f}%  measurement {100 * r['measurement_fraction']:.1f}% of the run  "
+                      f"({loop_s:.0f}s)", flush=True)
+    rows = ["| corpus, size | schedules (per seed) | gap before anneal | gap after anneal | steps saved | measurement ÷ run | gns agrees | norm agrees |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     cells = sorted({(v["corpus"], v["size"], v.get("variant", "")) for v in results.values()})
     for corpus, size, variant in cells:
@@ -131,7 +138,7 @@ def main() -> None:
         rows.append(f"| {corpus}, {size}, {variant} ({len(vs)} seeds) | {sch} | {fmt(*mean_se([v['gap_eval'] for v in vs]))} | "
                     f"{fmt(*mean_se([v['gap_eval_anneal'] for v in vs]))} | "
                     f"{mean_se([v['steps_saved_pct'] for v in vs])[0]:.0f}% | "
-                    f"{100 * mean_se([v['probe_fraction'] for v in vs])[0]:.0f}% | "
+                    f"{100 * mean_se([v.get('measurement_fraction', v['probe_fraction']) for v in vs])[0]:.1f}% | "
                     f"{ag['gns'][0]}/{ag['gns'][1]} | {ag['norm'][0]}/{ag['norm'][1]} |")
     write_text_atomic(out / "study.md", "\n".join(rows) + "\n")
     print("\n".join(rows))
