@@ -11,7 +11,13 @@ held-out evaluation at the window's end, which every branch needs for its decisi
 overhead (start-up, checkpoints, planning). Both train the same branches to the same numbers (the
 bench checks).
 
-    python bench/warm_pool.py                          # runs/demo/base
+With ``--jobs N`` the local pool runs N branches at once, one thread each, as the demo's sweep does
+(``--jobs demo``: the demo's default, one job per usable core); the in-process path always trains one
+branch at a time. With several jobs the wall time is set against the same sums, so the ratio also
+shows what the pool's concurrency buys.
+
+    python bench/warm_pool.py                          # runs/demo/base, one job
+    python bench/warm_pool.py --jobs demo              # the local pool as the demo runs it
     python bench/warm_pool.py --run RUN --out bench-warm.json
 """
 
@@ -33,7 +39,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/demo/base", help="a finished base run with the demo's kept checkpoints")
     ap.add_argument("--out", default=None, help="also write the figures as JSON here")
+    ap.add_argument("--jobs", default="1", help="branches the local pool trains at once: a number, or 'demo' for "
+                    "the demo's default (one per usable core)")
     a = ap.parse_args()
+    if a.jobs == "demo":
+        from critbatch.launch import default_jobs
+
+        jobs = default_jobs(1, "cpu")
+    elif a.jobs.isdigit() and int(a.jobs) >= 1:
+        jobs = int(a.jobs)
+    else:
+        sys.exit(f"warm_pool: --jobs {a.jobs!r} must be a positive number or 'demo'")
     if not (Path(a.run) / "result.json").is_file():
         sys.exit(f"warm_pool: {a.run} is not a finished run (make demo first, or give --run)")
     d = DemoConfig()
@@ -45,18 +61,19 @@ def main() -> None:
             t0 = time.perf_counter()
             res = run_sweep(SweepConfig(run=str(run), at=d.points, window_tokens=d.window_tokens, search="adaptive",
                                         k_min=d.k_min, k_max=d.k_max, cooldown_fraction=d.cooldown_fraction,
-                                        early_stop_gap=d.early_stop_gap, eval_seqs=d.eval_seqs, jobs=1,
+                                        early_stop_gap=d.early_stop_gap, eval_seqs=d.eval_seqs,
+                                        jobs=1 if launcher == "inprocess" else jobs,
                                         threads_per_branch=1, launcher=launcher), progress=False)
             wall = time.perf_counter() - t0
             c = res.curve["cost"]
             ev = c.get("branch_eval_seconds", 0.0)
             rows[launcher] = {"wall_s": wall, "branch_seconds": c["branch_seconds"], "branch_eval_seconds": ev,
-                              "branches": c["branches"], "wall_over_branches": wall / c["branch_seconds"],
+                              "branches": c["branches"], "jobs": 1 if launcher == "inprocess" else jobs, "wall_over_branches": wall / c["branch_seconds"],
                               "wall_over_branches_with_eval": wall / (c["branch_seconds"] + ev)}
             curves[launcher] = [p["losses"] for p in res.curve["points"]]
-    doc = {"run": a.run, "rows": rows, "same_numbers": curves["inprocess"] == curves["local"]}
+    doc = {"run": a.run, "jobs": jobs, "rows": rows, "same_numbers": curves["inprocess"] == curves["local"]}
     for name, r in rows.items():
-        print(f"{name:>9}: {r['branches']} branches, wall {r['wall_s']:.1f} s for {r['branch_seconds']:.1f} s of "
+        print(f"{name:>9} ({r['jobs']} at once): {r['branches']} branches, wall {r['wall_s']:.1f} s for {r['branch_seconds']:.1f} s of "
               f"branch training = {r['wall_over_branches']:.2f}x; with their final evaluation "
               f"({r['branch_eval_seconds']:.1f} s) {r['wall_over_branches_with_eval']:.2f}x")
     print(f"same numbers: {doc['same_numbers']}")

@@ -150,8 +150,8 @@ def test_the_loop_measures_no_noise_scale_by_default_and_stops_failing_probes_ea
     real = loop.run_sweep
     monkeypatch.setattr(loop, "run_sweep", lambda c, **kw: seen.append(c) or real(c, **kw))
     monkeypatch.setattr(loop.ClosedLoop, "noise_scale", lambda *a: pytest.fail("measured the noise scale"))
-    r = run_auto_batch(loop_cfg(data_dir), AutoBatchConfig(probe_at=[2048], window_tokens=1024, launcher="inprocess"),
-                       tmp_path / "loop")
+    r = run_auto_batch(loop_cfg(data_dir), AutoBatchConfig(probe_at=[2048], window_tokens=1024, launcher="inprocess",
+                                                           confirm=1), tmp_path / "loop")
     assert r["gns_tokens"] == 0 and [c.early_stop_gap for c in seen] == [0.02]
     assert "gns" not in read_jsonl(tmp_path / "loop" / "decisions.jsonl")[0]["verdicts"]
     with pytest.raises(ConfigError, match="with replicates=2 give --no-auto.early-stop"):
@@ -170,7 +170,8 @@ def _plain(cfg, out):
 
 
 @pytest.mark.parametrize("raise_", [False, True])
-def test_the_main_run_goes_on_to_the_probes_cooldown_and_keeps_or_drops_that_lead(data_dir, tmp_path, raise_):
+def test_the_main_run_goes_on_to_the_probes_cooldown_and_keeps_or_drops_that_lead(data_dir, tmp_path, raise_,
+                                                                                     monkeypatch):
     """Before a branch probe decides, the main run trains on at B to the last step before the probe's
     cooldown; the probe at B starts there (it trains only its cooldown). The batch stays: the run
     continues from there, and is the plain run bit for bit. The batch is raised: the lead is dropped,
@@ -179,9 +180,13 @@ def test_the_main_run_goes_on_to_the_probes_cooldown_and_keeps_or_drops_that_lea
     takes it), and is the replay of its schedule bit for bit."""
     from critbatch.analysis.triggers import steps_for
 
+    from critbatch.closed_loop import loop
+
+    if not raise_:  # the probes train as ever; their verdict is planted: stay
+        monkeypatch.setattr(loop, "probe_verdict", lambda point, B, cap: ("stay", B))
     cfg = loop_cfg(data_dir)
     a = AutoBatchConfig(probe_at=[2048, 4096], window_tokens=1024, launcher="inprocess", noise_scale=False, confirm=1,
-                        **({"eps": 10.0} if raise_ else {"max_batch_seqs": 4}))
+                        eps=10.0)
     r = run_auto_batch(cfg, a, tmp_path / "loop", threads=1)
     ds = read_jsonl(tmp_path / "loop" / "decisions.jsonl")
     T = cfg.model.seq_len
@@ -333,7 +338,7 @@ def test_train_auto_batch_on_the_command_line(data_dir, tmp_path, capsys):
     cfg_file.write_text(json.dumps(to_dict(loop_cfg(data_dir))))
     args = ["train", "--config", str(cfg_file), "--out", str(tmp_path / "loop"), "--auto-batch",
             "--auto.probe-at", "4096", "--auto.window-tokens", "1024", "--auto.launcher", "inprocess",
-            "--auto.gns-b-big", "8", "--auto.gns-batches", "4"]
+            "--auto.gns-b-big", "8", "--auto.gns-batches", "4", "--auto.confirm", "1"]
     assert main(args) == 0
     cap = capsys.readouterr()
     assert "closed loop (branch trigger)" in cap.out and "1 probe points" in cap.out and "measurement cost" in cap.out
@@ -383,6 +388,15 @@ def test_plan_arithmetic_known_answer():
     exp = estimate(PlanConfig(total_tokens=1_000_000, start_seqs=8, seq_len=64, expected="0:8,250368:16",
                               auto=cfg.auto), {8: 0.010, 16: 0.016})["scenarios"]["expected"]
     assert exp["lead_discarded_tokens"] == 31 * 512 and exp["probe_kept_tokens"] == 16 * 1024
+    # after that raise the 500k point is the only one left at 16: with confirm 2 it can raise nothing and
+    # the loop does not probe it; the bounds probe both points (no raise: 250k may pass, 500k confirm it)
+    assert exp["skipped_probe_points"]["points"] == [500_000] and exp["skipped_probe_points"]["batch_seqs"] == 16
+    assert exp["probe_tokens"] == 9 * 512 + 20 * 1024
+    assert no["skipped_probe_points"] is None and best["skipped_probe_points"] is None
+    capped = estimate(PlanConfig(total_tokens=1_000_000, start_seqs=8, seq_len=64, auto=AutoBatchConfig(
+        probe_at=[250_000, 500_000], window_tokens=20_480, noise_scale=False, max_batch_seqs=12)), {8: 0.010})
+    assert all(s["probe_tokens"] == 0 and s["skipped_probe_points"]["points"] == [250_000, 500_000]
+               for s in capped["scenarios"].values())
     assert "confirmation_points_max" not in est
     # with a confirmation factor of 1.5: a pass at 250k may be probed again at 375k (before 500k), one
     # at 500k at 750k; each such point costs 20,480 tokens at k = 1 and at k = 2
@@ -485,7 +499,7 @@ def test_compare_replays_the_closed_loop_as_a_fourth_run(data_dir, tmp_path):
 @pytest.mark.slow
 def test_speculation_trains_the_next_segment_beside_the_probes_and_changes_nothing(data_dir, tmp_path):
     cfg = loop_cfg(data_dir)
-    kw = dict(probe_at=[2048], window_tokens=1024, gns_b_big=8, gns_batches=4, threads_per_branch=1,
+    kw = dict(probe_at=[2048], window_tokens=1024, confirm=1, gns_b_big=8, gns_batches=4, threads_per_branch=1,
               launcher="local", jobs=3)
     plain = run_auto_batch(cfg, AutoBatchConfig(**kw), tmp_path / "plain", threads=1)
     spec = run_auto_batch(cfg, AutoBatchConfig(**kw, speculate=True), tmp_path / "spec", threads=1)
@@ -535,6 +549,44 @@ def test_confirm_raises_only_after_consecutive_passes(data_dir, tmp_path, monkey
     ds = read_jsonl(tmp_path / "c2" / "decisions.jsonl")
     assert [d.get("confirmations") for d in ds] == [ONE_OF_TWO, None, ONE_OF_TWO, TWO_OF_TWO]
     assert [d["batch_after"] for d in ds] == [4, 4, 4, 8]
+
+
+def test_points_that_can_lead_to_no_raise_are_not_probed(data_dir, tmp_path, monkeypatch):
+    """Issue 25: with confirm=2 a raise needs two consecutive passing points at one batch. A first
+    raise at the second-last point leaves one point at the new batch, which can raise nothing: the
+    loop trains on to the end without it, and the run is bit for bit the one that probed there and
+    stayed. At max_batch_seqs the loop probes nothing."""
+    seen = []
+    monkeypatch.setattr(ClosedLoop, "branch_probe", planted_probe(lambda t, B: seen.append((t, B)) or B == 4))
+    cfg = loop_cfg(data_dir)
+    kw = dict(probe_at=[1024, 2048, 4096], noise_scale=False, launcher="inprocess")
+    r = run_auto_batch(cfg, AutoBatchConfig(**kw), tmp_path / "skip", threads=1)
+    assert seen == [(1024, 4), (2048, 4)] and r["schedule"] == [[0, 4], [2048, 8]]
+    assert r["probe_points"] == 2
+    sk = r["skipped_probe_points"]
+    assert sk["from_tokens"] == 4096 and sk["points"] == [4096] and sk["batch_seqs"] == 8
+    assert "needs 2 more consecutive probe points" in sk["reason"] and "1 remain" in sk["reason"]
+    from critbatch.closed_loop import describe
+
+    assert any(x.startswith("no probe at 4,096 tokens (1 point left out): a raise from batch 8 needs 2")
+               for x in describe(r))
+    # a rerun in place decides the same
+    assert {k: v for k, v in run_auto_batch(cfg, AutoBatchConfig(**kw), tmp_path / "skip", threads=1).items()
+            if k != "wall_time_s"} == {k: v for k, v in r.items() if k != "wall_time_s"}
+    # the same schedule with 4096 probed (confirm 1, the raise planted at 2048 alone): the same run
+    seen.clear()
+    monkeypatch.setattr(ClosedLoop, "branch_probe", planted_probe(lambda t, B: seen.append((t, B)) or (t, B) == (2048, 4)))
+    same = run_auto_batch(cfg, AutoBatchConfig(**kw, confirm=1), tmp_path / "same", threads=1)
+    assert seen == [(1024, 4), (2048, 4), (4096, 8)] and same["schedule"] == r["schedule"]
+    assert same["skipped_probe_points"] is None
+    assert same["final_eval_loss"] == r["final_eval_loss"] and same["steps"] == r["steps"]
+    assert r["measurement_tokens"] <= same["measurement_tokens"]
+    # at the cap: no point can raise, none is probed
+    seen.clear()
+    capped = run_auto_batch(cfg, AutoBatchConfig(**kw, max_batch_seqs=6), tmp_path / "cap", threads=1)
+    assert seen == [] and capped["probe_points"] == 0 and capped["schedule"] == [[0, 4]]
+    assert capped["skipped_probe_points"]["points"] == [1024, 2048, 4096]
+    assert "max_batch_seqs=6" in capped["skipped_probe_points"]["reason"]
 
 
 def test_confirm_factor_confirms_a_pass_sooner(data_dir, tmp_path, monkeypatch):

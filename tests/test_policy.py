@@ -2,7 +2,7 @@
 
 import pytest
 
-from critbatch.closed_loop import AutoBatchConfig, decide_raise, next_point, probe_gap, raise_streak
+from critbatch.closed_loop import AutoBatchConfig, decide_raise, futile_point, next_point, probe_gap, raise_streak
 from critbatch.records import probe_decision, unconfirmed_raise
 
 
@@ -85,3 +85,21 @@ def test_decisions_written_before_structured_confirmations_read_the_same():
     d = probe_decision(old)
     assert d["confirmations"] == {"seen": 1, "needed": 2} and unconfirmed_raise(d)
     assert d["probe"] is None and d["eps_spent"] is None  # keys added since fill in
+
+
+def test_a_point_is_futile_when_no_raise_can_follow_before_the_end():
+    """confirm=2: a raise needs two consecutive points seeing it; the best case counts every later point."""
+    pts, N = [1000, 2000, 4000, 8000], 16000
+    a = AutoBatchConfig(confirm=2)
+    assert futile_point(4000, 4, 0, pts, N, a) is None  # 4000 and 8000 remain
+    assert "needs 2 more consecutive probe points seeing it (confirm=2) and 1 remain" in futile_point(8000, 4, 0, pts, N, a)
+    assert futile_point(8000, 4, 1, pts, N, a) is None  # 4000 saw a raise at this batch: 8000 can confirm it
+    assert futile_point(8000, 4, 0, pts, N, AutoBatchConfig(confirm=1)) is None
+    assert futile_point(2000, 4, 0, pts, N, AutoBatchConfig(confirm=4)) is not None  # 3 remain of 4 needed
+    assert futile_point(1000, 4, 0, pts, N, AutoBatchConfig(confirm=4)) is None
+    # a confirmation point at 1.5 x the point comes before the end: 8000 can still be confirmed (at 12000)
+    assert futile_point(8000, 4, 0, pts, N, AutoBatchConfig(confirm=2, confirm_factor=1.5)) is None
+    assert futile_point(8000, 4, 0, pts, N, AutoBatchConfig(confirm=2, confirm_factor=2.5)) is not None
+    # the cap: no probed k fits (k = 2 and 3 at batch 4 under 10: 8 fits; under 7 nothing)
+    assert futile_point(1000, 4, 0, pts, N, AutoBatchConfig(probe_k=[1.0, 2.0, 3.0], max_batch_seqs=10)) is None
+    assert "max_batch_seqs=7" in futile_point(1000, 4, 0, pts, N, AutoBatchConfig(max_batch_seqs=7))

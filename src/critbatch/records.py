@@ -277,6 +277,9 @@ class ClosedLoopResult(TypedDict, total=False):
     start_batch_seqs: int
     final_batch_seqs: int
     probe_points: int
+    skipped_probe_points: dict | None
+    """The scheduled probe points left out, from the first that could lead to no raise before the
+    run's end: ``from_tokens``, ``points``, ``batch_seqs``, ``reason``; ``None`` when none were."""
     raises: int
     probe_tokens: int
     gns_tokens: int
@@ -299,7 +302,8 @@ class ClosedLoopResult(TypedDict, total=False):
 
 CLOSED_LOOP_REQUIRED = ("tokens", "steps", "schedule", "raises", "probe_tokens", "diverged")
 CLOSED_LOOP_DEFAULTS: dict[str, Any] = {"main_run_leads": {"points": 0, "kept": 0, "tokens": 0, "discarded_tokens": 0},
-                                        "agreement": {}, "gns_tokens": 0, "probe_kept_tokens": 0}
+                                        "agreement": {}, "gns_tokens": 0, "probe_kept_tokens": 0,
+                                        "skipped_probe_points": None}
 
 
 # ---- readers: one per file kind ------------------------------------------------------------------------

@@ -130,6 +130,17 @@ def measurement_parts(result: dict) -> str:
     return ", ".join(parts + [f"noise scale {fmt_count(result.get('gns_tokens', 0))}"])
 
 
+def skipped_probes(result: dict) -> str | None:
+    """The probe points a closed-loop run left out because none could lead to a raise (``result.json``'s
+    ``skipped_probe_points``) in words, or ``None``."""
+    sk = result.get("skipped_probe_points")
+    if not sk:
+        return None
+    n = len(sk["points"])
+    return (f"no probe at {', '.join(f'{p:,}' for p in sk['points'])} tokens ({n} point{'s' * (n != 1)} "
+            f"left out): {sk['reason']}")
+
+
 def describe_closed_loop(result: dict) -> list[str]:
     """A closed-loop run's ``result.json`` in lines: its schedule, its loss and steps, what its
     measurements cost, how the cheaper triggers agreed with the branch probe."""
@@ -141,6 +152,8 @@ def describe_closed_loop(result: dict) -> list[str]:
              if not result["diverged"] else f"diverged: {result['diverged_reason']}",
              f"measurement cost: {result['measurement_tokens']:,} tokens ({100 * (result['measurement_fraction'] or 0):.0f}% "
              f"of the run's {result['tokens']:,}): {measurement_parts(result)}"]
+    if skipped_probes(result):
+        lines.append(skipped_probes(result))
     for name, v in (result.get("agreement") or {}).items():
         if v["points"]:
             lines.append(f"{name} trigger agreed with the branch probe at {v['agree']} of {v['points']} points")

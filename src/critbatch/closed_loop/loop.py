@@ -62,7 +62,7 @@ from ..schedules.export import schedule_document
 from ..train import run_defaults
 from ..train.checkpoint import CheckpointInfo, find_kept, kept_checkpoints
 from .config import AUTOBATCH_FORMAT, AutoBatchConfig, check, default_window, measures_noise_scale
-from .policy import agreement, decide_raise, lead_limit, main_run_lead, next_point
+from .policy import agreement, decide_raise, futile_point, lead_limit, main_run_lead, next_point, raise_streak
 
 Decider = Callable[[int, int], int]
 """A planted decision source for tests: (tokens, batch) -> the batch afterwards."""
@@ -107,6 +107,16 @@ class ClosedLoop:
         self.history: list[tuple] = []
         """(CBS low, CBS high, B_simple) of the branch probes: what calibrates the noise-scale trigger."""
         self.segments: list[Path] = []
+        self.skipped: dict | None = None
+        """The probe points left out because none of them could lead to a raise (:func:`futile_point`)."""
+
+    def futile(self, t: int) -> str | None:
+        """Why the loop stops probing at ``t`` (:func:`critbatch.closed_loop.policy.futile_point`), or
+        ``None``; never with a planted decision source (it may raise at any point)."""
+        if self.decide is not None or t >= self.cfg.total_tokens:
+            return None
+        B = self.sched[-1][1]
+        return futile_point(t, B, raise_streak(B, self.decisions) - 1, self.points, self.cfg.total_tokens, self.a)
 
     def segment_job(self, i: int, start: int, end: int, init: Path | None, keep: bool, also_keep: list[int] = ()) -> Path:
         """The segment's job directory (written once; content-addressed by config and start)."""
@@ -253,6 +263,13 @@ class ClosedLoop:
         res: dict = {}
         end = next_point(cur, self.points, total, None, self.a)
         while True:
+            why = self.futile(end)
+            if why is not None:  # no point from here on can raise the batch: the run trains to its end
+                self.skipped = {"from_tokens": end, "points": [end] + [p for p in self.points if p > end],
+                                "batch_seqs": self.sched[-1][1], "reason": why}
+                if self.verbose:
+                    print(f"[auto-batch] no probe from {end:,} tokens on: {why}", file=sys.stderr, flush=True)
+                end = total
             lead = self.lead(end) if end < total else None
             seg, res = self.segment(len(self.segments), cur, lead or end, init, keep=end < total,
                                     also_keep=[end] if lead else [])
@@ -330,7 +347,7 @@ class ClosedLoop:
             "final_eval_loss": last.get("final_eval_loss"), "final_eval_loss_se": last.get("final_eval_loss_se"),
             "final_train_loss": last.get("final_train_loss"), "tokens": tokens, "steps": steps,
             "schedule": sched.as_pairs(), "start_batch_seqs": self.B0, "final_batch_seqs": self.sched[-1][1],
-            "probe_points": len(self.decisions), "raises": sum(d["batch_after"] > d["batch_before"] for d in self.decisions),
+            "probe_points": len(self.decisions), "skipped_probe_points": self.skipped, "raises": sum(d["batch_after"] > d["batch_before"] for d in self.decisions),
             "probe_tokens": probe_tokens, "gns_tokens": gns_tokens,
             "probe_kept_tokens": sum(x["tokens"] for x in conts),
             "probe_fraction": probe_tokens / tokens if tokens else None,

@@ -30,7 +30,7 @@ from ..records import read_curve
 from ..schedules import BatchSchedule
 from ..units import fmt_count
 from .config import AutoBatchConfig, default_window, measures_noise_scale
-from .policy import lead_limit, main_run_lead
+from .policy import futile_point, lead_limit, main_run_lead
 
 
 @dataclass
@@ -138,9 +138,18 @@ def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
         sched = BatchSchedule(tuple(phases), T)
         steps, secs = _phases_time(list(phases), T, N, t)
         probe_tok = probe_secs = gns_tok = gns_secs = lead_tok = probe_kept = 0
+        skipped, streak, prev_batch = None, 0, None
         for p in points:
             ph = sched.phase_index_at(p - 1)  # the probe runs at the batch before its decision
             start, B = sched.phases[ph]
+            # the loop stops probing where no raise can follow before the end (counted in the best case:
+            # the earlier points at this batch saw a raise), unless this schedule raises later
+            streak = min(streak + 1, a.confirm - 1) if B == prev_batch else 0
+            prev_batch = B
+            why = futile_point(p, B, streak, points, N, a)
+            if why is not None and not any(s >= p for s, _b in phases[1:]):
+                skipped = {"from_tokens": p, "points": [q for q in points if q >= p], "batch_seqs": B, "reason": why}
+                break
             w = a.window_tokens or default_window(p, a.window_fraction, B, max(a.probe_k), T)
             got = main_run_lead(p, start, B, T, w, a.cooldown_fraction, lead_limit(p, points, N, a)) if not a.speculate else None
             lead_steps = (got[1] - got[0]) // (B * T) if got else 0  # the probe at B reads these from the run
@@ -166,7 +175,7 @@ def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
         total_secs = secs + probe_secs + gns_secs
         out["scenarios"][name] = {
             "schedule": [list(p) for p in phases], "steps": steps, "steps_saved_pct": 100 * (1 - steps / c_steps),
-            "probe_tokens": probe_tok, "probe_fraction": probe_tok / N, "gns_tokens": gns_tok,
+            "probe_tokens": probe_tok, "probe_fraction": probe_tok / N, "gns_tokens": gns_tok, "skipped_probe_points": skipped,
             "lead_discarded_tokens": lead_tok, "probe_kept_tokens": probe_kept,
             "measurement_tokens": probe_tok - probe_kept + gns_tok + lead_tok,
             "measurement_fraction": (probe_tok - probe_kept + gns_tok + lead_tok) / N,
@@ -250,8 +259,10 @@ def describe(est: dict) -> list[str]:
         gns = f", noise scale {fmt_count(s['gns_tokens'])}" if s.get("gns_tokens") else ""
         kept = (f" (of {fmt_count(s['probe_tokens'])} trained: the run continues from its raises' probes)"
                 if s.get("probe_kept_tokens") else "")
+        skip = (f"; no probe at {', '.join(fmt_count(p) for p in s['skipped_probe_points']['points'])} tokens "
+                f"(no raise can follow)" if s.get("skipped_probe_points") else "")
         lines.append(f"{name}: {s['steps']:,} steps ({s['steps_saved_pct']:.0f}% fewer), measurement "
                      f"{fmt_count(s['measurement_tokens'])} tokens ({100 * s['measurement_fraction']:.0f}% of the run: probes "
                      f"{fmt_count(s['probe_tokens'] - s.get('probe_kept_tokens', 0))}{kept}{lead}{gns}), time {s['run_seconds']:,.0f} s "
-                     f"+ probes {s['probe_seconds']:,.0f} s = {s['time_vs_control']:.2f}x the control: {verdict}")
+                     f"+ probes {s['probe_seconds']:,.0f} s = {s['time_vs_control']:.2f}x the control: {verdict}{skip}")
     return lines

@@ -12,8 +12,9 @@ calibrated noise scale, the norm test) and says which trigger acts and what the 
 4. with ``eps_budget`` every raise spends the loss gap its probe measured, and a raise that would take
    the run's total past the budget is not taken.
 
-Where the loop probes next (:func:`next_point`) and how far the main run trains on before a probe
-decides (:func:`main_run_lead`, :func:`lead_limit`) are here too.
+Where the loop probes next (:func:`next_point`), whether a probe point can still lead to a raise at
+all (:func:`futile_point`: if not, the loop stops probing) and how far the main run trains on before
+a probe decides (:func:`main_run_lead`, :func:`lead_limit`) are here too.
 """
 
 from __future__ import annotations
@@ -101,6 +102,35 @@ def next_point(cur: int, points: list[int], total: int, last: ProbeDecision | No
         if cur < sooner < end:
             return sooner
     return end
+
+
+def futile_point(t: int, batch: int, streak_before: int, points: list[int], total: int, a: AutoBatchConfig) -> str | None:
+    """Why a probe at ``t`` tokens, at ``batch``, can lead to no raise before the run's end (so it,
+    and every later point, would only cost tokens), or ``None`` when it can. ``streak_before``: the
+    raises seen at consecutive points at this batch just before (``raise_streak`` less one).
+
+    Two reasons: no probed raise fits under ``max_batch_seqs``; or a raise needs ``confirm`` −
+    ``streak_before`` more points seeing it and fewer remain — counted in the best case, every point
+    from ``t`` on seeing a raise (so with ``confirm_factor`` the sooner confirmation points count). A
+    point that can lead to no raise decides nothing: the run goes on at its batch either way, bit for
+    bit as if it had been probed and stayed."""
+    raises = [int(round(k * batch)) for k in a.probe_k if k > 1] + ([] if a.act_on == "branch" else [2 * batch])
+    cap = a.max_batch_seqs
+    if cap is not None and min(raises) > cap:
+        return f"no raise from batch {batch} fits under max_batch_seqs={cap}"
+    need = a.confirm - streak_before
+    n, cur = 1, t
+    while n < need:
+        end = next((p for p in points if p > cur), total)
+        if a.confirm_factor and a.confirm > 1 and cur < int(round(cur * a.confirm_factor)) < end:
+            end = int(round(cur * a.confirm_factor))
+        if end >= total:
+            break
+        n, cur = n + 1, end
+    if n < need:
+        return (f"a raise from batch {batch} needs {need} more consecutive probe points seeing it (confirm={a.confirm}) "
+                f"and {n} remain before the run's end")
+    return None
 
 
 def main_run_lead(point: int, phase_start: int, batch_seqs: int, seq_len: int, window: int, cooldown_fraction: float,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..analysis.comparison import markdown_table, pm, run_names, table
 from ..analysis.curve import noise_scale_points
-from ..analysis.describe import describe_sweep_cost, interval_text, measurement_parts
+from ..analysis.describe import describe_sweep_cost, interval_text, measurement_parts, skipped_probes
 from ..analysis.schedule import advise_start
 from ..errors import ConfigError, DataError
 from ..io import check_output, read_json, read_jsonl, write_json_atomic, write_text_atomic
@@ -220,7 +220,8 @@ def _closed_loop_conclusions(s: dict, c: dict | None) -> list[str]:
                    f"consecutive points)" if once else ""))
     txt = (f"The closed loop (one run probing its own CBS at {cl['probe_points']} points, "
            f"{cl['act_on']} trigger) {took}; its measurement cost {fmt_count(cl['measurement_tokens'])} tokens "
-           f"({100 * (cl['measurement_fraction'] or 0):.0f}% of its own): {measurement_parts(cl)}")
+           f"({100 * (cl['measurement_fraction'] or 0):.0f}% of its own): {measurement_parts(cl)}"
+           + (f"; {skipped_probes(cl)}" if skipped_probes(cl) else ""))
     r = (c or {}).get("runs", {}).get("closed-loop")
     if r and not r.get("diverged"):
         g = r.get("gap_to_small") or {}
@@ -369,7 +370,9 @@ def _closed_loop_html(cl: dict) -> str:
             + f"<p class='muted'>Measurement {fmt_count(cl['measurement_tokens'])} tokens "
               f"({100 * (cl['measurement_fraction'] or 0):.0f}% of the run's {fmt_count(cl['tokens'])}): "
               f"{measurement_parts(cl)}; {cl['steps']:,} optimizer steps against {cl['small_control_steps']:,} "
-              f"at the starting batch. Evidence per point: autobatch/decisions.jsonl.</p>")
+              f"at the starting batch. "
+              + (html.escape(skipped_probes(cl)[0].upper() + skipped_probes(cl)[1:]) + ". " if skipped_probes(cl) else "")
+              + "Evidence per point: autobatch/decisions.jsonl.</p>")
 
 CSS = """
 body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
@@ -501,7 +504,8 @@ def render_markdown(s: dict) -> str:
                                            f" -> batch {d['batch_after']}" for d in cl["decisions"]]
         lines += [f"- measurement {cl['measurement_tokens']:,} tokens ({100 * (cl['measurement_fraction'] or 0):.0f}% of "
                   f"the run: {measurement_parts(cl)}), "
-                  f"{cl['steps']:,} steps ({cl['steps_saved_pct']:.0f}% fewer than the small batch)", ""]
+                  f"{cl['steps']:,} steps ({cl['steps_saved_pct']:.0f}% fewer than the small batch)"]
+        lines += ([f"- {skipped_probes(cl)}"] if skipped_probes(cl) else []) + [""]
     if s.get("stages"):
         lines += ["## Cost", ""] + [f"- {k}: {v['seconds']:.1f} s" for k, v in s["stages"].items()] + \
                  [f"- total: {s['total_seconds']:.1f} s"] + [f"- {a}: {b} s" for a, b in _wall_row(s)] + [""]
