@@ -40,6 +40,22 @@ def test_old_closed_loop_files_read_with_structured_confirmations():
     assert all(d["eps_spent"] is None for d in ds)  # keys added since fill in
     r = read_closed_loop_result(OLD / "closed_loop_result.json")
     assert r["raises"] == 0 and r["main_run_leads"]["points"] == 2
+    assert r["skipped_probe_points"] is None  # written before points were left out
+
+
+def test_the_report_says_which_probe_points_were_left_out():
+    from critbatch.report.html import _closed_loop_conclusions, _closed_loop_html, render_markdown
+
+    cl = read_closed_loop_result(OLD / "closed_loop_result.json")
+    cl = {**cl, "decisions": read_decisions(OLD / "decisions.jsonl"), "skipped_probe_points": {
+        "from_tokens": 1_000_064, "points": [1_000_064], "batch_seqs": 4,
+        "reason": "a raise from batch 4 needs 2 more consecutive probe points seeing it (confirm=2) and 1 remain"}}
+    said = "no probe at 1,000,064 tokens (1 point left out): a raise from batch 4 needs 2 more"
+    assert said in _closed_loop_conclusions({"closed_loop": cl}, None)[0]
+    assert said[1:] in _closed_loop_html(cl)
+    assert f"- {said}" in render_markdown({"conclusions": [], "closed_loop": cl})
+    plain = {**cl, "skipped_probe_points": None}
+    assert "no probe at" not in _closed_loop_conclusions({"closed_loop": plain}, None)[0] + _closed_loop_html(plain)
 
 
 def test_old_run_result_and_branch_spec_read():
