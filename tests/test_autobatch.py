@@ -392,6 +392,11 @@ def test_plan_arithmetic_known_answer():
     # the loop does not probe it; the bounds probe both points (no raise: 250k may pass, 500k confirm it)
     assert exp["skipped_probe_points"]["points"] == [500_000] and exp["skipped_probe_points"]["batch_seqs"] == 16
     assert exp["probe_tokens"] == 9 * 512 + 20 * 1024
+    # what each point costs, summing to the whole: the raise at 250k drops the lead, keeps the 2B probe's steps
+    assert [(q["tokens"], q["batch_seqs"], q["raised_to"]) for q in exp["points"]] == [(250_000, 8, 16)]
+    assert exp["points"][0]["measurement_tokens"] == exp["measurement_tokens"] == 9 * 512 + 20 * 1024 - 16 * 1024 + 31 * 512
+    assert [q["measurement_tokens"] for q in no["points"]] == [9 * 512 + 20 * 1024] * 2
+    assert sum(q["measurement_tokens"] for q in best["points"]) == best["measurement_tokens"]
     assert no["skipped_probe_points"] is None and best["skipped_probe_points"] is None
     capped = estimate(PlanConfig(total_tokens=1_000_000, start_seqs=8, seq_len=64, auto=AutoBatchConfig(
         probe_at=[250_000, 500_000], window_tokens=20_480, noise_scale=False, max_batch_seqs=12)), {8: 0.010})
@@ -414,6 +419,7 @@ def test_plan_on_the_command_line(tmp_path, capsys):
                  '{"8": 0.01, "64": 0.05}', "--expected", "0:8,500k:16", "--out", str(tmp_path / "p.json")]) == 0
     out = capsys.readouterr().out
     assert "small-batch control: 1,954 steps" in out and "expected: " in out and "x the control" in out
+    assert "measurement by probe point (expected schedule; " in out
     assert read_json(tmp_path / "p.json")["scenarios"]["expected"]["schedule"] == [[0, 8], [500_000, 16]]
     assert main(["plan", "--total-tokens", "1M", "--start-seqs", "8", "--seq-len", "64"]) == 2
     assert "give step_seconds" in capsys.readouterr().err

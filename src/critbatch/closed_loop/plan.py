@@ -138,8 +138,9 @@ def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
         sched = BatchSchedule(tuple(phases), T)
         steps, secs = _phases_time(list(phases), T, N, t)
         probe_tok = probe_secs = gns_tok = gns_secs = lead_tok = probe_kept = 0
-        skipped, streak, prev_batch = None, 0, None
+        skipped, streak, prev_batch, by_point = None, 0, None, []
         for p in points:
+            before = probe_tok - probe_kept + gns_tok + lead_tok
             ph = sched.phase_index_at(p - 1)  # the probe runs at the batch before its decision
             start, B = sched.phases[ph]
             # the loop stops probing where no raise can follow before the end (counted in the best case:
@@ -172,11 +173,13 @@ def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
             if measures_noise_scale(a):
                 gns_tok += a.gns_batches * a.gns_b_big * T
                 gns_secs += a.gns_batches * t(a.gns_b_big)  # a per-example backward costs about one step
+            by_point.append({"tokens": p, "batch_seqs": B, "raised_to": raised_to,
+                             "measurement_tokens": probe_tok - probe_kept + gns_tok + lead_tok - before})
         total_secs = secs + probe_secs + gns_secs
         out["scenarios"][name] = {
             "schedule": [list(p) for p in phases], "steps": steps, "steps_saved_pct": 100 * (1 - steps / c_steps),
             "probe_tokens": probe_tok, "probe_fraction": probe_tok / N, "gns_tokens": gns_tok, "skipped_probe_points": skipped,
-            "lead_discarded_tokens": lead_tok, "probe_kept_tokens": probe_kept,
+            "lead_discarded_tokens": lead_tok, "probe_kept_tokens": probe_kept, "points": by_point,
             "measurement_tokens": probe_tok - probe_kept + gns_tok + lead_tok,
             "measurement_fraction": (probe_tok - probe_kept + gns_tok + lead_tok) / N,
             "run_seconds": secs, "probe_seconds": probe_secs + gns_secs, "total_seconds": total_secs,
@@ -251,6 +254,13 @@ def describe(est: dict) -> list[str]:
                      f"{', '.join(fmt_count(p) for p in est['confirmation_points_max'])} tokens, up to "
                      f"{fmt_count(est['confirmation_probe_tokens_max'])} more probe tokens "
                      f"({100 * est['confirmation_probe_tokens_max'] / est['total_tokens']:.0f}% of the run)")
+    by = est["scenarios"].get("expected") or est["scenarios"]["no raise"]
+    if by.get("points"):
+        which = "expected schedule" if "expected" in est["scenarios"] else "no raise"
+        lines.append(f"measurement by probe point ({which}; a point's window grows with its tokens): "
+                     + ", ".join(f"{fmt_count(q['tokens'])} at batch {q['batch_seqs']}"
+                                 + (f" -> {q['raised_to']}" if q["raised_to"] else "")
+                                 + f": {fmt_count(q['measurement_tokens'])}" for q in by["points"]))
     for name, s in est["scenarios"].items():
         verdict = ("pays off" if s["pays_off"] else
                    "pays off only with probes on other devices" if s["pays_off_with_parallel_probes"] else "does not pay off")
