@@ -42,6 +42,7 @@ def fmt(m, se):
 
 def main() -> None:
     from critbatch import presets
+    from critbatch.analysis.triggers import log_spaced_points
     from critbatch.closed_loop import AutoBatchConfig, run_auto_batch
     from critbatch.warmup import CompareConfig, run_compare
     from critbatch.config import merge, to_dict
@@ -62,6 +63,8 @@ def main() -> None:
                     help="probe an unconfirmed raise again at this factor x its point (default: at the next scheduled point)")
     ap.add_argument("--eps-budget", type=float, default=None, help="one tolerance for the run's raises together")
     ap.add_argument("--first-probe-fraction", type=float, default=1 / 16)
+    ap.add_argument("--last-probe-fraction", type=float, default=None,
+                    help="probe only at the log-spaced points up to this fraction of the run (default: all below its end)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--loop-only", action="store_true", help="run the closed loops alone (their decisions and "
                     "measurement), without the comparison against the controls")
@@ -82,14 +85,18 @@ def main() -> None:
                            + (f"-eps{a.eps:g}" if a.eps != 0.01 else "") + (f"-confirm{a.confirm}" if a.confirm > 1 else "")
                            + (f"-cf{a.confirm_factor:g}" if a.confirm_factor else "")
                            + (f"-budget{a.eps_budget:g}" if a.eps_budget is not None else "")
-                           + (f"-b{a.b0}" if a.b0 != 8 else ""))
+                           + (f"-b{a.b0}" if a.b0 != 8 else "")
+                           + (f"-last{a.last_probe_fraction:g}" if a.last_probe_fraction is not None else ""))
                 key = f"{corpus}-{size}-{variant}-s{seed}"
                 cell = out / key
                 base = presets.get("demo")
                 cfg = merge(base, {"data": {"path": str(data), "order_seed": seed}, "seed": seed,
                                    "total_tokens": N, "checkpoint_tokens": [], "batch_seqs": a.b0,
                                    "optim": {"lr": base.optim.lr * math.sqrt(a.b0 / base.batch_seqs)}})
-                auto = AutoBatchConfig(first_probe_tokens=int(N * a.first_probe_fraction), window_tokens=a.window,
+                first = int(N * a.first_probe_fraction)
+                probe_at = (None if a.last_probe_fraction is None else
+                            [p for p in log_spaced_points(N, first, 2.0) if p <= a.last_probe_fraction * N])
+                auto = AutoBatchConfig(first_probe_tokens=first, probe_at=probe_at, window_tokens=a.window,
                                        window_fraction=a.window_fraction, eps=a.eps, confirm=a.confirm,
                                        confirm_factor=a.confirm_factor, eps_budget=a.eps_budget, jobs=a.jobs)
                 t0 = time.time()
