@@ -63,6 +63,8 @@ def main() -> None:
                     help="probe an unconfirmed raise again at this factor x its point (default: at the next scheduled point)")
     ap.add_argument("--eps-budget", type=float, default=None, help="one tolerance for the run's raises together")
     ap.add_argument("--first-probe-fraction", type=float, default=1 / 16)
+    ap.add_argument("--measurement-budget", type=float, default=None,
+                    help="the loop's measurement budget, a fraction of the run (default: none, as the LOG's earlier cells)")
     ap.add_argument("--last-probe-fraction", type=float, default=None,
                     help="probe only at the log-spaced points up to this fraction of the run (default: all below its end)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -86,7 +88,8 @@ def main() -> None:
                            + (f"-cf{a.confirm_factor:g}" if a.confirm_factor else "")
                            + (f"-budget{a.eps_budget:g}" if a.eps_budget is not None else "")
                            + (f"-b{a.b0}" if a.b0 != 8 else "")
-                           + (f"-last{a.last_probe_fraction:g}" if a.last_probe_fraction is not None else ""))
+                           + (f"-last{a.last_probe_fraction:g}" if a.last_probe_fraction is not None else "")
+                           + (f"-mb{a.measurement_budget:g}" if a.measurement_budget is not None else ""))
                 key = f"{corpus}-{size}-{variant}-s{seed}"
                 cell = out / key
                 base = presets.get("demo")
@@ -98,7 +101,8 @@ def main() -> None:
                             [p for p in log_spaced_points(N, first, 2.0) if p <= a.last_probe_fraction * N])
                 auto = AutoBatchConfig(first_probe_tokens=first, probe_at=probe_at, window_tokens=a.window,
                                        window_fraction=a.window_fraction, eps=a.eps, confirm=a.confirm,
-                                       confirm_factor=a.confirm_factor, eps_budget=a.eps_budget, jobs=a.jobs)
+                                       confirm_factor=a.confirm_factor, eps_budget=a.eps_budget, jobs=a.jobs,
+                                       measurement_budget=a.measurement_budget)
                 t0 = time.time()
                 r = run_auto_batch(cfg, auto, cell / "loop")
                 loop_s = time.time() - t0

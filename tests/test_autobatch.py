@@ -114,7 +114,7 @@ def test_planted_cbs_doubles_exactly_at_the_planted_thresholds(data_dir, tmp_pat
 @pytest.mark.slow
 def test_real_probes_record_their_evidence(data_dir, tmp_path):
     cfg = loop_cfg(data_dir)
-    a = AutoBatchConfig(probe_at=[2048, 4096], window_tokens=1024, launcher="inprocess", gns_b_big=8, gns_batches=4,
+    a = AutoBatchConfig(measurement_budget=None, probe_at=[2048, 4096], window_tokens=1024, launcher="inprocess", gns_b_big=8, gns_batches=4,
                         confirm=1, noise_scale=True, early_stop=False)
     r = run_auto_batch(cfg, a, tmp_path / "loop")
     ds = read_jsonl(tmp_path / "loop" / "decisions.jsonl")
@@ -150,7 +150,7 @@ def test_the_loop_measures_no_noise_scale_by_default_and_stops_failing_probes_ea
     real = loop.run_sweep
     monkeypatch.setattr(loop, "run_sweep", lambda c, **kw: seen.append(c) or real(c, **kw))
     monkeypatch.setattr(loop.ClosedLoop, "noise_scale", lambda *a: pytest.fail("measured the noise scale"))
-    r = run_auto_batch(loop_cfg(data_dir), AutoBatchConfig(probe_at=[2048], window_tokens=1024, launcher="inprocess",
+    r = run_auto_batch(loop_cfg(data_dir), AutoBatchConfig(measurement_budget=None, probe_at=[2048], window_tokens=1024, launcher="inprocess",
                                                            confirm=1), tmp_path / "loop")
     assert r["gns_tokens"] == 0 and [c.early_stop_gap for c in seen] == [0.02]
     assert "gns" not in read_jsonl(tmp_path / "loop" / "decisions.jsonl")[0]["verdicts"]
@@ -185,7 +185,7 @@ def test_the_main_run_goes_on_to_the_probes_cooldown_and_keeps_or_drops_that_lea
     if not raise_:  # the probes train as ever; their verdict is planted: stay
         monkeypatch.setattr(loop, "probe_verdict", lambda point, B, cap: ("stay", B))
     cfg = loop_cfg(data_dir)
-    a = AutoBatchConfig(probe_at=[2048, 4096], window_tokens=1024, launcher="inprocess", noise_scale=False, confirm=1,
+    a = AutoBatchConfig(measurement_budget=None, probe_at=[2048, 4096], window_tokens=1024, launcher="inprocess", noise_scale=False, confirm=1,
                         eps=10.0)
     r = run_auto_batch(cfg, a, tmp_path / "loop", threads=1)
     ds = read_jsonl(tmp_path / "loop" / "decisions.jsonl")
@@ -223,6 +223,14 @@ def test_the_main_run_goes_on_to_the_probes_cooldown_and_keeps_or_drops_that_lea
         left = {p.name: [k.tokens for k in kept_checkpoints(p)] for p in probes}
         assert left == {p.name: ([c["to_tokens"]] if c and c["branch"].endswith(p.name) else []) for p in probes}
     assert r["probe_kept_tokens"] == sum(c["tokens"] for c in conts if c)
+    # the measurement a point costs, estimated before it runs (for the budget), bounds what it cost, within
+    # one step of the largest probed batch: whether the batch stayed or was raised
+    from critbatch.closed_loop import lead_limit, point_measurement
+    from critbatch.records import decision_measurement
+
+    for d, start in zip(ds, [0, 2048 if raise_ else 0]):
+        est = point_measurement(d["tokens"], d["batch_before"], start, T, a, lead_limit(d["tokens"], [2048, 4096], 8192, a))
+        assert decision_measurement(d) <= est <= decision_measurement(d) + 2 * 2 * d["batch_before"] * T
     # what the measurement cost counts: every token the run's result does not contain (the probes less
     # what the run continued from, the dropped leads)
     assert r["measurement_tokens"] == r["probe_tokens"] - r["probe_kept_tokens"] + leads["discarded_tokens"]
@@ -251,7 +259,7 @@ def test_the_main_run_goes_on_to_the_probes_cooldown_and_keeps_or_drops_that_lea
 
 def test_norm_trigger_acts_without_branch_probes(data_dir, tmp_path):
     cfg = loop_cfg(data_dir)
-    a = AutoBatchConfig(probe_at=[2048], act_on="norm", norm_eta=1e-3, launcher="inprocess", gns_b_big=8, gns_batches=4,
+    a = AutoBatchConfig(measurement_budget=None, probe_at=[2048], act_on="norm", norm_eta=1e-3, launcher="inprocess", gns_b_big=8, gns_batches=4,
                         confirm=1)
     r = run_auto_batch(cfg, a, tmp_path / "loop")
     d = read_jsonl(tmp_path / "loop" / "decisions.jsonl")[0]
@@ -291,7 +299,7 @@ import sys, json
 from critbatch.config import TrainConfig, from_dict
 from critbatch.closed_loop import AutoBatchConfig, run_auto_batch
 cfg = from_dict(TrainConfig, json.loads(sys.argv[2]))
-run_auto_batch(cfg, AutoBatchConfig(probe_at=[2048, 4096], window_tokens=8192, launcher="inprocess",
+run_auto_batch(cfg, AutoBatchConfig(measurement_budget=None, probe_at=[2048, 4096], window_tokens=8192, launcher="inprocess",
                gns_b_big=8, gns_batches=4, threads_per_branch=1), sys.argv[1], threads=1)
 """
 
@@ -303,7 +311,7 @@ def test_killed_between_and_inside_probes_resumes_to_the_same_decisions(data_dir
     cfg = loop_cfg(data_dir)
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"  # the uninterrupted reference: the script's own lines, in this process
-    run_auto_batch(cfg, AutoBatchConfig(probe_at=[2048, 4096], window_tokens=8192, launcher="inprocess",
+    run_auto_batch(cfg, AutoBatchConfig(measurement_budget=None, probe_at=[2048, 4096], window_tokens=8192, launcher="inprocess",
                                         gns_b_big=8, gns_batches=4, threads_per_branch=1), ref, threads=1)
     want = read_jsonl(ref / "decisions.jsonl")
     # kill once inside the first probe's branches, once between (while the second segment trains)
@@ -338,7 +346,7 @@ def test_train_auto_batch_on_the_command_line(data_dir, tmp_path, capsys):
     cfg_file.write_text(json.dumps(to_dict(loop_cfg(data_dir))))
     args = ["train", "--config", str(cfg_file), "--out", str(tmp_path / "loop"), "--auto-batch",
             "--auto.probe-at", "4096", "--auto.window-tokens", "1024", "--auto.launcher", "inprocess",
-            "--auto.gns-b-big", "8", "--auto.gns-batches", "4", "--auto.confirm", "1"]
+            "--auto.gns-b-big", "8", "--auto.gns-batches", "4", "--auto.confirm", "1", "--auto.measurement-budget", "none"]
     assert main(args) == 0
     cap = capsys.readouterr()
     assert "closed loop (branch trigger)" in cap.out and "1 probe points" in cap.out and "measurement cost" in cap.out
@@ -346,12 +354,19 @@ def test_train_auto_batch_on_the_command_line(data_dir, tmp_path, capsys):
     assert len(read_jsonl(tmp_path / "loop" / "decisions.jsonl")) == 1
     # resuming needs only --out and --auto-batch (settings come from the directory)
     assert main(["train", "--out", str(tmp_path / "loop"), "--auto-batch", "--no-progress"]) == 0
+    # a run started before the measurement budget existed had none: it resumes as it was asked
+    spec = read_json(tmp_path / "loop" / "autobatch.json")
+    del spec["auto"]["measurement_budget"]
+    (tmp_path / "loop" / "autobatch.json").write_text(json.dumps(spec))
+    assert main(["train", "--out", str(tmp_path / "loop"), "--auto-batch", "--no-progress"]) == 0
+    assert read_json(tmp_path / "loop" / "autobatch.json")["auto"]["measurement_budget"] is None
     assert main(["train", "--config", str(cfg_file), "--out", str(tmp_path / "x"), "--auto.eps", "0.02"]) == 2
     assert "--auto.* options set the closed loop: add --auto-batch" in capsys.readouterr().err
 
 
 def test_plan_arithmetic_known_answer():
     from critbatch.closed_loop import PlanConfig, estimate
+    from critbatch.config import merge
 
     # 1M tokens, seq 64, start 8: control 1954 steps at 10 ms; probes at 250k, 500k (window 20,480)
     cfg = PlanConfig(total_tokens=1_000_000, start_seqs=8, seq_len=64,
@@ -398,6 +413,16 @@ def test_plan_arithmetic_known_answer():
     assert [q["measurement_tokens"] for q in no["points"]] == [9 * 512 + 20 * 1024] * 2
     assert sum(q["measurement_tokens"] for q in best["points"]) == best["measurement_tokens"]
     assert no["skipped_probe_points"] is None and best["skipped_probe_points"] is None
+    # a budget of 3% of the run pays for the 250k point (about 25k tokens) and not for both; with confirm 2
+    # that one point could raise nothing, so none is probed
+    tight = AutoBatchConfig(probe_at=[250_000, 500_000], window_tokens=20_480, noise_scale=False, measurement_budget=0.03)
+    one = estimate(PlanConfig(total_tokens=1_000_000, start_seqs=8, seq_len=64, auto=merge(tight, {"confirm": 1})),
+                   {8: 0.010})
+    assert all([q["tokens"] for q in s["points"]] == [250_000] and s["measurement_tokens"] <= 30_000
+               and "past the budget of 30,000" in s["skipped_probe_points"]["reason"] for s in one["scenarios"].values())
+    assert one["scenarios"]["doubling at every probe point"]["schedule"] == [[0, 8], [250_000, 16]]
+    two = estimate(PlanConfig(total_tokens=1_000_000, start_seqs=8, seq_len=64, auto=tight), {8: 0.010})["scenarios"]
+    assert two["no raise"]["points"] == [] and "within the measurement budget" in two["no raise"]["skipped_probe_points"]["reason"]
     capped = estimate(PlanConfig(total_tokens=1_000_000, start_seqs=8, seq_len=64, auto=AutoBatchConfig(
         probe_at=[250_000, 500_000], window_tokens=20_480, noise_scale=False, max_batch_seqs=12)), {8: 0.010})
     assert all(s["probe_tokens"] == 0 and s["skipped_probe_points"]["points"] == [250_000, 500_000]
@@ -463,7 +488,7 @@ def test_compare_replays_the_closed_loop_as_a_fourth_run(data_dir, tmp_path):
     cfg = loop_cfg(data_dir)
     double_at_4k = lambda tokens, batch: 8 if tokens >= 4096 else batch  # noqa: E731
     # one thread, as compare's runs (the thread count changes the last bits on CPU, and training amplifies them)
-    r = run_auto_batch(cfg, AutoBatchConfig(probe_at=[2048, 4096], launcher="inprocess"), tmp_path / "loop",
+    r = run_auto_batch(cfg, AutoBatchConfig(measurement_budget=None, probe_at=[2048, 4096], launcher="inprocess"), tmp_path / "loop",
                        decide=double_at_4k, threads=1)
     assert r["schedule"] == [[0, 4], [4096, 8]]
     cfg_file = tmp_path / "cfg.json"
@@ -505,7 +530,7 @@ def test_compare_replays_the_closed_loop_as_a_fourth_run(data_dir, tmp_path):
 @pytest.mark.slow
 def test_speculation_trains_the_next_segment_beside_the_probes_and_changes_nothing(data_dir, tmp_path):
     cfg = loop_cfg(data_dir)
-    kw = dict(probe_at=[2048], window_tokens=1024, confirm=1, gns_b_big=8, gns_batches=4, threads_per_branch=1,
+    kw = dict(measurement_budget=None, probe_at=[2048], window_tokens=1024, confirm=1, gns_b_big=8, gns_batches=4, threads_per_branch=1,
               launcher="local", jobs=3)
     plain = run_auto_batch(cfg, AutoBatchConfig(**kw), tmp_path / "plain", threads=1)
     spec = run_auto_batch(cfg, AutoBatchConfig(**kw, speculate=True), tmp_path / "spec", threads=1)
@@ -547,7 +572,7 @@ def test_confirm_raises_only_after_consecutive_passes(data_dir, tmp_path, monkey
     passes = {1024: True, 2048: False, 3072: True, 4096: True}
     monkeypatch.setattr(ClosedLoop, "branch_probe", planted_probe(lambda t, B: passes[t]))
     cfg = loop_cfg(data_dir)
-    kw = dict(probe_at=sorted(passes), noise_scale=False, launcher="inprocess")
+    kw = dict(measurement_budget=None, probe_at=sorted(passes), noise_scale=False, launcher="inprocess")
     r1 = run_auto_batch(cfg, AutoBatchConfig(**kw, confirm=1), tmp_path / "c1")
     assert r1["schedule"] == [[0, 4], [1024, 8], [3072, 16], [4096, 32]]  # a raise at every pass
     r2 = run_auto_batch(cfg, AutoBatchConfig(**kw), tmp_path / "c2")  # the default: confirm 2
@@ -565,7 +590,7 @@ def test_points_that_can_lead_to_no_raise_are_not_probed(data_dir, tmp_path, mon
     seen = []
     monkeypatch.setattr(ClosedLoop, "branch_probe", planted_probe(lambda t, B: seen.append((t, B)) or B == 4))
     cfg = loop_cfg(data_dir)
-    kw = dict(probe_at=[1024, 2048, 4096], noise_scale=False, launcher="inprocess")
+    kw = dict(measurement_budget=None, probe_at=[1024, 2048, 4096], noise_scale=False, launcher="inprocess")
     r = run_auto_batch(cfg, AutoBatchConfig(**kw), tmp_path / "skip", threads=1)
     assert seen == [(1024, 4), (2048, 4)] and r["schedule"] == [[0, 4], [2048, 8]]
     assert r["probe_points"] == 2
@@ -595,6 +620,32 @@ def test_points_that_can_lead_to_no_raise_are_not_probed(data_dir, tmp_path, mon
     assert "max_batch_seqs=6" in capped["skipped_probe_points"]["reason"]
 
 
+def test_the_measurement_budget_leaves_out_the_points_it_cannot_pay_for(data_dir, tmp_path):
+    """Issue 25: with a budget that pays for the first point's probes and not the second's, the loop
+    probes once, trains on to the end, and its measurement stays within the budget; the command line
+    and the plan say which points were left out and why."""
+    from critbatch.closed_loop import describe, lead_limit, point_measurement
+
+    cfg = loop_cfg(data_dir)
+    T = cfg.model.seq_len
+    kw = dict(probe_at=[2048, 4096], window_tokens=1024, launcher="inprocess", noise_scale=False, confirm=1, eps=10.0)
+    first = point_measurement(2048, 4, 0, T, AutoBatchConfig(**kw), lead_limit(2048, [2048, 4096], 8192, AutoBatchConfig(**kw)))
+    a = AutoBatchConfig(**kw, measurement_budget=(first + 100) / 8192)
+    r = run_auto_batch(cfg, a, tmp_path / "loop", threads=1)
+    assert r["probe_points"] == 1 and r["schedule"] == [[0, 4], [2048, 8]]
+    sk = r["skipped_probe_points"]
+    assert sk["points"] == [4096] and sk["batch_seqs"] == 8 and "past the budget of" in sk["reason"]
+    assert r["measurement_tokens"] <= a.measurement_budget * 8192
+    assert any(x.startswith("no probe at 4,096 tokens (1 point left out): its probes would take") for x in describe(r))
+    # no budget: both points probed, and the measurement is past what that budget allowed
+    free = run_auto_batch(cfg, AutoBatchConfig(**kw, measurement_budget=None), tmp_path / "free", threads=1)
+    assert free["probe_points"] == 2 and free["skipped_probe_points"] is None
+    assert free["measurement_tokens"] > a.measurement_budget * 8192
+    with pytest.raises(ConfigError, match="measurement_budget=0.0 must be > 0"):
+        run_auto_batch(cfg, AutoBatchConfig(**kw, measurement_budget=0.0), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_confirm_factor_confirms_a_pass_sooner(data_dir, tmp_path, monkeypatch):
     """A pass at 1024 tokens is confirmed at 1.5 × 1024 = 1536 (a point inserted between the
     scheduled 1024 and 4096) instead of waiting for 4096; a failed confirmation returns to the grid."""
@@ -602,7 +653,7 @@ def test_confirm_factor_confirms_a_pass_sooner(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ClosedLoop, "branch_probe", planted_probe(
         lambda t, B: seen.append((t, B)) or (t, B) in {(1024, 4), (1536, 4), (4096, 8)}))
     cfg = loop_cfg(data_dir)
-    kw = dict(probe_at=[1024, 4096], noise_scale=False, launcher="inprocess")
+    kw = dict(measurement_budget=None, probe_at=[1024, 4096], noise_scale=False, launcher="inprocess")
     r = run_auto_batch(cfg, AutoBatchConfig(**kw, confirm_factor=1.5), tmp_path / "cf")
     # 4096 passes at batch 8 once; its confirmation point 6144 fails: no second raise
     assert seen == [(1024, 4), (1536, 4), (4096, 8), (6144, 8)]
@@ -621,7 +672,7 @@ def test_eps_budget_stops_raises_from_adding_up(data_dir, tmp_path, monkeypatch)
     budget of 0.01 for the run, the first raise spends 0.006 and the second would pass it."""
     monkeypatch.setattr(ClosedLoop, "branch_probe", planted_probe(lambda t, B: True, gap=0.006))
     cfg = loop_cfg(data_dir)
-    kw = dict(probe_at=[1024, 2048, 4096], noise_scale=False, launcher="inprocess", confirm=1)
+    kw = dict(measurement_budget=None, probe_at=[1024, 2048, 4096], noise_scale=False, launcher="inprocess", confirm=1)
     per = run_auto_batch(cfg, AutoBatchConfig(**kw), tmp_path / "per-decision")
     assert per["schedule"] == [[0, 4], [1024, 8], [2048, 16], [4096, 32]]
     r = run_auto_batch(cfg, AutoBatchConfig(**kw, eps_budget=0.01), tmp_path / "budget")

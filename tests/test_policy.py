@@ -103,3 +103,19 @@ def test_a_point_is_futile_when_no_raise_can_follow_before_the_end():
     # the cap: no probed k fits (k = 2 and 3 at batch 4 under 10: 8 fits; under 7 nothing)
     assert futile_point(1000, 4, 0, pts, N, AutoBatchConfig(probe_k=[1.0, 2.0, 3.0], max_batch_seqs=10)) is None
     assert "max_batch_seqs=7" in futile_point(1000, 4, 0, pts, N, AutoBatchConfig(max_batch_seqs=7))
+
+
+def test_the_measurement_budget_makes_a_point_futile():
+    """A point costs (here) a tenth of its tokens; a budget of 0.05 of a 16,000-token run (800) pays for
+    the points at 1000 and 2000 (100 + 200) and not for 4000 (400 more: 700 in all) and 8000."""
+    pts, N, cost = [1000, 2000, 4000, 8000], 16000, (lambda t: t // 10)
+    a = AutoBatchConfig(confirm=2, measurement_budget=0.05)
+    assert futile_point(1000, 4, 0, pts, N, a, 0, cost) is None
+    assert futile_point(4000, 4, 1, pts, N, a, 300, cost) is None  # 700 <= 800, and it can confirm 2000's raise
+    # 4000 as the first sighting: its confirmation at 8000 is past the budget
+    assert "1 remain before the run's end within the measurement budget" in futile_point(4000, 4, 0, pts, N, a, 300, cost)
+    why = futile_point(8000, 4, 1, pts, N, a, 700, cost)
+    assert "from 700 to about 1,500 tokens, past the budget of 800 (0.05 of the run's tokens" in why
+    # no budget, or no cost given: only the points count
+    assert futile_point(8000, 4, 1, pts, N, AutoBatchConfig(measurement_budget=None), 700, cost) is None
+    assert futile_point(8000, 4, 1, pts, N, a) is None

@@ -22,7 +22,7 @@ from .analysis.comparison import markdown_table
 from .analysis.describe import describe_sweep_cost
 from .branch import SweepConfig, continuation_checkpoints, describe_point, run_sweep
 from .clispec import Flag, add_dataclass_args, overrides
-from .closed_loop import AutoBatchConfig, PlanConfig, run_auto_batch, run_plan
+from .closed_loop import AutoBatchConfig, PlanConfig, read_spec, run_auto_batch, run_plan
 from .closed_loop import describe as describe_auto_batch
 from .closed_loop import describe_plan
 from .config import TrainConfig, from_dict, load_config_file, merge, option
@@ -153,7 +153,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if "auto" in overrides(ns, ns.flags["cmd"]) and not cmd.auto_batch:
         raise ConfigError("--auto.* options set the closed loop: add --auto-batch")
     if cmd.auto_batch and cmd.preset is None and cmd.config is None and (Path(cmd.out) / "autobatch.json").is_file():
-        saved = read_json(Path(cmd.out) / "autobatch.json")  # resume the loop with its own settings
+        saved = read_spec(cmd.out)  # resume the loop with its own settings
         cfg = merge(from_dict(TrainConfig, saved["train"]), overrides(ns, ns.flags["cfg"]))
         given = overrides(ns, ns.flags["cmd"]).get("auto", {})
         cmd.auto = from_dict(AutoBatchConfig, {**saved["auto"], **given})

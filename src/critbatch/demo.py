@@ -109,6 +109,9 @@ class DemoConfig:
     """The closed loop's probe points (default: its own, log-spaced from total/16)."""
     auto_window_tokens: int | None = None
     """The closed loop's probe window (default: its own, 0.25 x the point's tokens)."""
+    auto_measurement_budget: float | None = AutoBatchConfig.measurement_budget
+    """The closed loop's measurement budget, a fraction of its run's tokens (``none``: no budget; the
+    quick demo's probes, fixed windows on a short run, have none)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds (initialisation and data order) of the comparison; several give each gap a standard error."""
     jobs: int | None = how(None)
@@ -124,7 +127,8 @@ class DemoConfig:
         if quick:
             base = dict(total_tokens=61_440, start_seqs=8, points=[5_000, 20_000], window_tokens=8_192, k_min=0.5,
                         k_max=8.0, eval_seqs=256, gns_b_big=16, gns_batches=4, anneal_tokens=8_192,
-                        launcher="inprocess", auto_probe_at=[15_000, 30_000], auto_window_tokens=8_192)
+                        launcher="inprocess", auto_probe_at=[15_000, 30_000], auto_window_tokens=8_192,
+                        auto_measurement_budget=None)
             base.update(over)
             over = base
         return cls(out=out, quick=quick, **over)
@@ -242,7 +246,8 @@ def _loop_config(cfg: DemoConfig):
 def _autobatch_stage(cfg: DemoConfig, threads: int | None, art: dict) -> dict:
     if cfg.closed_loop:
         run_auto_batch(_loop_config(cfg), AutoBatchConfig(
-            probe_at=cfg.auto_probe_at, window_tokens=cfg.auto_window_tokens, gns_b_big=cfg.gns_b_big,
+            probe_at=cfg.auto_probe_at, window_tokens=cfg.auto_window_tokens,
+            measurement_budget=cfg.auto_measurement_budget, gns_b_big=cfg.gns_b_big,
             gns_batches=cfg.gns_batches, eval_seqs=cfg.eval_seqs, cooldown_fraction=cfg.cooldown_fraction,
             jobs=cfg.jobs, launcher=cfg.launcher, threads_per_branch=_threads(cfg)), Path(cfg.out) / "autobatch",
             threads=threads)

@@ -373,6 +373,14 @@ def unconfirmed_raise(d: ProbeDecision) -> bool:
     return d["batch_after"] == d["batch_before"] and c is not None and c["seen"] < c["needed"]
 
 
+def decision_measurement(d: ProbeDecision) -> int:
+    """The measurement one probe point cost (its ``cost`` in ``decisions.jsonl``): its probes less what
+    the run continued from, its noise scale and the lead dropped at its raise."""
+    c = d.get("cost") or {}
+    return (c.get("probe_tokens", 0) - c.get("probe_kept_tokens", 0) + c.get("gns_tokens", 0)
+            + c.get("lead_dropped_tokens", 0))
+
+
 def measurement_tokens(result: Mapping) -> int:
     """Every token a closed-loop run trained that its own result does not contain: the probes (less
     what the run continued from at its raises), the noise scale, the leads dropped at raises and the
@@ -420,5 +428,5 @@ def read_closed_loop_result(path: str | Path) -> ClosedLoopResult:
 
 __all__ = ["RunResult", "CBSPoint", "CBSCurve", "SweepCost", "NoiseScaleAtPoint", "StopReading", "BranchOutcome",
            "Confirmations", "ProbeEvidence", "ProbeDecision", "ClosedLoopResult", "run_result", "cbs_point",
-           "cbs_curve", "probe_decision", "closed_loop_result", "measurement_tokens", "confirmations", "unconfirmed_raise", "upgrade", "read_run_result",
+           "cbs_curve", "probe_decision", "closed_loop_result", "measurement_tokens", "decision_measurement", "confirmations", "unconfirmed_raise", "upgrade", "read_run_result",
            "read_curve", "read_decisions", "read_closed_loop_result"]

@@ -8,13 +8,13 @@ of verdicts and earlier decisions), :mod:`.loop` (segments, probes, decisions, t
 """
 
 from .config import AUTOBATCH_FORMAT, TRIGGERS, AutoBatchConfig, default_window
-from .loop import ClosedLoop, Decider, describe, run_auto_batch, segment_config
+from .loop import ClosedLoop, Decider, describe, read_spec, run_auto_batch, segment_config
 from .plan import PlanConfig, estimate, measure_step_seconds, run_plan
 from .plan import describe as describe_plan
 from .policy import (RaiseDecision, agreement, decide_raise, futile_point, lead_limit, main_run_lead, next_point,
-                     probe_gap, raise_streak)
+                     point_measurement, probe_gap, raise_streak)
 
 __all__ = ["AutoBatchConfig", "TRIGGERS", "AUTOBATCH_FORMAT", "default_window", "ClosedLoop", "Decider", "describe",
-           "run_auto_batch", "segment_config", "PlanConfig", "estimate", "measure_step_seconds", "run_plan",
-           "describe_plan", "RaiseDecision", "agreement", "decide_raise", "futile_point", "lead_limit", "main_run_lead", "next_point",
+           "run_auto_batch", "read_spec", "segment_config", "PlanConfig", "estimate", "measure_step_seconds", "run_plan",
+           "describe_plan", "RaiseDecision", "agreement", "decide_raise", "futile_point", "point_measurement", "lead_limit", "main_run_lead", "next_point",
            "probe_gap", "raise_streak"]

@@ -75,6 +75,15 @@ class AutoBatchConfig:
     norm trigger at a point without a branch probe measures no gap and spends nothing). ``None``: each
     decision has its own ``eps``, so raises add up (docs/LOG.md: two raises each within 0.007 ended
     0.02 behind on Shakespeare)."""
+    measurement_budget: float | None = 0.15
+    """The most the loop's measurement may cost, as a fraction of the run's tokens (every token trained
+    that the run's result does not contain: ``result.json``'s ``measurement_tokens``). A point whose
+    probes would take the measurement past it is not probed, nor any later one, and a point whose raise
+    could only be confirmed past it is not probed either. The windows grow with the points, so the last
+    point is about half the measurement of all four: with the defaults the budget leaves out the last
+    (at half the run), about 29% of the run's tokens, and so the raises it would have confirmed
+    (docs/LOG.md: over three seeds the loop ended as close to the small batch after the anneal, with
+    fewer steps saved). ``None``: no budget."""
     calibration_points: int = 2
     """Probe points whose branch probes calibrate the noise-scale trigger when it acts."""
     norm_eta: float = 1.0
@@ -145,6 +154,9 @@ def check(cfg: TrainConfig, a: AutoBatchConfig) -> tuple[list[int], int]:
         raise ConfigError(f"confirm={a.confirm} must be >= 1")
     if a.confirm_factor is not None and a.confirm_factor <= 1:
         raise ConfigError(f"confirm_factor={a.confirm_factor} must be > 1 (or unset)")
+    if a.measurement_budget is not None and not a.measurement_budget > 0:
+        raise ConfigError(f"measurement_budget={a.measurement_budget} must be > 0 (a fraction of the run's tokens), "
+                          f"or unset for none")
     if a.eps_budget is not None and not a.eps_budget >= 0:
         raise ConfigError(f"eps_budget={a.eps_budget} must be >= 0 (or unset)")
     if a.calibration_points < 1:

@@ -56,16 +56,26 @@ from ..errors import ConfigError
 from ..gns.checkpoints import GNSConfig, gns_at_checkpoints
 from ..io import check_output, read_json, write_json_atomic, write_text_atomic
 from ..launch import run_job, write_job
-from ..records import CBSPoint, ClosedLoopResult, ProbeDecision, ProbeEvidence, measurement_tokens, read_run_result
+from ..records import (CBSPoint, ClosedLoopResult, ProbeDecision, ProbeEvidence, decision_measurement, measurement_tokens,
+                       read_run_result)
 from ..schedules import BatchSchedule
 from ..schedules.export import schedule_document
 from ..train import run_defaults
 from ..train.checkpoint import CheckpointInfo, find_kept, kept_checkpoints
 from .config import AUTOBATCH_FORMAT, AutoBatchConfig, check, default_window, measures_noise_scale
-from .policy import agreement, decide_raise, futile_point, lead_limit, main_run_lead, next_point, raise_streak
+from .policy import (agreement, decide_raise, futile_point, lead_limit, main_run_lead, next_point, point_measurement,
+                     raise_streak)
 
 Decider = Callable[[int, int], int]
 """A planted decision source for tests: (tokens, batch) -> the batch afterwards."""
+
+
+def read_spec(out: str | Path) -> dict:
+    """A closed-loop run's ``autobatch.json`` (what was asked), as today's code writes it: a run
+    started before the measurement budget existed had none (``measurement_budget`` null)."""
+    spec = read_json(Path(out) / "autobatch.json")
+    spec["auto"].setdefault("measurement_budget", None)
+    return spec
 
 
 def _spec(cfg: TrainConfig, a: AutoBatchConfig, decider_name: str | None) -> dict:
@@ -113,10 +123,17 @@ class ClosedLoop:
     def futile(self, t: int) -> str | None:
         """Why the loop stops probing at ``t`` (:func:`critbatch.closed_loop.policy.futile_point`), or
         ``None``; never with a planted decision source (it may raise at any point)."""
-        if self.decide is not None or t >= self.cfg.total_tokens:
+        a, total, T = self.a, self.cfg.total_tokens, self.cfg.model.seq_len
+        if self.decide is not None or t >= total:
             return None
-        B = self.sched[-1][1]
-        return futile_point(t, B, raise_streak(B, self.decisions) - 1, self.points, self.cfg.total_tokens, self.a)
+        start, B = self.sched[-1]
+        branch, noise = self._branch_probe(), measures_noise_scale(a)
+
+        def cost(p: int) -> int:
+            return point_measurement(p, B, start, T, a, lead_limit(p, self.points, total, a), branch, noise)
+
+        spent = sum(decision_measurement(d) for d in self.decisions)
+        return futile_point(t, B, raise_streak(B, self.decisions) - 1, self.points, total, a, spent, cost)
 
     def segment_job(self, i: int, start: int, end: int, init: Path | None, keep: bool, also_keep: list[int] = ()) -> Path:
         """The segment's job directory (written once; content-addressed by config and start)."""
@@ -377,7 +394,7 @@ def run_auto_batch(cfg: TrainConfig, auto: AutoBatchConfig, out: str | Path, *, 
     check_output(out, "--out")
     spec = _spec(cfg, auto, getattr(decide, "__name__", "planted") if decide else None)
     if (out / "autobatch.json").is_file():
-        if read_json(out / "autobatch.json") != spec:
+        if read_spec(out) != spec:
             raise ConfigError(f"{out} holds a closed-loop run of other settings; use another --out")
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty and holds no closed-loop run; use an empty or new --out")

@@ -30,7 +30,7 @@ from ..records import read_curve
 from ..schedules import BatchSchedule
 from ..units import fmt_count
 from .config import AutoBatchConfig, default_window, measures_noise_scale
-from .policy import futile_point, lead_limit, main_run_lead
+from .policy import futile_point, lead_limit, main_run_lead, point_measurement
 
 
 @dataclass
@@ -114,18 +114,84 @@ def _phases_time(phases: list[tuple[int, int]], T: int, total: int, t) -> tuple[
     return sum(n), sum(k * t(b) for k, (_s, b) in zip(n, phases))
 
 
+def _scenario(a: AutoBatchConfig, points: list[int], N: int, B0: int, T: int, t, given: list | None,
+              c_steps: int, c_secs: float) -> dict:
+    """One scenario of the estimate: the run's schedule ``given`` (``None``: a doubling at every point
+    the loop probes), the points the loop probes and what each costs, the steps and the time."""
+    noise = measures_noise_scale(a)
+    doubling = given is None
+    phases = [(0, B0)] if doubling else list(given)
+    sched = BatchSchedule(tuple(phases), T)
+    adj = probe_tok = probe_secs = gns_tok = gns_secs = lead_tok = probe_kept = spent = 0
+    skipped, streak, prev_batch, by_point = None, 0, None, []
+    for p in points:
+        before = probe_tok - probe_kept + gns_tok + lead_tok
+        start, B = phases[-1] if doubling else sched.phases[sched.phase_index_at(p - 1)]  # the batch before the decision
+        # the loop probes no point that can lead to no raise (counted in the best case: the earlier points at
+        # this batch saw a raise; a schedule that raises later is taken as given) nor past the measurement budget
+        streak = min(streak + 1, a.confirm - 1) if B == prev_batch else 0
+        prev_batch = B
+
+        def cost(q: int, B=B, start=start) -> int:
+            return point_measurement(q, B, start, T, a, lead_limit(q, points, N, a), True, noise)
+
+        why = futile_point(p, B, streak, points, N, a, spent, cost)
+        over = a.measurement_budget is not None and spent + cost(p) > a.measurement_budget * N
+        fits = a.max_batch_seqs is None or 2 * B <= a.max_batch_seqs
+        if why is not None and (over or not (fits if doubling else any(s >= p for s, _b in phases[1:]))):
+            skipped = {"from_tokens": p, "points": [q for q in points if q >= p], "batch_seqs": B, "reason": why}
+            break
+        if doubling and fits:
+            phases.append((p, 2 * B))
+        w = a.window_tokens or default_window(p, a.window_fraction, B, max(a.probe_k), T)
+        got = main_run_lead(p, start, B, T, w, a.cooldown_fraction, lead_limit(p, points, N, a)) if not a.speculate else None
+        lead_steps = (got[1] - got[0]) // (B * T) if got else 0  # the probe at B reads these from the run
+        # a raise here: a phase that starts at the point, or at the step boundary the run takes it at
+        raised_to = next((b for s, b in phases[1:] if p <= s < p + B * T), None)
+        for k in a.probe_k:
+            kb = int(round(k * B))
+            n = -(-w // (kb * T))
+            n0 = n - lead_steps if kb == B else n
+            probe_tok += (n0 + (a.replicates - 1) * n) * kb * T
+            probe_secs += (n0 + (a.replicates - 1) * n) * t(kb)
+            if kb == raised_to and a.cooldown_fraction > 0:  # the run continues from this probe
+                t0 = got[0] if got else p
+                kept_steps = (last_step_before_cooldown(t0, kb * T, w, a.cooldown_fraction) - t0) // (kb * T)
+                probe_kept += kept_steps * kb * T
+                adj -= kept_steps * t(kb)  # the run does not train them again
+        if got and raised_to is not None:  # raised here: the run's lead is dropped
+            lead_tok += lead_steps * B * T
+            adj += lead_steps * t(B)
+        if noise:
+            gns_tok += a.gns_batches * a.gns_b_big * T
+            gns_secs += a.gns_batches * t(a.gns_b_big)  # a per-example backward costs about one step
+        by_point.append({"tokens": p, "batch_seqs": B, "raised_to": raised_to,
+                         "measurement_tokens": probe_tok - probe_kept + gns_tok + lead_tok - before})
+        spent += by_point[-1]["measurement_tokens"]
+    steps, secs = _phases_time(list(phases), T, N, t)
+    secs += adj
+    total_secs = secs + probe_secs + gns_secs
+    return {
+        "schedule": [list(p) for p in phases], "steps": steps, "steps_saved_pct": 100 * (1 - steps / c_steps),
+        "probe_tokens": probe_tok, "probe_fraction": probe_tok / N, "gns_tokens": gns_tok, "skipped_probe_points": skipped,
+        "lead_discarded_tokens": lead_tok, "probe_kept_tokens": probe_kept, "points": by_point,
+        "measurement_tokens": probe_tok - probe_kept + gns_tok + lead_tok,
+        "measurement_fraction": (probe_tok - probe_kept + gns_tok + lead_tok) / N,
+        "run_seconds": secs, "probe_seconds": probe_secs + gns_secs, "total_seconds": total_secs,
+        "time_vs_control": total_secs / c_secs if c_secs else None,
+        "pays_off": total_secs < c_secs,
+        "pays_off_with_parallel_probes": secs < c_secs,
+    }
+
+
 def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
     """The estimate, from step times by batch (pure arithmetic)."""
     a, N, B0, T = cfg.auto, cfg.total_tokens, cfg.start_seqs, cfg.seq_len
     first = a.first_probe_tokens if a.first_probe_tokens is not None else max(N // 16, 1)
     points = sorted(a.probe_at) if a.probe_at else log_spaced_points(N, first, a.probe_factor)
     t = _time_fn(times)
-    scen = {"no raise": [(0, B0)], "doubling at every probe point": [(0, B0)]}
-    b = B0
-    for p in points:
-        if a.max_batch_seqs is None or 2 * b <= a.max_batch_seqs:
-            b *= 2
-            scen["doubling at every probe point"].append((p, b))
+    # the doubling bound is built as the loop would probe: a raise at every point it probes (None here)
+    scen: dict = {"no raise": [(0, B0)], "doubling at every probe point": None}
     if cfg.expected:
         scen["expected"] = list(BatchSchedule.parse(cfg.expected, T).phases)
     c_steps = steps_for([(0, B0)], T, N)
@@ -133,60 +199,10 @@ def estimate(cfg: PlanConfig, times: dict[int, float]) -> dict:
     out = {"total_tokens": N, "start_seqs": B0, "seq_len": T, "probe_points": points, "window_tokens": a.window_tokens,
            "window_fraction": None if a.window_tokens else a.window_fraction,
            "probe_k": sorted(a.probe_k), "replicates": a.replicates, "step_seconds": {str(k): v for k, v in sorted(times.items())},
+           "measurement_budget": a.measurement_budget,
            "control": {"steps": c_steps, "seconds": c_secs}, "scenarios": {}}
-    for name, phases in scen.items():
-        sched = BatchSchedule(tuple(phases), T)
-        steps, secs = _phases_time(list(phases), T, N, t)
-        probe_tok = probe_secs = gns_tok = gns_secs = lead_tok = probe_kept = 0
-        skipped, streak, prev_batch, by_point = None, 0, None, []
-        for p in points:
-            before = probe_tok - probe_kept + gns_tok + lead_tok
-            ph = sched.phase_index_at(p - 1)  # the probe runs at the batch before its decision
-            start, B = sched.phases[ph]
-            # the loop stops probing where no raise can follow before the end (counted in the best case:
-            # the earlier points at this batch saw a raise), unless this schedule raises later
-            streak = min(streak + 1, a.confirm - 1) if B == prev_batch else 0
-            prev_batch = B
-            why = futile_point(p, B, streak, points, N, a)
-            if why is not None and not any(s >= p for s, _b in phases[1:]):
-                skipped = {"from_tokens": p, "points": [q for q in points if q >= p], "batch_seqs": B, "reason": why}
-                break
-            w = a.window_tokens or default_window(p, a.window_fraction, B, max(a.probe_k), T)
-            got = main_run_lead(p, start, B, T, w, a.cooldown_fraction, lead_limit(p, points, N, a)) if not a.speculate else None
-            lead_steps = (got[1] - got[0]) // (B * T) if got else 0  # the probe at B reads these from the run
-            # a raise here: a phase that starts at the point, or at the step boundary the run takes it at
-            raised_to = next((b for s, b in phases[1:] if p <= s < p + B * T), None)
-            for k in a.probe_k:
-                kb = int(round(k * B))
-                n = -(-w // (kb * T))
-                n0 = n - lead_steps if kb == B else n
-                probe_tok += (n0 + (a.replicates - 1) * n) * kb * T
-                probe_secs += (n0 + (a.replicates - 1) * n) * t(kb)
-                if kb == raised_to and a.cooldown_fraction > 0:  # the run continues from this probe
-                    t0 = got[0] if got else p
-                    kept_steps = (last_step_before_cooldown(t0, kb * T, w, a.cooldown_fraction) - t0) // (kb * T)
-                    probe_kept += kept_steps * kb * T
-                    secs -= kept_steps * t(kb)  # the run does not train them again
-            if got and raised_to is not None:  # raised here: the run's lead is dropped
-                lead_tok += lead_steps * B * T
-                secs += lead_steps * t(B)
-            if measures_noise_scale(a):
-                gns_tok += a.gns_batches * a.gns_b_big * T
-                gns_secs += a.gns_batches * t(a.gns_b_big)  # a per-example backward costs about one step
-            by_point.append({"tokens": p, "batch_seqs": B, "raised_to": raised_to,
-                             "measurement_tokens": probe_tok - probe_kept + gns_tok + lead_tok - before})
-        total_secs = secs + probe_secs + gns_secs
-        out["scenarios"][name] = {
-            "schedule": [list(p) for p in phases], "steps": steps, "steps_saved_pct": 100 * (1 - steps / c_steps),
-            "probe_tokens": probe_tok, "probe_fraction": probe_tok / N, "gns_tokens": gns_tok, "skipped_probe_points": skipped,
-            "lead_discarded_tokens": lead_tok, "probe_kept_tokens": probe_kept, "points": by_point,
-            "measurement_tokens": probe_tok - probe_kept + gns_tok + lead_tok,
-            "measurement_fraction": (probe_tok - probe_kept + gns_tok + lead_tok) / N,
-            "run_seconds": secs, "probe_seconds": probe_secs + gns_secs, "total_seconds": total_secs,
-            "time_vs_control": total_secs / c_secs if c_secs else None,
-            "pays_off": total_secs < c_secs,
-            "pays_off_with_parallel_probes": secs < c_secs,
-        }
+    for name, given in scen.items():
+        out["scenarios"][name] = _scenario(a, points, N, B0, T, t, given, c_steps, c_secs)
     if a.confirm_factor and a.confirm > 1:  # a pass not yet confirmed is probed again at F x its point
         nxt = points[1:] + [N]
         extra = [int(round(p * a.confirm_factor)) for p, q in zip(points, nxt) if p < round(p * a.confirm_factor) < q]
@@ -243,9 +259,11 @@ def run_plan(cfg: PlanConfig) -> dict:
 def describe(est: dict) -> list[str]:
     c = est["control"]
     win = fmt_count(est["window_tokens"]) if est["window_tokens"] else f"{est['window_fraction']:g} x the point's tokens"
+    budget = (f", measurement budget {est['measurement_budget']:g} of the run" if est.get("measurement_budget") is not None
+              else "")
     lines = [f"target {fmt_count(est['total_tokens'])} tokens from batch {est['start_seqs']}: probes at "
              f"{', '.join(fmt_count(p) for p in est['probe_points'])} tokens, windows of {win}, "
-             f"k = {', '.join(f'{k:g}' for k in est['probe_k'])}",
+             f"k = {', '.join(f'{k:g}' for k in est['probe_k'])}{budget}",
              f"small-batch control: {c['steps']:,} steps, {c['seconds']:,.0f} s"]
     if est.get("start_advice"):
         lines.append(f"start batch: {est['start_advice']['message']}")
@@ -269,8 +287,14 @@ def describe(est: dict) -> list[str]:
         gns = f", noise scale {fmt_count(s['gns_tokens'])}" if s.get("gns_tokens") else ""
         kept = (f" (of {fmt_count(s['probe_tokens'])} trained: the run continues from its raises' probes)"
                 if s.get("probe_kept_tokens") else "")
-        skip = (f"; no probe at {', '.join(fmt_count(p) for p in s['skipped_probe_points']['points'])} tokens "
-                f"(no raise can follow)" if s.get("skipped_probe_points") else "")
+        sk = s.get("skipped_probe_points")
+        skip = ""
+        if sk:
+            skip = (f"; no probe at {', '.join(fmt_count(p) for p in sk['points'])} tokens "
+                    f"({'past the measurement budget' if 'budget of' in sk['reason'] else 'no raise can follow'})")
+            late = [b for st, b in s["schedule"][1:] if st >= sk["from_tokens"]]
+            if late and name != "doubling at every probe point":
+                skip += f", so the loop would not take this schedule's raise(s) to {', '.join(map(str, late))}"
         lines.append(f"{name}: {s['steps']:,} steps ({s['steps_saved_pct']:.0f}% fewer), measurement "
                      f"{fmt_count(s['measurement_tokens'])} tokens ({100 * s['measurement_fraction']:.0f}% of the run: probes "
                      f"{fmt_count(s['probe_tokens'] - s.get('probe_kept_tokens', 0))}{kept}{lead}{gns}), time {s['run_seconds']:,.0f} s "

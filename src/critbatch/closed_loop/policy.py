@@ -20,10 +20,11 @@ a probe decides (:func:`main_run_lead`, :func:`lead_limit`) are here too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from ..branch import last_step_before_cooldown
 from ..records import Confirmations, ProbeDecision, ProbeEvidence, unconfirmed_raise
-from .config import AutoBatchConfig
+from .config import AutoBatchConfig, default_window
 
 
 @dataclass(frozen=True)
@@ -104,20 +105,49 @@ def next_point(cur: int, points: list[int], total: int, last: ProbeDecision | No
     return end
 
 
-def futile_point(t: int, batch: int, streak_before: int, points: list[int], total: int, a: AutoBatchConfig) -> str | None:
+def point_measurement(t: int, batch: int, phase_start: int, seq_len: int, a: AutoBatchConfig, limit: int,
+                      branch: bool = True, noise: bool = False) -> int:
+    """The measurement a probe point at ``t`` tokens at ``batch`` costs, estimated before it runs: its
+    probes' tokens less the stretch before the cooldown that becomes the run — the main run's lead at
+    B when the batch stays, the 2B probe's when it is raised, equal within one step of the largest
+    probed batch, which is added — plus the noise scale's. ``limit``: where the lead must stop
+    (:func:`lead_limit`); ``branch``: whether a branch probe runs; ``noise``: whether the noise scale
+    is estimated."""
+    T = seq_len
+    out = a.gns_batches * a.gns_b_big * T if noise else 0
+    if not branch:
+        return out
+    w = a.window_tokens or default_window(t, a.window_fraction, batch, max(a.probe_k), T)
+    out += a.replicates * sum(-(-w // (int(round(k * batch)) * T)) * int(round(k * batch)) * T for k in a.probe_k)
+    got = None if a.speculate else main_run_lead(t, phase_start, batch, T, w, a.cooldown_fraction, limit)
+    if got is not None:
+        out -= (got[1] - got[0]) - int(round(max(a.probe_k) * batch)) * T
+    return out
+
+
+def futile_point(t: int, batch: int, streak_before: int, points: list[int], total: int, a: AutoBatchConfig,
+                 spent: int = 0, cost: Callable[[int], int] | None = None) -> str | None:
     """Why a probe at ``t`` tokens, at ``batch``, can lead to no raise before the run's end (so it,
     and every later point, would only cost tokens), or ``None`` when it can. ``streak_before``: the
-    raises seen at consecutive points at this batch just before (``raise_streak`` less one).
+    raises seen at consecutive points at this batch just before (``raise_streak`` less one);
+    ``spent``: the measurement so far; ``cost``: a point's estimated measurement
+    (:func:`point_measurement`), for the ``measurement_budget``.
 
-    Two reasons: no probed raise fits under ``max_batch_seqs``; or a raise needs ``confirm`` −
-    ``streak_before`` more points seeing it and fewer remain — counted in the best case, every point
-    from ``t`` on seeing a raise (so with ``confirm_factor`` the sooner confirmation points count). A
+    Three reasons: no probed raise fits under ``max_batch_seqs``; the point's probes would take the
+    measurement past the budget; or a raise needs ``confirm`` − ``streak_before`` more points seeing
+    it and fewer remain within the run and the budget — counted in the best case, every point from
+    ``t`` on seeing a raise (so with ``confirm_factor`` the sooner confirmation points count). A
     point that can lead to no raise decides nothing: the run goes on at its batch either way, bit for
     bit as if it had been probed and stayed."""
     raises = [int(round(k * batch)) for k in a.probe_k if k > 1] + ([] if a.act_on == "branch" else [2 * batch])
     cap = a.max_batch_seqs
     if cap is not None and min(raises) > cap:
         return f"no raise from batch {batch} fits under max_batch_seqs={cap}"
+    budget = None if a.measurement_budget is None or cost is None else a.measurement_budget * total
+    acc = spent + (cost(t) if budget is not None else 0)
+    if budget is not None and acc > budget:
+        return (f"its probes would take the measurement from {spent:,} to about {acc:,.0f} tokens, past the budget of "
+                f"{budget:,.0f} ({a.measurement_budget:g} of the run's tokens: --auto.measurement-budget)")
     need = a.confirm - streak_before
     n, cur = 1, t
     while n < need:
@@ -126,10 +156,14 @@ def futile_point(t: int, batch: int, streak_before: int, points: list[int], tota
             end = int(round(cur * a.confirm_factor))
         if end >= total:
             break
+        if budget is not None:
+            acc += cost(end)
+            if acc > budget:
+                break
         n, cur = n + 1, end
     if n < need:
         return (f"a raise from batch {batch} needs {need} more consecutive probe points seeing it (confirm={a.confirm}) "
-                f"and {n} remain before the run's end")
+                f"and {n} remain before the run's end" + (" within the measurement budget" if budget is not None else ""))
     return None
 
 
