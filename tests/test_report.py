@@ -170,3 +170,24 @@ def test_a_warmup_without_a_change_is_called_the_small_control():
     assert "large-batch control at 16 sequences reached 2.1000" in out[0]
     assert out[1].startswith("The derived schedule stays at the start batch (no warmup")
     assert not any(o.startswith("Batch-size warmup reached") for o in out)
+
+
+def test_the_closed_loops_batch_line_runs_to_the_runs_end(tmp_path, monkeypatch):
+    """A loop that stopped probing early (points left out) still ran to its end at its last batch: the
+    figure's step line goes on to the run's end, not to twice its last probe point."""
+    import matplotlib.axes
+
+    from critbatch.report.plots import plot_cbs_curve
+
+    lines = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **kw: lines.append((a, kw)) or real(self, *a, **kw))
+    curve = {"seq_len": 64, "points": [], "fit": None, "decide_by": "eval", "rule": "eps"}
+    ds = [{"tokens": 62_500, "batch_before": 2, "batch_after": 2, "probe": None},
+          {"tokens": 125_000, "batch_before": 2, "batch_after": 4, "probe": None}]
+    plot_cbs_curve(curve, tmp_path / "with_end", decisions=ds, run_end=1_000_000)
+    step = [a for a, kw in lines if str(kw.get("label", "")).startswith("closed loop")]
+    assert step[0][0][-1] == 1_000_000 and step[0][1][-1] == 4 * 64
+    lines.clear()
+    plot_cbs_curve(curve, tmp_path / "without", decisions=ds)
+    assert [a for a, kw in lines if str(kw.get("label", "")).startswith("closed loop")][0][0][-1] == 250_000

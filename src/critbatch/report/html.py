@@ -334,7 +334,8 @@ def draw_figures(d: Path, s: dict) -> dict[str, Path]:
     if s.get("curve"):
         plot_loss_vs_batch(s["curve"], fig_dir / "loss_vs_batch")
         plot_cbs_curve(s["curve"], fig_dir / "cbs_curve", noise_scale=noise_scale_points(s["curve"]) or None,
-                       decisions=(s.get("closed_loop") or {}).get("decisions"))
+                       decisions=(s.get("closed_loop") or {}).get("decisions"),
+                       run_end=(s.get("closed_loop") or {}).get("tokens"))
         out["loss_vs_batch"] = fig_dir / "loss_vs_batch.svg"
         out["cbs_curve"] = fig_dir / "cbs_curve.svg"
     if s.get("schedule") and s.get("curve"):

@@ -34,11 +34,11 @@ def save(fig, base: Path) -> None:
 
 
 def plot_cbs_curve(curve: dict, base: Path, noise_scale: list[dict] | None = None,
-                   decisions: list[dict] | None = None) -> None:
+                   decisions: list[dict] | None = None, run_end: int | None = None) -> None:
     """CBS intervals (tokens) against training tokens, log-log, with the fitted curve and, when
     given, the gradient noise scale (Merrill et al. Figures 2-3) and a closed-loop run's decisions
     (decisions.jsonl: ▲ the larger probed batch shown within ε and taken, ▼ not shown, so the
-    batch stayed; the closed loop's batch as a step line)."""
+    batch stayed; the closed loop's batch as a step line, to ``run_end`` when given)."""
     plt = _fig()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     pts = [p for p in curve["points"] if p["tokens"] > 0]
@@ -81,7 +81,7 @@ def plot_cbs_curve(curve: dict, base: Path, noise_scale: list[dict] | None = Non
             ax.plot([d["tokens"]], [probed * T], "^" if up else "v", color="C3", ms=7, mfc="C3" if up else "none")
         xs, ys = [decisions[0]["tokens"] / 3, decisions[0]["tokens"]], [decisions[0]["batch_before"] * T] * 2
         for i, d in enumerate(decisions):
-            nxt = decisions[i + 1]["tokens"] if i + 1 < len(decisions) else d["tokens"] * 2
+            nxt = decisions[i + 1]["tokens"] if i + 1 < len(decisions) else (run_end or d["tokens"] * 2)
             xs += [d["tokens"], nxt]
             ys += [d["batch_after"] * T] * 2
         ax.plot(xs, ys, "-", color="C3", lw=1.2, alpha=0.8,
