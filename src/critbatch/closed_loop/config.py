@@ -78,12 +78,13 @@ class AutoBatchConfig:
     measurement_budget: float | None = 0.15
     """The most the loop's measurement may cost, as a fraction of the run's tokens (every token trained
     that the run's result does not contain: ``result.json``'s ``measurement_tokens``). A point whose
-    probes would take the measurement past it is not probed, nor any later one, and a point whose raise
-    could only be confirmed past it is not probed either. The windows grow with the points, so the last
-    point is about half the measurement of all four: with the defaults the budget leaves out the last
-    (at half the run), about 29% of the run's tokens, and so the raises it would have confirmed
-    (docs/LOG.md: over three seeds the loop ended as close to the small batch after the anneal, with
-    fewer steps saved). ``None``: no budget."""
+    probes would take the measurement past it (estimated before it runs: :func:`critbatch.closed_loop.
+    policy.point_measurement`) is not probed, nor any later one, and a point whose raise could only be
+    confirmed past it is not probed either. The windows grow with the points: probing all four default
+    points costs about 29% of the run's tokens, the last (at half the run) half of that; with this
+    default the loop probes the first three (at most 13.7%) and gives up the raises the last would
+    have decided (docs/LOG.md: over three seeds as close to the small batch after the anneal, fewer
+    steps saved). Speculative segments (``speculate``) are not in the estimate. ``None``: no budget."""
     calibration_points: int = 2
     """Probe points whose branch probes calibrate the noise-scale trigger when it acts."""
     norm_eta: float = 1.0
@@ -156,7 +157,7 @@ def check(cfg: TrainConfig, a: AutoBatchConfig) -> tuple[list[int], int]:
         raise ConfigError(f"confirm_factor={a.confirm_factor} must be > 1 (or unset)")
     if a.measurement_budget is not None and not a.measurement_budget > 0:
         raise ConfigError(f"measurement_budget={a.measurement_budget} must be > 0 (a fraction of the run's tokens), "
-                          f"or unset for none")
+                          f"or none for no budget")
     if a.eps_budget is not None and not a.eps_budget >= 0:
         raise ConfigError(f"eps_budget={a.eps_budget} must be >= 0 (or unset)")
     if a.calibration_points < 1:
