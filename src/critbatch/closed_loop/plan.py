@@ -139,7 +139,8 @@ def _scenario(a: AutoBatchConfig, points: list[int], N: int, B0: int, T: int, t,
         over = a.measurement_budget is not None and spent + cost(p) > a.measurement_budget * N
         fits = a.max_batch_seqs is None or 2 * B <= a.max_batch_seqs
         if why is not None and (over or not (fits if doubling else any(s >= p for s, _b in phases[1:]))):
-            skipped = {"from_tokens": p, "points": [q for q in points if q >= p], "batch_seqs": B, "reason": why}
+            skipped = {"from_tokens": p, "points": [q for q in points if q >= p], "batch_seqs": B, "reason": why,
+                       "over_budget": over}
             break
         if doubling and fits:
             phases.append((p, 2 * B))
@@ -291,7 +292,7 @@ def describe(est: dict) -> list[str]:
         skip = ""
         if sk:
             skip = (f"; no probe at {', '.join(fmt_count(p) for p in sk['points'])} tokens "
-                    f"({'past the measurement budget' if 'budget of' in sk['reason'] else 'no raise can follow'})")
+                    f"({'past the measurement budget' if sk['over_budget'] else 'no raise can follow'})")
             late = [b for st, b in s["schedule"][1:] if st >= sk["from_tokens"]]
             if late and name != "doubling at every probe point":
                 skip += f", so the loop would not take this schedule's raise(s) to {', '.join(map(str, late))}"
